@@ -1,0 +1,205 @@
+"""The nested e2e test bed: an L1 VM (TCG, emulated intel-iommu, edu PCI devices) whose
+kernel has IOMMUFD and VFIO cdevs, booted from the host's root file system over 9p.
+
+Booting takes seconds, so callers run one command per boot that executes many
+scenarios and leaves its findings in the writable results share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CHECKOUT = HERE.parent.parent
+BUILD_KERNEL = HERE / "build-kernel"
+L1_INIT = HERE / "l1-init"
+QEMU = "qemu-system-x86_64"
+# Mount point of the results share inside L1 (see l1-init).
+L1_RESULTS = "/run/e2e-results"
+
+
+class BedError(RuntimeError):
+    """The bed itself could not be built or booted (as opposed to a scenario failing)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BedResult:
+    # None when the command never finished (timeout, crash, bed error).
+    returncode: int | None
+    stdout: str
+    stderr: str
+    console_log: str
+    wall_seconds: float
+    timed_out: bool = False
+    # Why l1-init gave up before running the command, if it did.
+    bed_error: str | None = None
+    # L1 uptime when init started: the kernel's share of the boot.
+    boot_seconds: float | None = None
+    qemu_returncode: int | None = None
+    init_log: str = ""
+
+    def describe(self) -> str:
+        """Everything needed to understand a failed run, for assertion messages."""
+        return (
+            f"returncode={self.returncode} timed_out={self.timed_out} "
+            f"qemu_returncode={self.qemu_returncode} wall={self.wall_seconds:.1f}s\n"
+            f"bed_error: {self.bed_error}\n"
+            f"--- init.log ---\n{self.init_log}"
+            f"--- stdout ---\n{_tail(self.stdout)}\n"
+            f"--- stderr ---\n{_tail(self.stderr)}\n"
+            f"--- console ---\n{_tail(self.console_log)}"
+        )
+
+
+def _tail(text: str, limit: int = 6000) -> str:
+    return text if len(text) <= limit else "[...]\n" + text[-limit:]
+
+
+def kernel_path() -> Path:
+    """Build (or find in the cache) the L1 kernel; raises BedError with the build log."""
+    proc = subprocess.run(
+        [str(BUILD_KERNEL)], capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL
+    )
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise BedError(
+            f"{BUILD_KERNEL} failed with exit code {proc.returncode}:\n"
+            f"{_tail(proc.stdout)}\n{_tail(proc.stderr)}"
+        )
+    image = Path(lines[-1])
+    if not image.is_file():
+        raise BedError(f"{BUILD_KERNEL} printed {image}, which is not a file")
+    return image
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def l1_argv(kernel: Path, results: Path, n_edu: int, memory: str) -> list[str]:
+    for p in (L1_INIT, results):
+        # The kernel command line and -fsdev options cannot quote these.
+        if any(c in str(p) for c in " ,\t\n"):
+            raise BedError(f"path {p} contains a space or comma; the bed cannot use it")
+    append = " ".join(
+        [
+            "console=ttyS0",
+            "root=hostroot",
+            "rootfstype=9p",
+            "rootflags=trans=virtio,version=9p2000.L,msize=512000",
+            "ro",
+            f"init={L1_INIT}",
+            "intel_iommu=on",
+            "quiet",
+            "panic=-1",
+        ]
+    )
+    argv = [
+        QEMU,
+        # Never kvm: a Linux guest under KVM hangs on these machines.
+        "-accel", "tcg",
+        "-m", memory,
+        "-smp", "2",
+        "-machine", "q35",
+        "-nic", "none",
+        # The vIOMMU must come before the devices it translates for.
+        "-device", "intel-iommu",
+    ]  # fmt: skip
+    for _ in range(n_edu):
+        argv += ["-device", "edu"]
+    argv += [
+        "-kernel", str(kernel),
+        "-append", append,
+        "-fsdev", "local,id=root,path=/,security_model=none,readonly=on",
+        "-device", "virtio-9p-pci,fsdev=root,mount_tag=hostroot",
+        "-fsdev", f"local,id=results,path={results},security_model=none",
+        "-device", "virtio-9p-pci,fsdev=results,mount_tag=results",
+        "-nographic",
+        "-no-reboot",
+        "-serial", "mon:stdio",
+    ]  # fmt: skip
+    return argv
+
+
+def run_in_bed(
+    command: Sequence[str],
+    timeout: float,
+    n_edu: int = 2,
+    memory: str = "2G",
+    *,
+    results_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path = CHECKOUT,
+    kernel: Path | None = None,
+) -> BedResult:
+    """Boot L1, run `command` there as root, power off, and report.
+
+    Inside L1 the command finds the results share at $VMRUN_E2E_RESULTS; pass
+    `results_dir` to keep what it writes there (otherwise a temp dir is used and removed).
+    """
+    image = kernel if kernel is not None else kernel_path()
+    own_dir = results_dir is None
+    results = Path(tempfile.mkdtemp(prefix="vmrun-e2e-")) if own_dir else results_dir
+    assert results is not None
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+        for stale in ("command", "stdout", "stderr", "returncode", "bed-error", "init.log"):
+            (results / stale).unlink(missing_ok=True)
+        script = [f"cd {shlex.quote(str(cwd))} || exit 125"]
+        script += [f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()]
+        script.append("exec " + shlex.join(command))
+        (results / "command").write_text("\n".join(script) + "\n")
+
+        console_path = results / "console.log"
+        start = time.monotonic()
+        timed_out = False
+        with console_path.open("wb") as console:
+            proc = subprocess.Popen(
+                l1_argv(image, results, n_edu, memory),
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                qemu_rc: int | None = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                proc.kill()
+                proc.wait()
+                qemu_rc = None
+        wall = time.monotonic() - start
+
+        rc_text = _read(results / "returncode").strip()
+        boot_text = _read(results / "boot-seconds").strip()
+        return BedResult(
+            returncode=int(rc_text) if rc_text else None,
+            stdout=_read(results / "stdout"),
+            stderr=_read(results / "stderr"),
+            console_log=_read(console_path),
+            wall_seconds=wall,
+            timed_out=timed_out,
+            bed_error=_read(results / "bed-error").strip() or None,
+            boot_seconds=float(boot_text) if boot_text else None,
+            qemu_returncode=qemu_rc,
+            init_log=_read(results / "init.log"),
+        )
+    finally:
+        if own_dir:
+            shutil.rmtree(results, ignore_errors=True)
+
+
+def qemu_available() -> str | None:
+    """Why the bed cannot run on this host, or None when it can."""
+    if shutil.which(QEMU) is None:
+        return f"{QEMU} is not installed"
+    return None

@@ -1,0 +1,370 @@
+"""Read a VM config (TOML) into the validated model, reporting every problem at once.
+
+One table per section says which keys exist, how each is parsed and what it means, so
+parsing, the did-you-mean for unknown keys and the documentation cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import pathlib
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from vmrun.errors import ConfigError, Problem
+from vmrun.model import Config, Iommufd, Memlock, Vfio, Vm
+from vmrun.sizes import parse_size
+
+# QEMU accepts ids that start with a letter and go on with letters, digits, '-', '.', '_'.
+ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]*\$?$")
+MACHINE_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+PCI_RE = re.compile(
+    r"^(?:(?P<domain>[0-9a-fA-F]{4}):)?(?P<bus>[0-9a-fA-F]{2}):(?P<dev>[0-1][0-9a-fA-F])\.(?P<fn>[0-7])$"
+)
+ACCELS = ("kvm", "tcg")
+DRIVERS = ("vfio-pci", "vfio-platform", "vfio-ap", "vfio-ccw")
+# Device properties that vmrun sets itself from the config's own keys.
+PLANNED_PROPS = frozenset({"id", "host", "sysfsdev", "fd", "iommufd"})
+FIRST_FREE_FD = 3
+
+
+class Invalid(Exception):
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+def toml_type(value: object) -> str:
+    names = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array"}
+    if isinstance(value, dict):
+        return "table"
+    return names.get(type(value), "date-time")
+
+
+def shown(value: object) -> str:
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def expect(value: object, kind: type, what: str) -> Any:
+    # bool is an int in Python but not in TOML: `cpus = true` must not pass as 1.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise Invalid(f"expected {what}, got {toml_type(value)} {shown(value)}")
+    return value
+
+
+def string(pattern: re.Pattern[str] | None = None, hint: str | None = None) -> Parser:
+    def parse(value: object, ctx: Context) -> str:
+        text: str = expect(value, str, "a string")
+        if not text:
+            raise Invalid("must not be empty", hint)
+        if pattern is not None and not pattern.match(text):
+            raise Invalid(f"{shown(text)} is not allowed here", hint)
+        return text
+
+    return parse
+
+
+def integer(low: int, high: int, hint: str | None = None) -> Parser:
+    def parse(value: object, ctx: Context) -> int:
+        number: int = expect(value, int, "an integer")
+        if not low <= number <= high:
+            raise Invalid(f"{number} is out of range {low}..{high}", hint)
+        return number
+
+    return parse
+
+
+def choice(*options: str) -> Parser:
+    def parse(value: object, ctx: Context) -> str:
+        text: str = expect(value, str, "a string")
+        if text not in options:
+            raise Invalid(f"{shown(text)} is not one of {', '.join(options)}", did_you_mean(text, options))
+        return text
+
+    return parse
+
+
+def size(value: object, ctx: Context) -> int:
+    text: str = expect(value, str, 'a size string such as "512M" or "8G"')
+    try:
+        n = parse_size(text)
+    except ValueError:
+        raise Invalid(f"{shown(text)} is not a size", 'write a number with K, M, G or T, e.g. "512M" or "8G"') from None
+    if n == 0:
+        raise Invalid("must be greater than zero")
+    return n
+
+
+def memlock(value: object, ctx: Context) -> Memlock:
+    if isinstance(value, str) and value in ("auto", "unlimited", "off"):
+        return Memlock(mode=value)  # type: ignore[arg-type]
+    try:
+        return Memlock(mode="size", size=size(value, ctx))
+    except Invalid:
+        raise Invalid(
+            f"{shown(value)} is not a memlock setting",
+            'use "auto", "unlimited", "off" or a size such as "9G"',
+        ) from None
+
+
+def file_path(value: object, ctx: Context) -> pathlib.Path:
+    text = string()(value, ctx)
+    path = pathlib.Path(text).expanduser()
+    # Relative paths are relative to the config file, so a checked-in config works from any cwd.
+    return pathlib.Path(os.path.normpath(path if path.is_absolute() else ctx.base / path))
+
+
+def string_list(value: object, ctx: Context) -> tuple[str, ...]:
+    items: list[object] = expect(value, list, "an array of strings")
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise Invalid(f"item {i} is {toml_type(item)} {shown(item)}, expected a string")
+    return tuple(str(i) for i in items)
+
+
+def pci_address(value: object, ctx: Context) -> str:
+    text: str = expect(value, str, "a PCI address string")
+    m = PCI_RE.match(text)
+    if not m:
+        raise Invalid(
+            f"{shown(text)} is not a PCI address",
+            'write DDDD:BB:DD.F or BB:DD.F as `lspci -D` shows it, e.g. "0000:01:00.0"',
+        )
+    domain = (m["domain"] or "0000").lower()
+    return f"{domain}:{m['bus'].lower()}:{m['dev'].lower()}.{m['fn']}"
+
+
+def sysfs_path(value: object, ctx: Context) -> str:
+    text = string()(value, ctx)
+    if not text.startswith("/sys/"):
+        raise Invalid(
+            f"{shown(text)} is not a sysfs path",
+            'give the device\'s directory under /sys, e.g. "/sys/bus/pci/devices/0000:01:00.0"',
+        )
+    return text.rstrip("/")
+
+
+def caller_fd(value: object, ctx: Context) -> int:
+    return integer(FIRST_FREE_FD, 65535, "fds 0-2 are stdin, stdout and stderr; pass the device on 3 or above")(
+        value, ctx
+    )
+
+
+def props(value: object, ctx: Context) -> tuple[tuple[str, str | int | bool], ...]:
+    table: dict[str, object] = expect(value, dict, "a table of device properties")
+    out: list[tuple[str, str | int | bool]] = []
+    for key, item in table.items():
+        if key in PLANNED_PROPS:
+            raise Invalid(f"property {key!r} is set by vmrun", f"use the device's own `{key}` key instead")
+        if not ID_RE.match(key):
+            raise Invalid(f"{key!r} is not a property name")
+        if not isinstance(item, str | int | bool) or isinstance(item, float):
+            raise Invalid(f"property {key!r} is {toml_type(item)}, expected a string, integer or boolean")
+        out.append((key, item))
+    return tuple(out)
+
+
+@attrs.frozen
+class Context:
+    base: pathlib.Path  # the config file's directory
+
+
+Parser = Callable[[object, Context], Any]
+
+
+@attrs.frozen
+class Key:
+    name: str
+    parse: Parser
+    doc: str
+    required: bool = False
+
+
+ID_HINT = "start with a letter; then letters, digits, '-', '.' or '_'"
+
+VM_KEYS = (
+    Key("name", string(NAME_RE, "use letters, digits, '-', '.' and '_'"), "unique name of the VM", required=True),
+    Key("memory", size, 'guest RAM, e.g. "8G"', required=True),
+    Key("cpus", integer(1, 1024), "number of vCPUs (default 1)"),
+    Key("machine", string(MACHINE_RE, "a QEMU machine type such as q35"), "QEMU machine type (default q35)"),
+    Key("accel", choice(*ACCELS), "accelerator: kvm (default) or tcg"),
+    Key("qemu", string(), "QEMU binary, a name on PATH or a path (default qemu-system-x86_64)"),
+    Key("user", string(USER_RE, "a user name such as nobody"), "run QEMU as this user (vmrun as root)"),
+    Key("console", choice("stdio", "none"), "serial console: stdio (default) or none"),
+    Key("memlock", memlock, 'RLIMIT_MEMLOCK: "auto" (default), "unlimited", "off" or a size'),
+    Key("kernel", file_path, "kernel image for direct boot (relative to the config file)"),
+    Key("initrd", file_path, "initial ramdisk for direct boot"),
+    Key("append", string(), "kernel command line for direct boot"),
+    Key("args", string_list, "raw QEMU arguments appended last (escape hatch)"),
+)
+IOMMUFD_KEYS = (
+    Key("id", string(ID_RE, ID_HINT), "id of the iommufd object", required=True),
+    Key("fd", caller_fd, "an fd on /dev/iommu that the caller opened and vmrun passes on"),
+)
+VFIO_KEYS = (
+    Key("id", string(ID_RE, ID_HINT), "id of the device", required=True),
+    Key("driver", choice(*DRIVERS), "QEMU device: vfio-pci (default), vfio-platform, vfio-ap, vfio-ccw"),
+    Key("host", pci_address, "PCI address, DDDD:BB:DD.F"),
+    Key("sysfsdev", sysfs_path, "the device's sysfs directory"),
+    Key("fd", caller_fd, "an fd on the device's VFIO cdev that the caller opened"),
+    Key("iommufd", string(ID_RE, ID_HINT), "id of an [[iommufd]]; absent: legacy VFIO container"),
+    Key("props", props, "extra device properties, e.g. { x-vga = true }"),
+)
+SECTIONS = {"vm": "table", "iommufd": "array", "vfio": "array"}
+
+
+def did_you_mean(word: str, options: tuple[str, ...] | list[str] | Mapping[str, object]) -> str | None:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else None
+
+
+class Reader:
+    """Walks the raw TOML, collecting problems instead of stopping at the first."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.problems: list[Problem] = []
+
+    def problem(self, path: str, message: str, hint: str | None = None) -> None:
+        self.problems.append(Problem(path, message, hint))
+
+    def table(self, raw: dict[str, Any], keys: tuple[Key, ...], path: str) -> dict[str, Any]:
+        known = {k.name: k for k in keys}
+        values: dict[str, Any] = {}
+        for name, value in raw.items():
+            key = known.get(name)
+            if key is None:
+                hint = did_you_mean(name, known) or f"known keys: {', '.join(known)}"
+                self.problem(f"{path}.{name}", "unknown key", hint)
+                continue
+            try:
+                values[name] = key.parse(value, self.ctx)
+            except Invalid as e:
+                self.problem(f"{path}.{name}", e.message, e.hint)
+        for key in keys:
+            if key.required and key.name not in raw:
+                self.problem(f"{path}.{key.name}", "is required", key.doc)
+        return values
+
+    def array(self, raw: dict[str, Any], name: str, keys: tuple[Key, ...]) -> list[dict[str, Any]]:
+        items = raw.get(name, [])
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            self.problem(name, f"must be an array of tables", f"write each entry as [[{name}]]")
+            return []
+        return [self.table(item, keys, f"{name}[{i}]") for i, item in enumerate(items)]
+
+
+def read_text(path: pathlib.Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(str(path), [Problem("", f"cannot read: {e.strerror}", "check the path and its permissions")]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), [Problem("", f"not UTF-8 text: {e.reason} at byte {e.start}")]) from None
+
+
+def load(path: pathlib.Path | str) -> Config:
+    """The validated config in `path`; raises ConfigError listing every problem."""
+    path = pathlib.Path(path)
+    return parse(read_text(path), path)
+
+
+def parse(text: str, path: pathlib.Path) -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(path), [toml_syntax_problem(e)]) from None
+    reader = Reader(Context(base=path.absolute().parent))
+    for name in raw:
+        if name not in SECTIONS:
+            hint = did_you_mean(name, SECTIONS) or "sections are [vm], [[iommufd]] and [[vfio]]"
+            reader.problem(name, "unknown section", hint)
+    vm_raw = raw.get("vm")
+    if not isinstance(vm_raw, dict):
+        if vm_raw is None:
+            reader.problem("vm", "is required", "add a [vm] table with at least name and memory")
+        else:
+            reader.problem("vm", "must be a table", "write it as [vm]")
+        vm_raw = {}
+    vm = reader.table(vm_raw, VM_KEYS, "vm")
+    objects = reader.array(raw, "iommufd", IOMMUFD_KEYS)
+    devices = reader.array(raw, "vfio", VFIO_KEYS)
+    cross_check(reader, vm, objects, devices)
+    if reader.problems:
+        raise ConfigError(str(path), reader.problems)
+    return Config(
+        file=path,
+        vm=Vm(**vm),
+        iommufd=tuple(Iommufd(**o) for o in objects),
+        vfio=tuple(Vfio(**d) for d in devices),
+    )
+
+
+def toml_syntax_problem(e: tomllib.TOMLDecodeError) -> Problem:
+    # tomllib puts the position in the message: "Expected '=' ... (at line 3, column 7)".
+    m = re.match(r"^(.*) \(at (line \d+, column \d+|end of document)\)$", str(e))
+    message, where = (m.group(1), m.group(2)) if m else (str(e), "")
+    return Problem(where, f"TOML syntax error: {message}", "fix the TOML syntax at that position")
+
+
+def cross_check(
+    r: Reader, vm: dict[str, Any], objects: list[dict[str, Any]], devices: list[dict[str, Any]]
+) -> None:
+    """The rules that involve more than one key."""
+    for key in ("initrd", "append"):
+        if key in vm and "kernel" not in vm:
+            r.problem(f"vm.{key}", "needs vm.kernel", "set kernel for direct kernel boot, or drop this key")
+
+    seen_ids: dict[str, str] = {}
+    fds: dict[int, str] = {}
+    for section, entries in (("iommufd", objects), ("vfio", devices)):
+        for i, entry in enumerate(entries):
+            path = f"{section}[{i}]"
+            if "id" in entry:
+                if entry["id"] in seen_ids:
+                    r.problem(
+                        f"{path}.id",
+                        f"{shown(entry['id'])} is already the id of {seen_ids[entry['id']]}",
+                        "objects and devices share one id namespace; pick another id",
+                    )
+                else:
+                    seen_ids[entry["id"]] = path
+            if "fd" in entry:
+                if entry["fd"] in fds:
+                    r.problem(f"{path}.fd", f"fd {entry['fd']} is already passed as {fds[entry['fd']]}.fd")
+                else:
+                    fds[entry["fd"]] = path
+
+    object_ids = [o["id"] for o in objects if "id" in o]
+    for i, dev in enumerate(devices):
+        path = f"vfio[{i}]"
+        given = [k for k in ("host", "sysfsdev", "fd") if k in dev]
+        if not given:
+            r.problem(path, "names no device", "set exactly one of host, sysfsdev or fd")
+        elif len(given) > 1:
+            r.problem(f"{path}.{given[1]}", f"conflicts with {path}.{given[0]}", "set exactly one of host, sysfsdev or fd")
+        driver = dev.get("driver", "vfio-pci")
+        if "host" in dev and driver != "vfio-pci":
+            r.problem(
+                f"{path}.host",
+                f"a PCI address needs driver vfio-pci, not {driver}",
+                "name the device by sysfsdev instead",
+            )
+        ref = dev.get("iommufd")
+        if ref is not None and ref not in object_ids:
+            hint = did_you_mean(ref, object_ids) or f'declare it: [[iommufd]] id = "{ref}"'
+            r.problem(f"{path}.iommufd", f"no [[iommufd]] has id {shown(ref)}", hint)
+        if "fd" in dev and "iommufd" not in dev:
+            r.problem(
+                f"{path}.fd",
+                "fd passing needs the iommufd backend: QEMU refuses fd= on a legacy VFIO device",
+                "add iommufd = \"<id of an [[iommufd]]>\", or name the device by host or sysfsdev",
+            )

@@ -1,0 +1,49 @@
+"""The error types vmrun reports to its users, and how each maps to an exit status."""
+
+from __future__ import annotations
+
+import attrs
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the host cannot do what the config asks, or the launch failed
+EXIT_USAGE = 2  # bad input: a config error or a wrong command line
+
+
+@attrs.frozen
+class Problem:
+    """One thing wrong with a config, located by its key path (`vfio[1].host`)."""
+
+    path: str
+    message: str
+    hint: str | None = None
+
+    def render(self, file: str) -> str:
+        where = f"{file}: {self.path}: " if self.path else f"{file}: "
+        return where + self.message + (f" ({self.hint})" if self.hint else "")
+
+
+class ConfigError(Exception):
+    """Every problem found in one config file; raised only after all were collected."""
+
+    def __init__(self, file: str, problems: list[Problem]) -> None:
+        super().__init__(file)
+        self.file = file
+        self.problems = problems
+
+    def lines(self) -> list[str]:
+        return [p.render(self.file) for p in self.problems]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+class LaunchError(Exception):
+    """A step of the launch failed: says what failed and what to do about it."""
+
+    def __init__(self, what: str, hint: str | None = None) -> None:
+        super().__init__(what)
+        self.what = what
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.what + (f"\n  hint: {self.hint}" if self.hint else "")

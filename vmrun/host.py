@@ -1,0 +1,204 @@
+"""Read-only facts about the host that the plan needs, read under a root directory.
+
+Tests point `root` at a fake tree (plain files, symlinks, mknod'ed nodes); nothing here
+opens a device, writes, or changes the process. The plan consumes a HostFacts value.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pathlib
+import pwd
+import resource
+import stat
+from collections.abc import Callable
+
+import attrs
+
+from vmrun.model import Config, Vfio
+from vmrun.qemu_caps import QemuCaps, probe
+
+CAP_IPC_LOCK = 14
+CAP_SYS_RESOURCE = 24
+VFIO_OK_DRIVERS = ("vfio-pci", "pci-stub", "pcieport")
+
+
+@attrs.frozen
+class Node:
+    """A device node as stat shows it: enough to tell whether a user may open it."""
+
+    path: str
+    is_char: bool
+    mode: int
+    uid: int
+    gid: int
+
+    def accessible(self, uid: int, gids: tuple[int, ...]) -> bool:
+        if uid == 0:
+            return True
+        if self.uid == uid:
+            return self.mode & 0o600 == 0o600
+        if self.gid in gids:
+            return self.mode & 0o060 == 0o060
+        return self.mode & 0o006 == 0o006
+
+
+@attrs.frozen
+class DeviceFacts:
+    sysfs: str | None  # the device's sysfs directory (host path), None when absent
+    driver: str | None = None
+    iommu_group: str | None = None
+    group_members: tuple[tuple[str, str | None], ...] = ()  # (address, driver)
+    cdev: str | None = None  # /dev/vfio/devices/vfioN, from <dev>/vfio-dev/vfioN
+    cdev_node: Node | None = None
+    group_node: Node | None = None  # /dev/vfio/<group>, for the legacy backend
+
+
+@attrs.frozen
+class User:
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
+@attrs.frozen
+class Launcher:
+    """The process that runs vmrun: who it is and which limits it may change."""
+
+    uid: int
+    cap_sys_resource: bool
+    cap_ipc_lock: bool
+    memlock_soft: int  # resource.RLIM_INFINITY for unlimited
+    memlock_hard: int
+
+
+@attrs.frozen
+class HostFacts:
+    root: str
+    qemu: QemuCaps | None  # None: the binary was not found
+    qemu_name: str
+    dev_iommu: Node | None
+    vfio_container: Node | None
+    devices: dict[str, DeviceFacts]  # by device id
+    run_as: User | None  # None when the config names no user, or the user does not exist
+    launcher: Launcher
+    missing_files: tuple[str, ...] = ()
+
+
+class Host:
+    """A view of the host under `root` (normally /)."""
+
+    def __init__(self, root: str | os.PathLike[str] = "/") -> None:
+        self.root = pathlib.Path(root)
+
+    def under(self, path: str) -> pathlib.Path:
+        return self.root / path.lstrip("/")
+
+    def node(self, path: str) -> Node | None:
+        try:
+            st = self.under(path).stat()
+        except OSError:
+            return None
+        return Node(path, stat.S_ISCHR(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+
+    def read(self, path: str) -> str | None:
+        try:
+            return self.under(path).read_text().strip()
+        except OSError:
+            return None
+
+    def link_name(self, path: str) -> str | None:
+        """The last component of a symlink's target: how sysfs names drivers and groups."""
+        try:
+            return os.path.basename(os.readlink(self.under(path)))
+        except OSError:
+            return None
+
+    def device(self, dev: Vfio) -> DeviceFacts:
+        if dev.host is not None:
+            sysfs = f"/sys/bus/pci/devices/{dev.host}"
+        elif dev.sysfsdev is not None:
+            sysfs = dev.sysfsdev
+        else:
+            return DeviceFacts(sysfs=None)  # passed by the caller as an fd: nothing to look up
+        if not self.under(sysfs).exists():
+            return DeviceFacts(sysfs=None)
+        group = self.link_name(f"{sysfs}/iommu_group")
+        members: list[tuple[str, str | None]] = []
+        if group is not None:
+            group_dir = self.under(f"/sys/kernel/iommu_groups/{group}/devices")
+            try:
+                names = sorted(os.listdir(group_dir))
+            except OSError:
+                names = []
+            members = [(n, self.link_name(f"/sys/kernel/iommu_groups/{group}/devices/{n}/driver")) for n in names]
+        cdev = None
+        try:
+            cdevs = sorted(n for n in os.listdir(self.under(f"{sysfs}/vfio-dev")) if n.startswith("vfio"))
+        except OSError:
+            cdevs = []
+        if cdevs:
+            cdev = f"/dev/vfio/devices/{cdevs[0]}"
+        return DeviceFacts(
+            sysfs=sysfs,
+            driver=self.link_name(f"{sysfs}/driver"),
+            iommu_group=group,
+            group_members=tuple(members),
+            cdev=cdev,
+            cdev_node=self.node(cdev) if cdev else None,
+            group_node=self.node(f"/dev/vfio/{group}") if group else None,
+        )
+
+
+def lookup_user(name: str) -> User | None:
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        return None
+    groups = {pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if name in g.gr_mem}
+    return User(name, pw.pw_uid, pw.pw_gid, tuple(sorted(groups)))
+
+
+def current_launcher() -> Launcher:
+    caps = 0
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                caps = int(line.split()[1], 16)
+    except OSError:
+        pass
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return Launcher(
+        uid=os.geteuid(),
+        cap_sys_resource=bool(caps >> CAP_SYS_RESOURCE & 1),
+        cap_ipc_lock=bool(caps >> CAP_IPC_LOCK & 1),
+        memlock_soft=soft,
+        memlock_hard=hard,
+    )
+
+
+def gather(
+    config: Config,
+    root: str | os.PathLike[str] = "/",
+    qemu_caps: Callable[[str], QemuCaps | None] = probe,
+    launcher: Launcher | None = None,
+) -> HostFacts:
+    """Everything the plan needs to know about this host for `config`."""
+    host = Host(root)
+    caps = qemu_caps(config.vm.qemu)
+    missing = tuple(
+        str(p) for p in (config.vm.kernel, config.vm.initrd) if p is not None and not p.is_file()
+    )
+    return HostFacts(
+        root=str(root),
+        qemu=caps,
+        qemu_name=config.vm.qemu,
+        dev_iommu=host.node("/dev/iommu"),
+        vfio_container=host.node("/dev/vfio/vfio"),
+        devices={d.id: host.device(d) for d in config.vfio},
+        run_as=lookup_user(config.vm.user) if config.vm.user else None,
+        launcher=launcher or current_launcher(),
+        missing_files=missing,
+    )

@@ -1,0 +1,195 @@
+"""Carrying out a plan: the only module of vmrun with side effects.
+
+Order matters: stdio is made safe, every file is opened (nothing has changed yet if one
+fails), the iommufd accounting is set while the fd is fresh, the fds are put at their
+numbers, the memlock limit is set while vmrun may still raise it, privileges are dropped,
+every other fd is closed, and QEMU replaces this process.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import resource
+import struct
+from collections.abc import Callable
+from typing import NoReturn
+
+from vmrun.errors import LaunchError
+from vmrun.memlock import UNLIMITED
+from vmrun.plan import FdSpec, Plan
+from vmrun.sizes import format_mib
+
+# include/uapi/linux/iommufd.h: IOMMU_OPTION = _IO(IOMMUFD_TYPE=';', 0x87)
+IOMMU_OPTION = 0x3B87
+IOMMU_OPTION_RLIMIT_MODE = 0
+IOMMU_OPTION_OP_SET = 0
+IOMMU_OPTION_OP_GET = 1
+RLIMIT_MODE_PER_PROCESS = 1
+# struct iommu_option { u32 size; u32 option_id; u16 op; u16 reserved; u32 object_id; u64 val64; }
+IOMMU_OPTION_STRUCT = struct.Struct("=IIHHIQ")
+
+Exec = Callable[[str, list[str], dict[str, str]], NoReturn]
+
+
+def iommu_option(fd: int, op: int, value: int = 0) -> int:
+    """Run IOMMU_OPTION RLIMIT_MODE on an iommufd; returns the value the kernel reports."""
+    buf = bytearray(IOMMU_OPTION_STRUCT.pack(IOMMU_OPTION_STRUCT.size, IOMMU_OPTION_RLIMIT_MODE, op, 0, 0, value))
+    fcntl.ioctl(fd, IOMMU_OPTION, buf)
+    return int(IOMMU_OPTION_STRUCT.unpack(buf)[5])
+
+
+def ensure_stdio() -> None:
+    # With a closed stdin, the first open() would land on fd 0 and QEMU would lose it later.
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+def open_error(spec: FdSpec, path: str, e: OSError) -> LaunchError:
+    what = f"cannot open {spec.path} for {spec.purpose}: {e.strerror}"
+    hints = {
+        errno.ENOENT: "is the device bound to vfio-pci and the kernel built with IOMMUFD and VFIO_DEVICE_CDEV?",
+        errno.EACCES: "run vmrun as root: it opens the devices, then runs QEMU as vm.user",
+        errno.EPERM: "run vmrun as root: it opens the devices, then runs QEMU as vm.user",
+        errno.EBUSY: "another process (a running VM?) holds the device; stop it first",
+    }
+    return LaunchError(what + (f" ({path})" if path != spec.path else ""), hints.get(e.errno))
+
+
+def open_planned(plan: Plan) -> dict[int, int]:
+    """Open every planned file; returns {planned number: fd as opened}. All or nothing."""
+    opened: dict[int, int] = {}
+    try:
+        for spec in plan.fds:
+            if spec.path is None:
+                continue
+            path = os.path.join(plan.host_root, spec.path.lstrip("/"))
+            try:
+                opened[spec.fd] = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as e:
+                raise open_error(spec, path, e) from None
+            if spec.per_process_accounting:
+                try:
+                    iommu_option(opened[spec.fd], IOMMU_OPTION_OP_SET, RLIMIT_MODE_PER_PROCESS)
+                except OSError as e:
+                    raise LaunchError(
+                        f"cannot set per-process memlock accounting on {spec.path} ({spec.purpose}): {e.strerror}",
+                        "vmrun needs CAP_SYS_RESOURCE for it; run vmrun as root",
+                    ) from None
+    except LaunchError:
+        for fd in opened.values():
+            os.close(fd)
+        raise
+    return opened
+
+
+def check_caller_fds(plan: Plan) -> None:
+    for spec in plan.fds:
+        if spec.path is not None:
+            continue
+        try:
+            os.fstat(spec.fd)
+        except OSError:
+            raise LaunchError(
+                f"fd {spec.fd} ({spec.purpose}) is not open in vmrun's process",
+                f"the caller must pass it open, e.g. `vmrun run CONFIG {spec.fd}<>/dev/iommu`",
+            ) from None
+
+
+def place_fds(opened: dict[int, int], caller: list[int]) -> None:
+    """Put each opened fd at its planned number, inheritable; caller fds stay where they are."""
+    # Move everything above the planned numbers first, so no dup2 overwrites a file
+    # that is still waiting to be placed (an opened fd may sit on another's number).
+    floor = max([*opened, *caller, 2]) + 1
+    parked = {}
+    for target, fd in opened.items():
+        parked[target] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor)
+        os.close(fd)
+    for target, fd in parked.items():
+        os.dup2(fd, target, inheritable=True)
+        os.close(fd)
+        # dup2 onto the same number is a no-op that keeps CLOEXEC: be explicit.
+        os.set_inheritable(target, True)
+    for fd in caller:
+        os.set_inheritable(fd, True)
+
+
+def set_memlock(limit: int | None) -> None:
+    if limit is None:
+        return
+    try:
+        # Soft and hard alike: a de-privileged QEMU must not raise its own limit later.
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, limit))
+    except (ValueError, OSError):
+        hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
+        have = "unlimited" if hard == UNLIMITED else format_mib(hard)
+        need = "unlimited" if limit == UNLIMITED else format_mib(limit)
+        raise LaunchError(
+            f"cannot set RLIMIT_MEMLOCK to {need}: the hard limit is {have}",
+            "run vmrun as root, or raise the caller's limit (systemd LimitMEMLOCK=, ulimit -l)",
+        ) from None
+
+
+def drop_privileges(plan: Plan, env: dict[str, str]) -> None:
+    user = plan.run_as
+    if user is None:
+        return
+    if os.geteuid() != 0:
+        if os.geteuid() == user.uid:
+            return
+        raise LaunchError(f"vmrun runs as uid {os.geteuid()} and cannot switch to {user.name}", "run vmrun as root")
+    try:
+        os.setgroups(list(user.groups))
+        os.setgid(user.gid)
+        os.setuid(user.uid)
+    except OSError as e:
+        raise LaunchError(f"cannot switch to user {user.name}: {e.strerror}") from None
+    if user.uid != 0:
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:
+            raise LaunchError(f"dropping to {user.name} did not stick: the process could become root again")
+    home = os.path.expanduser(f"~{user.name}")
+    env.update(USER=user.name, LOGNAME=user.name, HOME=home if home != f"~{user.name}" else "/")
+
+
+def close_other_fds(keep: set[int]) -> None:
+    highest = max(os.sysconf("SC_OPEN_MAX"), max(keep) + 1)
+    start = 0
+    for fd in sorted(keep):
+        if fd > start:
+            os.closerange(start, fd)
+        start = fd + 1
+    os.closerange(start, highest)
+
+
+def launch(plan: Plan, env: dict[str, str] | None = None, execve: Exec = os.execve) -> NoReturn:
+    """Carry out `plan` and exec QEMU. Raises LaunchError before exec when a step fails."""
+    if plan.problems:
+        raise LaunchError(
+            "the plan has problems:\n" + "\n".join(f"  {p.render(plan.config)}" for p in plan.problems),
+            "fix them, then run again; `vmrun plan` shows the whole plan",
+        )
+    env = dict(os.environ if env is None else env)
+    ensure_stdio()
+    check_caller_fds(plan)
+    opened = open_planned(plan)
+    caller = [f.fd for f in plan.fds if f.path is None]
+    place_fds(opened, caller)
+    set_memlock(plan.memlock.limit)
+    drop_privileges(plan, env)
+    close_other_fds({0, 1, 2, *(f.fd for f in plan.fds)})
+    argv = plan.argv
+    try:
+        execve(argv[0], argv, env)
+    except OSError as e:
+        raise LaunchError(f"cannot execute {argv[0]}: {e.strerror}", "check vm.qemu") from None

@@ -1,0 +1,303 @@
+"""The plan: everything the launch will do, derived purely from the config and host facts.
+
+Nothing here opens, writes or spawns; the same inputs always give the same plan, which is
+what `vmrun plan` prints and what the launch carries out step by step.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from vmrun import qemu_args
+from vmrun.errors import Problem
+from vmrun.host import VFIO_OK_DRIVERS, DeviceFacts, HostFacts, Node, User
+from vmrun.memlock import UNLIMITED, MemlockPlan, memlock_plan
+from vmrun.model import Config, Vfio
+from vmrun.qemu_caps import IOMMUFD_SINCE
+from vmrun.sizes import format_mib, format_size
+
+FIRST_FD = 3
+INSTALL_HINT = "on Debian 12 install qemu-system-x86 from bookworm-backports (scripts/install does)"
+
+
+@attrs.frozen
+class FdSpec:
+    fd: int
+    path: str | None  # host path vmrun opens; None: the caller passed this fd in
+    purpose: str
+    flags: str = "O_RDWR"
+    per_process_accounting: bool = False  # set IOMMU_OPTION_RLIMIT_MODE on this /dev/iommu fd
+
+
+@attrs.frozen
+class Plan:
+    name: str
+    config: str
+    host_root: str
+    options: tuple[tuple[str, ...], ...]  # argv, one option with its value per entry
+    fds: tuple[FdSpec, ...]
+    memlock: MemlockPlan
+    run_as: User | None  # None: QEMU runs as the caller
+    notes: tuple[str, ...]
+    problems: tuple[Problem, ...]  # any of these stops `run` before anything is opened
+
+    @property
+    def argv(self) -> list[str]:
+        return [arg for opt in self.options for arg in opt]
+
+
+class FdNumbers:
+    """Hands out fd numbers from 3 upward, skipping those the caller passes in."""
+
+    def __init__(self, taken: set[int]) -> None:
+        self.taken = taken
+        self.next = FIRST_FD
+
+    def allocate(self) -> int:
+        while self.next in self.taken:
+            self.next += 1
+        self.taken.add(self.next)
+        return self.next
+
+
+class Planner:
+    def __init__(self, config: Config, facts: HostFacts) -> None:
+        self.config = config
+        self.facts = facts
+        self.problems: list[Problem] = []
+        self.notes: list[str] = []
+        self.fds: list[FdSpec] = []
+        self.numbers = FdNumbers(set(config.caller_fds()))
+
+    def problem(self, path: str, message: str, hint: str | None = None) -> None:
+        self.problems.append(Problem(path, message, hint))
+
+    def build(self) -> Plan:
+        vm = self.config.vm
+        memlock = memlock_plan(self.config)
+        self.check_qemu()
+        self.check_identity()
+        self.check_memlock(memlock)
+        for path in self.facts.missing_files:
+            key = "vm.kernel" if self.config.vm.kernel and str(self.config.vm.kernel) == path else "vm.initrd"
+            self.problem(key, f"{path} does not exist", "fix the path; relative paths start at the config file")
+        options: list[tuple[str, ...]] = [
+            (self.facts.qemu.path if self.facts.qemu else vm.qemu,),
+            ("-name", f"guest={vm.name}"),
+            ("-machine", vm.machine),
+            ("-accel", vm.accel),
+            ("-m", format_size(vm.memory)),
+            ("-smp", str(vm.cpus)),
+            ("-nodefaults",),
+            ("-no-user-config",),
+            ("-display", "none"),
+        ]
+        if vm.console == "stdio":
+            options.append(("-serial", "mon:stdio"))
+        if vm.kernel is not None:
+            options.append(("-kernel", str(vm.kernel)))
+        if vm.initrd is not None:
+            options.append(("-initrd", str(vm.initrd)))
+        if vm.append is not None:
+            options.append(("-append", vm.append))
+        options += [("-object", self.iommufd_object(i)) for i in range(len(self.config.iommufd))]
+        options += [("-device", self.device(i)) for i in range(len(self.config.vfio))]
+        options += qemu_args.group(vm.args)
+        return Plan(
+            name=vm.name,
+            config=str(self.config.file),
+            host_root=self.facts.root,
+            options=tuple(options),
+            fds=tuple(sorted(self.fds, key=lambda f: f.fd)),
+            memlock=memlock,
+            run_as=self.facts.run_as if vm.user else None,
+            notes=tuple(self.notes),
+            problems=tuple(self.problems),
+        )
+
+    def check_qemu(self) -> None:
+        caps = self.facts.qemu
+        if caps is None:
+            self.problem(
+                "vm.qemu",
+                f"QEMU binary {self.facts.qemu_name!r} not found",
+                f"{INSTALL_HINT}, or set vm.qemu to its path",
+            )
+            return
+        uses_iommufd = bool(self.config.iommufd)
+        if uses_iommufd and not caps.has_iommufd:
+            need = ".".join(map(str, IOMMUFD_SINCE))
+            self.problem(
+                "iommufd",
+                f"QEMU {caps.version_text} at {caps.path} has no iommufd backend (QEMU >= {need} needed)",
+                f"{INSTALL_HINT}, or drop iommufd to use the legacy backend",
+            )
+        for i, dev in enumerate(self.config.vfio):
+            props = caps.device_props.get(dev.driver)
+            if props is None:
+                self.problem(f"vfio[{i}].driver", f"QEMU {caps.version_text} at {caps.path} has no device {dev.driver}")
+                continue
+            wanted = [k for k in ("host", "sysfsdev", "fd", "iommufd") if getattr(dev, k) is not None]
+            if dev.iommufd is not None and dev.fd is None:
+                wanted.append("fd")  # vmrun passes the cdev it opened
+            for key in dict.fromkeys(wanted):
+                if key not in props:
+                    self.problem(
+                        f"vfio[{i}]",
+                        f"QEMU {caps.version_text}'s {dev.driver} has no {key!r} property",
+                        INSTALL_HINT,
+                    )
+            for key, _ in dev.props:
+                if key not in props:
+                    self.problem(f"vfio[{i}].props.{key}", f"{dev.driver} of QEMU {caps.version_text} has no property {key!r}")
+
+    def check_identity(self) -> None:
+        vm, launcher = self.config.vm, self.facts.launcher
+        if vm.user is None:
+            if launcher.uid == 0:
+                self.notes.append("QEMU runs as root with every capability: set vm.user to de-privilege it")
+            return
+        user = self.facts.run_as
+        if user is None:
+            self.problem("vm.user", f"no user {vm.user!r} on this host", "create it, or name an existing user such as nobody")
+        elif launcher.uid != 0 and launcher.uid != user.uid:
+            self.problem(
+                "vm.user",
+                f"vmrun runs as uid {launcher.uid} and cannot switch to {user.name} (uid {user.uid})",
+                "run vmrun as root, or drop vm.user",
+            )
+
+    def check_memlock(self, memlock: MemlockPlan) -> None:
+        launcher = self.facts.launcher
+        if memlock.limit is None:
+            if self.config.vm.memlock.mode == "off" and self.config.vfio:
+                self.notes.append('memlock = "off": QEMU keeps the inherited RLIMIT_MEMLOCK; VFIO may fail to pin guest RAM')
+            return
+        if launcher.cap_sys_resource or memlock.limit <= launcher.memlock_hard or launcher.memlock_hard == UNLIMITED:
+            return
+        have = "unlimited" if launcher.memlock_hard == UNLIMITED else format_mib(launcher.memlock_hard)
+        need = "unlimited" if memlock.limit == UNLIMITED else format_mib(memlock.limit)
+        self.problem(
+            "vm.memlock",
+            f"RLIMIT_MEMLOCK must be {need} but the hard limit is {have} and vmrun lacks CAP_SYS_RESOURCE to raise it",
+            f"run vmrun as root, or raise the caller's limit (systemd: LimitMEMLOCK={format_size(memlock.limit) if memlock.limit != UNLIMITED else 'infinity'}; shell: ulimit -l)",
+        )
+
+    def iommufd_object(self, i: int) -> str:
+        obj = self.config.iommufd[i]
+        if obj.fd is not None:
+            fd = obj.fd
+            self.fds.append(FdSpec(fd, None, f"iommufd {obj.id} (from the caller)"))
+        else:
+            fd = self.numbers.allocate()
+            per_process = self.per_process_accounting(i)
+            self.fds.append(FdSpec(fd, "/dev/iommu", f"iommufd {obj.id}", per_process_accounting=per_process))
+            node = self.facts.dev_iommu
+            if node is None:
+                self.problem(
+                    f"iommufd[{i}]",
+                    "/dev/iommu does not exist: the kernel has no IOMMUFD",
+                    "load it (modprobe iommufd) or boot a kernel with CONFIG_IOMMUFD; or drop iommufd to use the legacy backend",
+                )
+        if not any(d.iommufd == obj.id for d in self.config.vfio):
+            self.notes.append(f"iommufd[{i}] ({obj.id}) has no device")
+        return qemu_args.option("iommufd", [("id", obj.id), ("fd", fd)])
+
+    def per_process_accounting(self, i: int) -> bool:
+        # Kernel default: pinned pages are charged to the user, so two VMs of one uid share one
+        # RLIMIT_MEMLOCK. Switching the context to per-process needs CAP_SYS_RESOURCE.
+        node = self.facts.dev_iommu
+        if node is None or not node.is_char:
+            return False
+        if self.facts.launcher.cap_sys_resource:
+            return True
+        self.notes.append(
+            f"iommufd[{i}]: pinned memory is charged to the user, shared by all its VMs "
+            "(vmrun needs CAP_SYS_RESOURCE to set per-process accounting)"
+        )
+        return False
+
+    def device(self, i: int) -> str:
+        dev = self.config.vfio[i]
+        path = f"vfio[{i}]"
+        facts = self.facts.devices.get(dev.id, DeviceFacts(sysfs=None))
+        props: list[tuple[str, str | int | bool | None]] = [("id", dev.id)]
+        if dev.fd is not None:
+            self.fds.append(FdSpec(dev.fd, None, f"{dev.driver} {dev.id} (from the caller)"))
+            props.append(("fd", dev.fd))
+        else:
+            self.check_device(path, dev, facts)
+            if dev.iommufd is not None:
+                fd = self.numbers.allocate()
+                self.fds.append(FdSpec(fd, facts.cdev or f"(VFIO cdev of {dev.source})", f"{dev.driver} {dev.id} ({dev.source})"))
+                props.append(("fd", fd))
+            else:
+                props += [("host", dev.host), ("sysfsdev", dev.sysfsdev)]
+        props.append(("iommufd", dev.iommufd))
+        props += list(dev.props)
+        return qemu_args.option(dev.driver, props)
+
+    def check_device(self, path: str, dev: Vfio, facts: DeviceFacts) -> None:
+        key = f"{path}.host" if dev.host else f"{path}.sysfsdev"
+        if facts.sysfs is None:
+            what = f"no PCI device {dev.host}" if dev.host else f"{dev.sysfsdev} does not exist"
+            self.problem(key, f"{what} on this host", "`lspci -D` lists the host's PCI devices")
+            return
+        if facts.driver != "vfio-pci" and dev.driver == "vfio-pci":
+            bound = f"bound to {facts.driver}" if facts.driver else "bound to no driver"
+            self.problem(path, f"{dev.source} is {bound}, not vfio-pci", "bind it to vfio-pci first (driver_override, unbind, drivers_probe)")
+            return
+        offenders = [f"{a} ({d or 'no driver'})" for a, d in facts.group_members if d not in (*VFIO_OK_DRIVERS, None)]
+        if offenders:
+            self.problem(
+                path,
+                f"IOMMU group {facts.iommu_group} is not viable: {', '.join(offenders)} bound to a host driver",
+                "bind every device of the group to vfio-pci, or unbind it",
+            )
+        if dev.iommufd is not None:
+            self.check_cdev(path, dev, facts)
+        else:
+            self.check_legacy(path, dev, facts)
+
+    def check_cdev(self, path: str, dev: Vfio, facts: DeviceFacts) -> None:
+        if facts.cdev is None:
+            self.problem(
+                path,
+                f"{dev.source} has no VFIO device cdev (no vfio-dev/ in sysfs)",
+                "the kernel needs CONFIG_VFIO_DEVICE_CDEV for the iommufd backend; or drop iommufd for the legacy backend",
+            )
+        elif facts.cdev_node is None:
+            self.problem(path, f"{facts.cdev} is missing", "udev or devtmpfs should create it; check /dev")
+
+    def check_legacy(self, path: str, dev: Vfio, facts: DeviceFacts) -> None:
+        container = self.facts.vfio_container
+        if container is None:
+            self.problem(
+                path,
+                "the legacy backend needs /dev/vfio/vfio, which does not exist",
+                "use the iommufd backend (set iommufd), or load vfio with CONFIG_VFIO_CONTAINER",
+            )
+        group_file = f"/dev/vfio/{facts.iommu_group}"
+        if facts.group_node is None:
+            self.problem(path, f"{group_file} is missing", "is the device bound to vfio-pci?")
+        user = self.facts.run_as if self.config.vm.user else None
+        if user is None:
+            return
+        # On the legacy backend QEMU opens the container and group files itself, as the run-as user.
+        for node in (container, facts.group_node):
+            if node is not None and not node.accessible(user.uid, user.groups):
+                self.problem(
+                    path,
+                    f"QEMU runs as {user.name} and opens {node.path} itself on the legacy backend, "
+                    f"but {user.name} may not ({describe_node(node)})",
+                    "use the iommufd backend so vmrun passes the device as an fd, or give the user access to the file",
+                )
+
+
+def describe_node(node: Node) -> str:
+    return f"owner {node.uid}:{node.gid}, mode {node.mode:04o}"
+
+
+def plan(config: Config, facts: HostFacts) -> Plan:
+    """The plan for launching `config` on the host that `facts` describe."""
+    return Planner(config, facts).build()

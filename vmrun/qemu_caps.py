@@ -1,0 +1,140 @@
+"""What a QEMU binary can do, probed once per binary and cached.
+
+The plan must know, before anything is opened, whether the binary has the iommufd
+backend and which properties its vfio devices take: the backend is chosen by the config,
+not guessed by QEMU (there is no iommufd=auto). Probing spawns `qemu ... ,help`, which
+starts no VM; the answer is cached per binary (path, size, mtime) under the user's cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+from typing import Any
+
+import attrs
+
+PROBED_DEVICES = ("vfio-pci", "vfio-platform", "vfio-ap", "vfio-ccw")
+IOMMUFD_SINCE = (9, 0)
+CACHE_VERSION = 2
+
+
+@attrs.frozen
+class QemuCaps:
+    path: str
+    version: tuple[int, int, int]
+    has_iommufd: bool
+    # device type -> its property names; a type this binary lacks is absent
+    device_props: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
+
+    @property
+    def version_text(self) -> str:
+        return ".".join(map(str, self.version))
+
+
+def cache_file() -> pathlib.Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "vmrun" / "qemu-caps.json"
+
+
+def resolve(binary: str) -> str | None:
+    if "/" in binary:
+        return os.path.abspath(binary) if os.access(binary, os.X_OK) else None
+    return shutil.which(binary)
+
+
+def run_help(path: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [path, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "LC_ALL": "C"},
+    )
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    m = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", text)
+    if not m:
+        return (0, 0, 0)
+    return (int(m[1]), int(m[2]), int(m[3] or 0))
+
+
+def parse_props(text: str) -> tuple[str, ...]:
+    return tuple(sorted({m[1] for m in re.finditer(r"^\s+([A-Za-z0-9_.-]+)=", text, re.M)}))
+
+
+def probe_uncached(path: str) -> QemuCaps:
+    # All probes at once: each is a short-lived process, so the wall time is one of them.
+    version = run_help(path, "-version")
+    iommufd = run_help(path, "-machine", "none", "-object", "iommufd,help")
+    devices = {d: run_help(path, "-machine", "none", "-device", f"{d},help") for d in PROBED_DEVICES}
+    version_out = version.communicate()[0]
+    iommufd.communicate()
+    props: dict[str, tuple[str, ...]] = {}
+    for name, proc in devices.items():
+        found = parse_props(proc.communicate()[0])
+        # QEMU exits 0 even for "Device 'x' not found", so an empty list means absent.
+        if proc.returncode == 0 and found:
+            props[name] = found
+    return QemuCaps(
+        path=path,
+        version=parse_version(version_out),
+        has_iommufd=iommufd.returncode == 0,
+        device_props=props,
+    )
+
+
+def to_json(caps: QemuCaps) -> dict[str, Any]:
+    return {
+        "path": caps.path,
+        "version": list(caps.version),
+        "has_iommufd": caps.has_iommufd,
+        "device_props": {k: list(v) for k, v in caps.device_props.items()},
+    }
+
+
+def from_json(data: dict[str, Any]) -> QemuCaps:
+    v = data["version"]
+    return QemuCaps(
+        path=data["path"],
+        version=(int(v[0]), int(v[1]), int(v[2])),
+        has_iommufd=bool(data["has_iommufd"]),
+        device_props={k: tuple(p) for k, p in data["device_props"].items()},
+    )
+
+
+def probe(binary: str) -> QemuCaps | None:
+    """The capabilities of `binary` (a name on PATH or a path); None when it is not there."""
+    path = resolve(binary)
+    if path is None:
+        return None
+    st = os.stat(path)
+    key = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}:{CACHE_VERSION}"
+    file = cache_file()
+    try:
+        cache = json.loads(file.read_text())
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        try:
+            return attrs.evolve(from_json(cache[key]), path=path)
+        except (KeyError, TypeError, ValueError, IndexError):
+            pass  # an entry from an older vmrun or a damaged file: probe again
+    caps = probe_uncached(path)
+    cache[key] = to_json(caps)
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+        tmp.replace(file)
+    except OSError:
+        pass  # a read-only home must not stop a launch; the next run probes again
+    return caps

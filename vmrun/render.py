@@ -1,0 +1,89 @@
+"""A plan as people and programs read it: shell text, one option per line, or JSON."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Any
+
+from vmrun.memlock import UNLIMITED
+from vmrun.plan import Plan
+
+
+def shell_lines(plan: Plan) -> list[str]:
+    """The command line, one option per line, ready to paste into a shell.
+
+    The planned fds become `N<>PATH` redirections so the pasted command gets them too.
+    """
+    lines = [" ".join(shlex.quote(a) for a in opt) for opt in plan.options]
+    redirects = [f"{f.fd}<>{shlex.quote(f.path)}" for f in plan.fds if f.path is not None and f.path.startswith("/")]
+    if redirects:
+        lines.append(" ".join(redirects))
+    lines = lines[:1] + ["  " + line for line in lines[1:]]
+    return [line + " \\" for line in lines[:-1]] + lines[-1:]
+
+
+def fd_table(plan: Plan) -> list[str]:
+    rows = []
+    for f in plan.fds:
+        extra = " [per-process accounting]" if f.per_process_accounting else ""
+        rows.append(f"{f.fd:>3}  {f.path or '(inherited)':<28} {f.flags:<7} {f.purpose}{extra}")
+    return rows
+
+
+def text(plan: Plan, show_problems: bool = True) -> str:
+    out = [f"# vmrun plan for {plan.name} ({plan.config})"]
+    if plan.memlock.limit is not None:
+        limit = "unlimited" if plan.memlock.limit == UNLIMITED else str(plan.memlock.limit // 1024)
+        out.append(f"ulimit -l {limit}")
+    out += shell_lines(plan)
+    out.append("# fds:")
+    out += [f"#   {row}" for row in fd_table(plan)] or ["#   (none beyond stdin, stdout, stderr)"]
+    out.append(f"# memlock: {plan.memlock.describe()}")
+    if plan.run_as is None:
+        out.append("# run as: the caller")
+    else:
+        u = plan.run_as
+        out.append(f"# run as: {u.name} (uid {u.uid}, gid {u.gid}, groups {','.join(map(str, u.groups))})")
+    out += [f"# note: {n}" for n in plan.notes]
+    if show_problems:
+        out += [f"# problem: {p.render(plan.config)}" for p in plan.problems]
+    return "\n".join(out) + "\n"
+
+
+def to_json(plan: Plan) -> dict[str, Any]:
+    limit = plan.memlock.limit
+    return {
+        "name": plan.name,
+        "config": plan.config,
+        "argv": plan.argv,
+        "fds": [
+            {
+                "fd": f.fd,
+                "path": f.path,
+                "flags": f.flags,
+                "purpose": f.purpose,
+                "per_process_accounting": f.per_process_accounting,
+            }
+            for f in plan.fds
+        ],
+        "memlock_bytes": None if limit is None or limit == UNLIMITED else limit,
+        "memlock": {
+            "limit": "unlimited" if limit == UNLIMITED else limit,
+            "derivation": plan.memlock.derivation,
+        },
+        "run_as": None
+        if plan.run_as is None
+        else {
+            "user": plan.run_as.name,
+            "uid": plan.run_as.uid,
+            "gid": plan.run_as.gid,
+            "groups": list(plan.run_as.groups),
+        },
+        "notes": list(plan.notes),
+        "problems": [p.render(plan.config) for p in plan.problems],
+    }
+
+
+def json_text(plan: Plan) -> str:
+    return json.dumps(to_json(plan), indent=2) + "\n"
