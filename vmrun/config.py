@@ -7,6 +7,7 @@ parsing, the did-you-mean for unknown keys and the documentation cannot drift ap
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import pathlib
 import re
@@ -36,10 +37,17 @@ FIRST_FREE_FD = 3
 
 
 class Invalid(Exception):
-    def __init__(self, message: str, hint: str | None = None) -> None:
+    def __init__(self, message: str, hint: str | None = None, sub: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.sub = sub  # a path below the key, e.g. ".x-vga" for one entry of a table
+
+
+class InvalidMany(Exception):
+    def __init__(self, errors: list[Invalid]) -> None:
+        super().__init__(errors)
+        self.errors = errors
 
 
 def toml_type(value: object) -> str:
@@ -50,6 +58,8 @@ def toml_type(value: object) -> str:
 
 
 def shown(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return f'"{value}"' if isinstance(value, str) else repr(value)
 
 
@@ -122,6 +132,11 @@ def file_path(value: object, ctx: Context) -> pathlib.Path:
     return pathlib.Path(os.path.normpath(path if path.is_absolute() else ctx.base / path))
 
 
+def qemu_binary(value: object, ctx: Context) -> str:
+    text = string()(value, ctx)
+    return str(file_path(text, ctx)) if "/" in text else text
+
+
 def string_list(value: object, ctx: Context) -> tuple[str, ...]:
     items: list[object] = expect(value, list, "an array of strings")
     for i, item in enumerate(items):
@@ -161,14 +176,19 @@ def caller_fd(value: object, ctx: Context) -> int:
 def props(value: object, ctx: Context) -> tuple[tuple[str, str | int | bool], ...]:
     table: dict[str, object] = expect(value, dict, "a table of device properties")
     out: list[tuple[str, str | int | bool]] = []
+    errors: list[Invalid] = []
     for key, item in table.items():
+        sub = f".{key}" if ID_RE.match(key) else f".{json.dumps(key)}"
         if key in PLANNED_PROPS:
-            raise Invalid(f"property {key!r} is set by vmrun", f"use the device's own `{key}` key instead")
-        if not ID_RE.match(key):
-            raise Invalid(f"{key!r} is not a property name")
-        if not isinstance(item, str | int | bool) or isinstance(item, float):
-            raise Invalid(f"property {key!r} is {toml_type(item)}, expected a string, integer or boolean")
-        out.append((key, item))
+            errors.append(Invalid("is set by vmrun", f"use the device's own `{key}` key instead", sub))
+        elif not ID_RE.match(key):
+            errors.append(Invalid("is not a property name", ID_HINT, sub))
+        elif not isinstance(item, str | int | bool):
+            errors.append(Invalid(f"is {toml_type(item)} {shown(item)}, expected a string, integer or boolean", sub=sub))
+        else:
+            out.append((key, item))
+    if errors:
+        raise InvalidMany(errors)
     return tuple(out)
 
 
@@ -196,7 +216,7 @@ VM_KEYS = (
     Key("cpus", integer(1, 1024), "number of vCPUs (default 1)"),
     Key("machine", string(MACHINE_RE, "a QEMU machine type such as q35"), "QEMU machine type (default q35)"),
     Key("accel", choice(*ACCELS), "accelerator: kvm (default) or tcg"),
-    Key("qemu", string(), "QEMU binary, a name on PATH or a path (default qemu-system-x86_64)"),
+    Key("qemu", qemu_binary, "QEMU binary, a name on PATH or a path (default qemu-system-x86_64)"),
     Key("user", string(USER_RE, "a user name such as nobody"), "run QEMU as this user (vmrun as root)"),
     Key("console", choice("stdio", "none"), "serial console: stdio (default) or none"),
     Key("memlock", memlock, 'RLIMIT_MEMLOCK: "auto" (default), "unlimited", "off" or a size'),
@@ -243,23 +263,36 @@ class Reader:
             key = known.get(name)
             if key is None:
                 hint = did_you_mean(name, known) or f"known keys: {', '.join(known)}"
+                if name.lower() in known:
+                    hint = f"did you mean {name.lower()!r}? keys are lower case"
                 self.problem(f"{path}.{name}", "unknown key", hint)
                 continue
             try:
                 values[name] = key.parse(value, self.ctx)
             except Invalid as e:
-                self.problem(f"{path}.{name}", e.message, e.hint)
+                self.problem(f"{path}.{name}{e.sub}", e.message, e.hint)
+            except InvalidMany as many:
+                for e in many.errors:
+                    self.problem(f"{path}.{name}{e.sub}", e.message, e.hint)
         for key in keys:
             if key.required and key.name not in raw:
                 self.problem(f"{path}.{key.name}", "is required", key.doc)
         return values
 
-    def array(self, raw: dict[str, Any], name: str, keys: tuple[Key, ...]) -> list[dict[str, Any]]:
+    def array(self, raw: dict[str, Any], name: str, keys: tuple[Key, ...]) -> list[Entry]:
         items = raw.get(name, [])
         if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-            self.problem(name, f"must be an array of tables", f"write each entry as [[{name}]]")
+            self.problem(name, "must be an array of tables", f"write each entry as [[{name}]]")
             return []
-        return [self.table(item, keys, f"{name}[{i}]") for i, item in enumerate(items)]
+        return [Entry(item, self.table(item, keys, f"{name}[{i}]")) for i, item in enumerate(items)]
+
+
+@attrs.frozen
+class Entry:
+    """One [[...]] entry: the keys as written, and the values that parsed."""
+
+    raw: dict[str, Any]
+    values: dict[str, Any]
 
 
 def read_text(path: pathlib.Path) -> str:
@@ -303,8 +336,8 @@ def parse(text: str, path: pathlib.Path) -> Config:
     return Config(
         file=path,
         vm=Vm(**vm),
-        iommufd=tuple(Iommufd(**o) for o in objects),
-        vfio=tuple(Vfio(**d) for d in devices),
+        iommufd=tuple(Iommufd(**o.values) for o in objects),
+        vfio=tuple(Vfio(**d.values) for d in devices),
     )
 
 
@@ -315,14 +348,14 @@ def toml_syntax_problem(e: tomllib.TOMLDecodeError) -> Problem:
     return Problem(where, f"TOML syntax error: {message}", "fix the TOML syntax at that position")
 
 
-def cross_check(
-    r: Reader, vm: dict[str, Any], objects: list[dict[str, Any]], devices: list[dict[str, Any]]
-) -> None:
+def cross_check(r: Reader, vm: dict[str, Any], object_entries: list[Entry], device_entries: list[Entry]) -> None:
     """The rules that involve more than one key."""
     for key in ("initrd", "append"):
         if key in vm and "kernel" not in vm:
             r.problem(f"vm.{key}", "needs vm.kernel", "set kernel for direct kernel boot, or drop this key")
 
+    objects = [o.values for o in object_entries]
+    devices = [d.values for d in device_entries]
     seen_ids: dict[str, str] = {}
     fds: dict[int, str] = {}
     for section, entries in (("iommufd", objects), ("vfio", devices)):
@@ -344,9 +377,10 @@ def cross_check(
                     fds[entry["fd"]] = path
 
     object_ids = [o["id"] for o in objects if "id" in o]
-    for i, dev in enumerate(devices):
+    for i, (entry, dev) in enumerate(zip(device_entries, devices, strict=True)):
         path = f"vfio[{i}]"
-        given = [k for k in ("host", "sysfsdev", "fd") if k in dev]
+        # Presence as written: a host with a bad value was reported already, not "missing".
+        given = [k for k in ("host", "sysfsdev", "fd") if k in entry.raw]
         if not given:
             r.problem(path, "names no device", "set exactly one of host, sysfsdev or fd")
         elif len(given) > 1:
@@ -362,7 +396,7 @@ def cross_check(
         if ref is not None and ref not in object_ids:
             hint = did_you_mean(ref, object_ids) or f'declare it: [[iommufd]] id = "{ref}"'
             r.problem(f"{path}.iommufd", f"no [[iommufd]] has id {shown(ref)}", hint)
-        if "fd" in dev and "iommufd" not in dev:
+        if "fd" in dev and "iommufd" not in entry.raw:
             r.problem(
                 f"{path}.fd",
                 "fd passing needs the iommufd backend: QEMU refuses fd= on a legacy VFIO device",

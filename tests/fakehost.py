@@ -1,0 +1,94 @@
+"""Fake host trees: the parts of sysfs and /dev that vmrun reads, built in a directory.
+
+Sysfs is laid out as the kernel does it (device directories under /sys/devices, symlinks
+from /sys/bus/pci/devices, driver and iommu_group links), so the code under test walks the
+same links it walks on a real host. Device nodes are regular files unless `char_nodes`
+is set (then real character nodes made with mknod, which needs root).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import stat
+
+import attrs
+
+VFIO_MAJOR = 511
+
+
+@attrs.frozen
+class FakePci:
+    address: str
+    driver: str | None = "vfio-pci"
+    group: int = 1
+    cdev: int | None = 0  # N of vfioN; None: no cdev (not vfio-pci, or no VFIO_DEVICE_CDEV)
+    vendor: str = "0x1234"
+    device: str = "0x11e8"
+
+
+@attrs.frozen
+class FakeHost:
+    devices: tuple[FakePci, ...] = ()
+    dev_iommu: bool = True
+    vfio_container: bool = True
+    char_nodes: bool = False
+    node_mode: int = 0o600
+
+
+def node(path: pathlib.Path, char: bool, mode: int, rdev: tuple[int, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if char:
+        os.mknod(path, stat.S_IFCHR | mode, os.makedev(*rdev))
+    else:
+        path.write_text("")
+    os.chmod(path, mode)
+
+
+def build(root: pathlib.Path, spec: FakeHost) -> pathlib.Path:
+    sys_ = root / "sys"
+    for d in spec.devices:
+        real = sys_ / "devices" / "pci0000:00" / d.address
+        real.mkdir(parents=True)
+        (real / "vendor").write_text(d.vendor + "\n")
+        (real / "device").write_text(d.device + "\n")
+        bus = sys_ / "bus" / "pci" / "devices"
+        bus.mkdir(parents=True, exist_ok=True)
+        (bus / d.address).symlink_to(f"../../../devices/pci0000:00/{d.address}")
+        if d.driver:
+            drv = sys_ / "bus" / "pci" / "drivers" / d.driver
+            drv.mkdir(parents=True, exist_ok=True)
+            (real / "driver").symlink_to(f"../../../bus/pci/drivers/{d.driver}")
+        group = sys_ / "kernel" / "iommu_groups" / str(d.group) / "devices"
+        group.mkdir(parents=True, exist_ok=True)
+        (group / d.address).symlink_to(f"../../../../devices/pci0000:00/{d.address}")
+        (real / "iommu_group").symlink_to(f"../../../kernel/iommu_groups/{d.group}")
+        if d.driver == "vfio-pci":
+            node(root / "dev" / "vfio" / str(d.group), spec.char_nodes, spec.node_mode, (VFIO_MAJOR - 1, d.group))
+            if d.cdev is not None:
+                cdev = real / "vfio-dev" / f"vfio{d.cdev}"
+                cdev.mkdir(parents=True)
+                (cdev / "dev").write_text(f"{VFIO_MAJOR}:{d.cdev}\n")
+                node(
+                    root / "dev" / "vfio" / "devices" / f"vfio{d.cdev}",
+                    spec.char_nodes,
+                    spec.node_mode,
+                    (VFIO_MAJOR, d.cdev),
+                )
+    if spec.dev_iommu:
+        node(root / "dev" / "iommu", spec.char_nodes, spec.node_mode, (10, 123))
+    if spec.vfio_container:
+        node(root / "dev" / "vfio" / "vfio", spec.char_nodes, 0o666, (10, 196))
+    return root
+
+
+STANDARD = FakeHost(
+    devices=(
+        FakePci("0000:01:00.0", group=1, cdev=0),
+        FakePci("0000:02:00.0", group=2, cdev=1),
+        FakePci("0000:03:00.0", group=3, cdev=2),
+        FakePci("0000:04:00.0", driver="nvme", group=4, cdev=None),
+        FakePci("0000:05:00.0", group=5, cdev=3),
+        FakePci("0000:05:00.1", driver="snd_hda_intel", group=5, cdev=None),
+    )
+)

@@ -1,0 +1,38 @@
+"""Golden plans: each config under tests/golden/ and, beside it, the plan text expected.
+
+The text is the command line one option per line, the fd table, the memlock derivation
+and the identity. Regenerate on purpose with VMRUN_REGEN_GOLDEN=1 and review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+from tests.conftest import REPO, plan_for
+from vmrun import render
+
+GOLDEN = REPO / "tests" / "golden"
+CASES = sorted(GOLDEN.glob("*.toml"))
+
+
+def normalise(text: str) -> str:
+    return text.replace(str(REPO), "@REPO@")
+
+
+@pytest.mark.parametrize("config", CASES, ids=[c.stem for c in CASES])
+def test_golden_plan(config: pathlib.Path, standard_host: pathlib.Path) -> None:
+    got = normalise(render.text(plan_for(config.relative_to(REPO), standard_host)))
+    expected_file = config.with_suffix(".args")
+    if os.environ.get("VMRUN_REGEN_GOLDEN") == "1":
+        expected_file.write_text(got)
+    assert expected_file.exists(), f"{expected_file} is missing: run with VMRUN_REGEN_GOLDEN=1 and review it"
+    assert got == expected_file.read_text(), f"plan of {config.name} differs from {expected_file.name}"
+
+
+def test_golden_cases_exist() -> None:
+    assert len(CASES) >= 8
+    orphans = [a for a in GOLDEN.glob("*.args") if not a.with_suffix(".toml").exists()]
+    assert not orphans, f"golden files without a config: {orphans}"

@@ -1,0 +1,238 @@
+"""The launch path for real: vmrun runs as a process and execs a QEMU stand-in that
+records what it inherited, or real QEMU (TCG) booting the demo guest."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import pwd
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import tomli_w
+
+from tests import fakehost
+from tests.conftest import REPO, is_root
+from vmrun.errors import LaunchError
+from vmrun.launch import place_fds, set_memlock
+from vmrun.sizes import MiB
+
+FAKE_QEMU = REPO / "tests" / "fake-qemu"
+needs_root = pytest.mark.skipif(not is_root(), reason="switching users needs root")
+
+
+def vmrun(*args: str, redirects: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run vmrun as a caller would; `redirects` (shell syntax) opens fds it inherits."""
+    command = " ".join(shlex.quote(a) for a in (sys.executable, "-m", "vmrun.cli", *args))
+    return subprocess.run(
+        ["/bin/sh", "-c", f"exec {redirects} {command}" if redirects else f"exec {command}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def outdir() -> Iterator[pathlib.Path]:
+    # QEMU may run as nobody: the record must land where nobody can reach and write,
+    # which pytest's own temporary directories (mode 0700) are not.
+    d = pathlib.Path(tempfile.mkdtemp(prefix="vmrun-test-"))
+    d.chmod(0o777)
+    yield d
+    shutil.rmtree(d)
+
+
+@pytest.fixture
+def host_tree(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    spec = fakehost.FakeHost(devices=(fakehost.FakePci("0000:01:00.0", cdev=0), fakehost.FakePci("0000:02:00.0", group=2, cdev=1)))
+    return fakehost.build(tmp_path_factory.mktemp("host"), spec)
+
+
+def config(tmp_path: pathlib.Path, vm: dict[str, Any], **sections: Any) -> pathlib.Path:
+    path = tmp_path / "vm.toml"
+    path.write_text(tomli_w.dumps({"vm": {"name": "t", "memory": "64M", "qemu": str(FAKE_QEMU), **vm}, **sections}))
+    return path
+
+
+def run_recorded(cfg: pathlib.Path, outdir: pathlib.Path, *extra: str, redirects: str = "") -> tuple[dict[str, Any], float]:
+    out = outdir / "record.json"
+    env = {**os.environ, "VMRUN_FAKE_QEMU_OUT": str(out)}
+    start = time.time()
+    proc = vmrun("run", str(cfg), *extra, redirects=redirects, env=env)
+    assert proc.returncode == 0, proc.stderr
+    record: dict[str, Any] = json.loads(out.read_text())
+    return record, record["time"] - start
+
+
+TWO_DEVICES = {
+    "iommufd": [{"id": "iommufd0"}],
+    "vfio": [
+        {"id": "dev0", "host": "0000:01:00.0", "iommufd": "iommufd0"},
+        {"id": "dev1", "host": "0000:02:00.0", "iommufd": "iommufd0"},
+    ],
+}
+
+
+@needs_root
+def test_child_gets_exactly_the_planned_fds_limit_and_identity(
+    tmp_path: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path
+) -> None:
+    cfg = config(tmp_path, {"user": "nobody", "memlock": "6M"}, **TWO_DEVICES)
+    # Junk the launcher holds without CLOEXEC, on the planned numbers and above them:
+    # none of it may reach QEMU, and the planned files must win the numbers.
+    junk = "3</dev/null 4</dev/null 5</dev/null 9</dev/null"
+    record, _ = run_recorded(cfg, outdir, "--host-root", str(host_tree), redirects=junk)
+    assert record["fds"] == {
+        "0": record["fds"]["0"],
+        "1": record["fds"]["1"],
+        "2": record["fds"]["2"],
+        "3": str(host_tree / "dev" / "iommu"),
+        "4": str(host_tree / "dev" / "vfio" / "devices" / "vfio0"),
+        "5": str(host_tree / "dev" / "vfio" / "devices" / "vfio1"),
+    }
+    nobody = pwd.getpwnam("nobody")
+    assert (record["uid"], record["euid"], record["gid"]) == (nobody.pw_uid, nobody.pw_uid, nobody.pw_gid)
+    assert record["groups"] == [nobody.pw_gid]
+    assert record["cap_eff"] == "0000000000000000"
+    assert record["memlock"] == [6 * MiB, 6 * MiB]
+    assert "iommufd,id=iommufd0,fd=3" in record["argv"]
+    assert "vfio-pci,id=dev1,fd=5,iommufd=iommufd0" in record["argv"]
+
+
+def test_caller_fds_pass_through_at_their_numbers(
+    tmp_path: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path
+) -> None:
+    sections = {
+        "iommufd": [{"id": "iommufd0", "fd": 7}],
+        "vfio": [
+            {"id": "dev0", "fd": 8, "iommufd": "iommufd0"},
+            {"id": "dev1", "host": "0000:02:00.0", "iommufd": "iommufd0"},
+        ],
+    }
+    cfg = config(tmp_path, {"memlock": "off"}, **sections)
+    mine = tmp_path / "caller-iommu"
+    mine.write_text("")
+    redirects = f"7<>{shlex.quote(str(mine))} 8<>{shlex.quote(str(mine))}"
+    record, _ = run_recorded(cfg, outdir, "--host-root", str(host_tree), redirects=redirects)
+    assert record["fds"]["7"] == str(mine) and record["fds"]["8"] == str(mine)
+    assert record["fds"]["3"] == str(host_tree / "dev" / "vfio" / "devices" / "vfio1")
+    assert sorted(record["fds"], key=int) == ["0", "1", "2", "3", "7", "8"]
+
+
+def test_caller_fd_not_open_is_reported_before_exec(
+    tmp_path: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path
+) -> None:
+    cfg = config(tmp_path, {"memlock": "off"}, iommufd=[{"id": "iommufd0", "fd": 40}], vfio=[])
+    out = outdir / "record.json"
+    proc = vmrun("run", str(cfg), "--host-root", str(host_tree), env={**os.environ, "VMRUN_FAKE_QEMU_OUT": str(out)})
+    assert proc.returncode == 1
+    assert "vmrun: fd 40 (iommufd iommufd0 (from the caller)) is not open in vmrun's process" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_unopenable_device_is_reported_before_exec(
+    tmp_path: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path
+) -> None:
+    cfg = config(tmp_path, {"memlock": "off"}, **TWO_DEVICES)
+    # The plan sees the node; opening it fails (as a busy or vanished device would).
+    victim = host_tree / "dev" / "vfio" / "devices" / "vfio1"
+    victim.unlink()
+    victim.mkdir()
+    proc = vmrun("run", str(cfg), "--host-root", str(host_tree))
+    assert proc.returncode == 1
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("vmrun: cannot open /dev/vfio/devices/vfio1 for vfio-pci dev1 (host=0000:02:00.0): Is a directory")
+    assert "Traceback" not in proc.stderr
+
+
+def test_plan_problems_stop_the_launch(tmp_path: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
+    cfg = config(tmp_path, {}, vfio=[{"id": "dev0", "host": "0000:07:00.0"}])
+    out = outdir / "record.json"
+    proc = vmrun("run", str(cfg), "--host-root", str(host_tree), env={**os.environ, "VMRUN_FAKE_QEMU_OUT": str(out)})
+    assert proc.returncode == 1
+    assert "vfio[0].host: no PCI device 0000:07:00.0 on this host" in proc.stderr
+    assert not out.exists()
+
+
+def test_run_to_exec_time(tmp_path: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
+    cfg = config(tmp_path, {"memlock": "off"}, **TWO_DEVICES)
+    vmrun("plan", str(cfg), "--host-root", str(host_tree))  # warm the capability cache
+    times = sorted(run_recorded(cfg, outdir, "--host-root", str(host_tree))[1] for _ in range(5))
+    print(f"vmrun run -> exec of QEMU (incl. python start of both): median {times[2] * 1000:.0f} ms")
+    assert times[2] < 2.0
+
+
+def in_child(fn: Any) -> tuple[int, str]:
+    """Run fn() in a forked child (its process-wide changes stay there): (status, message)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            fn()
+            os.write(w, b"ok")
+            os._exit(0)
+        except BaseException as e:
+            os.write(w, str(e).encode())
+            os._exit(1)
+    os.close(w)
+    with os.fdopen(r) as f:
+        message = f.read()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), message
+
+
+@needs_root
+def test_memlock_above_hard_limit_fails_clearly_when_unprivileged() -> None:
+    def unprivileged_raise() -> None:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (4 * MiB, 4 * MiB))
+        nobody = pwd.getpwnam("nobody")
+        os.setgroups([])
+        os.setgid(nobody.pw_gid)
+        os.setuid(nobody.pw_uid)
+        set_memlock(64 * MiB)
+
+    status, message = in_child(unprivileged_raise)
+    assert status == 1
+    assert message.startswith("cannot set RLIMIT_MEMLOCK to 64 MiB: the hard limit is 4 MiB")
+
+
+def test_place_fds_handles_collisions() -> None:
+    def collide() -> None:
+        # Opened fds sitting on each other's target numbers must not clobber each other.
+        a = os.open("/dev/null", os.O_RDONLY)
+        b = os.open("/proc/self/status", os.O_RDONLY)
+        c = os.open("/proc/version", os.O_RDONLY)
+        place_fds({b: a, a: b, 100: c}, [])
+        names = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in (a, b, 100)}
+        assert names[b] == "/dev/null" and names[a].endswith("/status") and names[100] == "/proc/version", names
+        assert all(os.get_inheritable(fd) for fd in (a, b, 100))
+
+    assert in_child(collide) == (0, "ok")
+
+
+def test_launch_error_is_printable() -> None:
+    assert str(LaunchError("x failed", "do y")) == "x failed\n  hint: do y"
+
+
+@pytest.mark.qemu
+def test_demo_boots_and_prints_its_line() -> None:
+    demo = REPO / "configs" / "demo.toml"
+    if not (REPO / "build" / "demo" / "vmlinuz").exists():
+        pytest.fail("build/demo is missing: scripts/install builds the demo guest")
+    start = time.monotonic()
+    proc = vmrun("run", str(demo))
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr
+    assert "vmrun-demo: guest up" in proc.stdout, proc.stdout + proc.stderr
+    print(f"demo boot to power-off under TCG: {elapsed:.1f} s")
