@@ -64,7 +64,12 @@ def build(root: pathlib.Path, spec: FakeHost) -> pathlib.Path:
         (group / d.address).symlink_to(f"../../../../devices/pci0000:00/{d.address}")
         (real / "iommu_group").symlink_to(f"../../../kernel/iommu_groups/{d.group}")
         if d.driver == "vfio-pci":
-            node(root / "dev" / "vfio" / str(d.group), spec.char_nodes, spec.node_mode, (VFIO_MAJOR - 1, d.group))
+            node(
+                root / "dev" / "vfio" / str(d.group),
+                spec.char_nodes,
+                spec.node_mode,
+                (VFIO_MAJOR - 1, d.group),
+            )
             if d.cdev is not None:
                 cdev = real / "vfio-dev" / f"vfio{d.cdev}"
                 cdev.mkdir(parents=True)

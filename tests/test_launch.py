@@ -55,7 +55,12 @@ def outdir() -> Iterator[pathlib.Path]:
 
 @pytest.fixture
 def host_tree(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    spec = fakehost.FakeHost(devices=(fakehost.FakePci("0000:01:00.0", cdev=0), fakehost.FakePci("0000:02:00.0", group=2, cdev=1)))
+    spec = fakehost.FakeHost(
+        devices=(
+            fakehost.FakePci("0000:01:00.0", cdev=0),
+            fakehost.FakePci("0000:02:00.0", group=2, cdev=1),
+        )
+    )
     return fakehost.build(tmp_path_factory.mktemp("host"), spec)
 
 
@@ -65,7 +70,9 @@ def config(tmp_path: pathlib.Path, vm: dict[str, Any], **sections: Any) -> pathl
     return path
 
 
-def run_recorded(cfg: pathlib.Path, outdir: pathlib.Path, *extra: str, redirects: str = "") -> tuple[dict[str, Any], float]:
+def run_recorded(
+    cfg: pathlib.Path, outdir: pathlib.Path, *extra: str, redirects: str = ""
+) -> tuple[dict[str, Any], float]:
     out = outdir / "record.json"
     env = {**os.environ, "VMRUN_FAKE_QEMU_OUT": str(out)}
     start = time.time()
@@ -102,7 +109,11 @@ def test_child_gets_exactly_the_planned_fds_limit_and_identity(
         "5": str(host_tree / "dev" / "vfio" / "devices" / "vfio1"),
     }
     nobody = pwd.getpwnam("nobody")
-    assert (record["uid"], record["euid"], record["gid"]) == (nobody.pw_uid, nobody.pw_uid, nobody.pw_gid)
+    assert (record["uid"], record["euid"], record["gid"]) == (
+        nobody.pw_uid,
+        nobody.pw_uid,
+        nobody.pw_gid,
+    )
     assert record["groups"] == [nobody.pw_gid]
     assert record["cap_eff"] == "0000000000000000"
     assert record["memlock"] == [6 * MiB, 6 * MiB]
@@ -135,7 +146,13 @@ def test_caller_fd_not_open_is_reported_before_exec(
 ) -> None:
     cfg = config(tmp_path, {"memlock": "off"}, iommufd=[{"id": "iommufd0", "fd": 40}], vfio=[])
     out = outdir / "record.json"
-    proc = vmrun("run", str(cfg), "--host-root", str(host_tree), env={**os.environ, "VMRUN_FAKE_QEMU_OUT": str(out)})
+    proc = vmrun(
+        "run",
+        str(cfg),
+        "--host-root",
+        str(host_tree),
+        env={**os.environ, "VMRUN_FAKE_QEMU_OUT": str(out)},
+    )
     assert proc.returncode == 1
     assert "vmrun: fd 40 (iommufd iommufd0 (from the caller)) is not open in vmrun's process" in proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
@@ -152,14 +169,22 @@ def test_unopenable_device_is_reported_before_exec(
     proc = vmrun("run", str(cfg), "--host-root", str(host_tree))
     assert proc.returncode == 1
     first = proc.stderr.splitlines()[0]
-    assert first.startswith("vmrun: cannot open /dev/vfio/devices/vfio1 for vfio-pci dev1 (host=0000:02:00.0): Is a directory")
+    assert first.startswith(
+        "vmrun: cannot open /dev/vfio/devices/vfio1 for vfio-pci dev1 (host=0000:02:00.0): Is a directory"
+    )
     assert "Traceback" not in proc.stderr
 
 
 def test_plan_problems_stop_the_launch(tmp_path: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
     cfg = config(tmp_path, {}, vfio=[{"id": "dev0", "host": "0000:07:00.0"}])
     out = outdir / "record.json"
-    proc = vmrun("run", str(cfg), "--host-root", str(host_tree), env={**os.environ, "VMRUN_FAKE_QEMU_OUT": str(out)})
+    proc = vmrun(
+        "run",
+        str(cfg),
+        "--host-root",
+        str(host_tree),
+        env={**os.environ, "VMRUN_FAKE_QEMU_OUT": str(out)},
+    )
     assert proc.returncode == 1
     assert "vfio[0].host: no PCI device 0000:07:00.0 on this host" in proc.stderr
     assert not out.exists()

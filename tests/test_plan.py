@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import pathlib
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 import pytest
@@ -17,9 +19,9 @@ from vmrun.host import Launcher
 from vmrun.memlock import MARGIN
 from vmrun.plan import Plan
 from vmrun.qemu_caps import QemuCaps
-from vmrun.sizes import GiB, MiB
+from vmrun.sizes import GiB
 
-SHARED = {
+SHARED: dict[str, Any] = {
     "vm": {"name": "t", "memory": "1G", "user": "nobody"},
     "iommufd": [{"id": "iommufd0"}],
     "vfio": [
@@ -27,13 +29,13 @@ SHARED = {
         {"id": "dev1", "host": "0000:02:00.0", "iommufd": "iommufd0"},
     ],
 }
-LEGACY = {
+LEGACY: dict[str, Any] = {
     "vm": {"name": "t", "memory": "1G", "user": "nobody"},
     "vfio": [{"id": "dev0", "host": "0000:01:00.0"}],
 }
 
 
-def make(tmp_path: pathlib.Path, data: dict[str, object]) -> pathlib.Path:
+def make(tmp_path: pathlib.Path, data: Mapping[str, Any]) -> pathlib.Path:
     path = tmp_path / "vm.toml"
     path.write_text(tomli_w.dumps(data))
     return path
@@ -43,7 +45,7 @@ def problems(p: Plan) -> list[str]:
     return [f"{x.path}: {x.message}" for x in p.problems]
 
 
-def with_devices(data: dict[str, object], *devices: dict[str, object]) -> dict[str, object]:
+def with_devices(data: Mapping[str, Any], *devices: dict[str, Any]) -> dict[str, Any]:
     return {**data, "vfio": list(devices)}
 
 
@@ -134,7 +136,10 @@ def test_fd_numbers_skip_the_callers(tmp_path: pathlib.Path, standard_host: path
     ("device", "expected"),
     [
         ({"host": "0000:09:00.0"}, "vfio[0].host: no PCI device 0000:09:00.0 on this host"),
-        ({"sysfsdev": "/sys/bus/pci/devices/0000:09:00.0"}, "vfio[0].sysfsdev: /sys/bus/pci/devices/0000:09:00.0 does not exist on this host"),
+        (
+            {"sysfsdev": "/sys/bus/pci/devices/0000:09:00.0"},
+            "vfio[0].sysfsdev: /sys/bus/pci/devices/0000:09:00.0 does not exist on this host",
+        ),
         ({"host": "0000:04:00.0"}, "vfio[0]: host=0000:04:00.0 is bound to nvme, not vfio-pci"),
         (
             {"host": "0000:05:00.0"},
@@ -150,7 +155,10 @@ def test_device_problems(
 
 
 def test_unbound_device(tmp_path: pathlib.Path) -> None:
-    root = fakehost.build(tmp_path / "h", fakehost.FakeHost(devices=(fakehost.FakePci("0000:01:00.0", driver=None, cdev=None),)))
+    root = fakehost.build(
+        tmp_path / "h",
+        fakehost.FakeHost(devices=(fakehost.FakePci("0000:01:00.0", driver=None, cdev=None),)),
+    )
     data = with_devices(SHARED, {"id": "dev0", "host": "0000:01:00.0", "iommufd": "iommufd0"})
     assert problems(plan_for(make(tmp_path, data), root)) == [
         "vfio[0]: host=0000:01:00.0 is bound to no driver, not vfio-pci"
@@ -186,7 +194,12 @@ def test_legacy_deprivileged_cannot_open_group(tmp_path: pathlib.Path, standard_
 def test_qemu_missing_and_too_old(tmp_path: pathlib.Path, standard_host: pathlib.Path) -> None:
     path = make(tmp_path, SHARED)
     assert problems(plan_for(path, standard_host, caps=None)) == ["vm.qemu: QEMU binary 'qemu-system-x86_64' not found"]
-    old = QemuCaps(path="/usr/bin/qemu-system-x86_64", version=(7, 2, 0), has_iommufd=False, device_props={"vfio-pci": ("host", "sysfsdev")})
+    old = QemuCaps(
+        path="/usr/bin/qemu-system-x86_64",
+        version=(7, 2, 0),
+        has_iommufd=False,
+        device_props={"vfio-pci": ("host", "sysfsdev")},
+    )
     assert problems(plan_for(path, standard_host, caps=old)) == [
         "iommufd: QEMU 7.2.0 at /usr/bin/qemu-system-x86_64 has no iommufd backend (QEMU >= 9.0 needed)",
         "vfio[0]: QEMU 7.2.0's vfio-pci has no 'iommufd' property",
@@ -200,7 +213,12 @@ def test_missing_device_type_and_property(tmp_path: pathlib.Path, standard_host:
     data = with_devices(
         SHARED,
         {"id": "dev0", "host": "0000:01:00.0", "iommufd": "iommufd0", "props": {"x-nope": 1}},
-        {"id": "dev1", "driver": "vfio-ccw", "sysfsdev": "/sys/bus/mdev/devices/x", "iommufd": "iommufd0"},
+        {
+            "id": "dev1",
+            "driver": "vfio-ccw",
+            "sysfsdev": "/sys/bus/mdev/devices/x",
+            "iommufd": "iommufd0",
+        },
     )
     assert problems(plan_for(make(tmp_path, data), standard_host)) == [
         "vfio[0].props.x-nope: vfio-pci of QEMU 10.0.2 has no property 'x-nope'",
@@ -211,7 +229,9 @@ def test_missing_device_type_and_property(tmp_path: pathlib.Path, standard_host:
 
 def test_identity_problems(tmp_path: pathlib.Path, standard_host: pathlib.Path) -> None:
     data = {**SHARED, "vm": {"name": "t", "memory": "1G", "user": "no-such-user-here"}}
-    assert problems(plan_for(make(tmp_path, data), standard_host)) == ["vm.user: no user 'no-such-user-here' on this host"]
+    assert problems(plan_for(make(tmp_path, data), standard_host)) == [
+        "vm.user: no user 'no-such-user-here' on this host"
+    ]
     p = plan_for(make(tmp_path, SHARED), standard_host, launcher=UNPRIVILEGED)
     assert "vm.user: vmrun runs as uid 1000 and cannot switch to nobody (uid 65534)" in problems(p)
 
@@ -220,7 +240,10 @@ def test_memlock_not_raisable(tmp_path: pathlib.Path, standard_host: pathlib.Pat
     data = {**SHARED, "vm": {"name": "t", "memory": "1G"}}
     (p,) = plan_for(make(tmp_path, data), standard_host, launcher=UNPRIVILEGED).problems
     assert p.path == "vm.memlock"
-    assert p.message == "RLIMIT_MEMLOCK must be 1088 MiB but the hard limit is 8 MiB and vmrun lacks CAP_SYS_RESOURCE to raise it"
+    assert (
+        p.message
+        == "RLIMIT_MEMLOCK must be 1088 MiB but the hard limit is 8 MiB and vmrun lacks CAP_SYS_RESOURCE to raise it"
+    )
     assert p.hint is not None and "LimitMEMLOCK=1088M" in p.hint
     high = attrs.evolve(UNPRIVILEGED, memlock_hard=2 * GiB)
     assert plan_for(make(tmp_path, data), standard_host, launcher=high).problems == ()
@@ -233,7 +256,13 @@ def test_per_process_accounting_needs_char_node_and_cap(tmp_path: pathlib.Path) 
     data = with_devices(SHARED, {"id": "dev0", "host": "0000:01:00.0", "iommufd": "iommufd0"})
     path = make(tmp_path, data)
     assert plan_for(path, root).fds[0].per_process_accounting is True
-    high = Launcher(uid=0, cap_sys_resource=False, cap_ipc_lock=False, memlock_soft=GiB * 4, memlock_hard=GiB * 4)
+    high = Launcher(
+        uid=0,
+        cap_sys_resource=False,
+        cap_ipc_lock=False,
+        memlock_soft=GiB * 4,
+        memlock_hard=GiB * 4,
+    )
     p = plan_for(path, root, launcher=high)
     assert p.fds[0].per_process_accounting is False
     assert any("charged to the user" in n for n in p.notes)

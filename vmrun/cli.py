@@ -33,15 +33,27 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--version", action="version", version=f"vmrun {__version__}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("validate", help="check config files; print every problem", description="Check config files without looking at the host.")
+    p = sub.add_parser(
+        "validate",
+        help="check config files; print every problem",
+        description="Check config files without looking at the host.",
+    )
     p.add_argument("files", nargs="+", metavar="FILE")
 
-    p = sub.add_parser("plan", help="print what `run` would do", description="Print the command line, fds, memlock and identity of a launch.")
+    p = sub.add_parser(
+        "plan",
+        help="print what `run` would do",
+        description="Print the command line, fds, memlock and identity of a launch.",
+    )
     p.add_argument("file", metavar="FILE")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_host_root(p)
 
-    p = sub.add_parser("run", help="launch QEMU as the config says", description="Open the devices, set limits, drop privileges and exec QEMU.")
+    p = sub.add_parser(
+        "run",
+        help="launch QEMU as the config says",
+        description="Open the devices, set limits, drop privileges and exec QEMU.",
+    )
     p.add_argument("file", metavar="FILE")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     add_host_root(p)

@@ -158,7 +158,7 @@ def pci_address(value: object, ctx: Context) -> str:
 
 
 def sysfs_path(value: object, ctx: Context) -> str:
-    text = string()(value, ctx)
+    text: str = string()(value, ctx)
     if not text.startswith("/sys/"):
         raise Invalid(
             f"{shown(text)} is not a sysfs path",
@@ -167,10 +167,7 @@ def sysfs_path(value: object, ctx: Context) -> str:
     return text.rstrip("/")
 
 
-def caller_fd(value: object, ctx: Context) -> int:
-    return integer(FIRST_FREE_FD, 65535, "fds 0-2 are stdin, stdout and stderr; pass the device on 3 or above")(
-        value, ctx
-    )
+caller_fd = integer(FIRST_FREE_FD, 65535, "fds 0-2 are stdin, stdout and stderr; pass the device on 3 or above")
 
 
 def props(value: object, ctx: Context) -> tuple[tuple[str, str | int | bool], ...]:
@@ -184,7 +181,12 @@ def props(value: object, ctx: Context) -> tuple[tuple[str, str | int | bool], ..
         elif not ID_RE.match(key):
             errors.append(Invalid("is not a property name", ID_HINT, sub))
         elif not isinstance(item, str | int | bool):
-            errors.append(Invalid(f"is {toml_type(item)} {shown(item)}, expected a string, integer or boolean", sub=sub))
+            errors.append(
+                Invalid(
+                    f"is {toml_type(item)} {shown(item)}, expected a string, integer or boolean",
+                    sub=sub,
+                )
+            )
         else:
             out.append((key, item))
     if errors:
@@ -211,13 +213,26 @@ class Key:
 ID_HINT = "start with a letter; then letters, digits, '-', '.' or '_'"
 
 VM_KEYS = (
-    Key("name", string(NAME_RE, "use letters, digits, '-', '.' and '_'"), "unique name of the VM", required=True),
+    Key(
+        "name",
+        string(NAME_RE, "use letters, digits, '-', '.' and '_'"),
+        "unique name of the VM",
+        required=True,
+    ),
     Key("memory", size, 'guest RAM, e.g. "8G"', required=True),
     Key("cpus", integer(1, 1024), "number of vCPUs (default 1)"),
-    Key("machine", string(MACHINE_RE, "a QEMU machine type such as q35"), "QEMU machine type (default q35)"),
+    Key(
+        "machine",
+        string(MACHINE_RE, "a QEMU machine type such as q35"),
+        "QEMU machine type (default q35)",
+    ),
     Key("accel", choice(*ACCELS), "accelerator: kvm (default) or tcg"),
     Key("qemu", qemu_binary, "QEMU binary, a name on PATH or a path (default qemu-system-x86_64)"),
-    Key("user", string(USER_RE, "a user name such as nobody"), "run QEMU as this user (vmrun as root)"),
+    Key(
+        "user",
+        string(USER_RE, "a user name such as nobody"),
+        "run QEMU as this user (vmrun as root)",
+    ),
     Key("console", choice("stdio", "none"), "serial console: stdio (default) or none"),
     Key("memlock", memlock, 'RLIMIT_MEMLOCK: "auto" (default), "unlimited", "off" or a size'),
     Key("kernel", file_path, "kernel image for direct boot (relative to the config file)"),
@@ -231,7 +246,11 @@ IOMMUFD_KEYS = (
 )
 VFIO_KEYS = (
     Key("id", string(ID_RE, ID_HINT), "id of the device", required=True),
-    Key("driver", choice(*DRIVERS), "QEMU device: vfio-pci (default), vfio-platform, vfio-ap, vfio-ccw"),
+    Key(
+        "driver",
+        choice(*DRIVERS),
+        "QEMU device: vfio-pci (default), vfio-platform, vfio-ap, vfio-ccw",
+    ),
     Key("host", pci_address, "PCI address, DDDD:BB:DD.F"),
     Key("sysfsdev", sysfs_path, "the device's sysfs directory"),
     Key("fd", caller_fd, "an fd on the device's VFIO cdev that the caller opened"),
@@ -272,8 +291,8 @@ class Reader:
             except Invalid as e:
                 self.problem(f"{path}.{name}{e.sub}", e.message, e.hint)
             except InvalidMany as many:
-                for e in many.errors:
-                    self.problem(f"{path}.{name}{e.sub}", e.message, e.hint)
+                for sub in many.errors:
+                    self.problem(f"{path}.{name}{sub.sub}", sub.message, sub.hint)
         for key in keys:
             if key.required and key.name not in raw:
                 self.problem(f"{path}.{key.name}", "is required", key.doc)
@@ -299,7 +318,10 @@ def read_text(path: pathlib.Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except OSError as e:
-        raise ConfigError(str(path), [Problem("", f"cannot read: {e.strerror}", "check the path and its permissions")]) from None
+        raise ConfigError(
+            str(path),
+            [Problem("", f"cannot read: {e.strerror}", "check the path and its permissions")],
+        ) from None
     except UnicodeDecodeError as e:
         raise ConfigError(str(path), [Problem("", f"not UTF-8 text: {e.reason} at byte {e.start}")]) from None
 
@@ -352,29 +374,33 @@ def cross_check(r: Reader, vm: dict[str, Any], object_entries: list[Entry], devi
     """The rules that involve more than one key."""
     for key in ("initrd", "append"):
         if key in vm and "kernel" not in vm:
-            r.problem(f"vm.{key}", "needs vm.kernel", "set kernel for direct kernel boot, or drop this key")
+            r.problem(
+                f"vm.{key}",
+                "needs vm.kernel",
+                "set kernel for direct kernel boot, or drop this key",
+            )
 
     objects = [o.values for o in object_entries]
     devices = [d.values for d in device_entries]
     seen_ids: dict[str, str] = {}
     fds: dict[int, str] = {}
-    for section, entries in (("iommufd", objects), ("vfio", devices)):
-        for i, entry in enumerate(entries):
+    for section, values in (("iommufd", objects), ("vfio", devices)):
+        for i, parsed in enumerate(values):
             path = f"{section}[{i}]"
-            if "id" in entry:
-                if entry["id"] in seen_ids:
+            if "id" in parsed:
+                if parsed["id"] in seen_ids:
                     r.problem(
                         f"{path}.id",
-                        f"{shown(entry['id'])} is already the id of {seen_ids[entry['id']]}",
+                        f"{shown(parsed['id'])} is already the id of {seen_ids[parsed['id']]}",
                         "objects and devices share one id namespace; pick another id",
                     )
                 else:
-                    seen_ids[entry["id"]] = path
-            if "fd" in entry:
-                if entry["fd"] in fds:
-                    r.problem(f"{path}.fd", f"fd {entry['fd']} is already passed as {fds[entry['fd']]}.fd")
+                    seen_ids[parsed["id"]] = path
+            if "fd" in parsed:
+                if parsed["fd"] in fds:
+                    r.problem(f"{path}.fd", f"fd {parsed['fd']} is already passed as {fds[parsed['fd']]}.fd")
                 else:
-                    fds[entry["fd"]] = path
+                    fds[parsed["fd"]] = path
 
     object_ids = [o["id"] for o in objects if "id" in o]
     for i, (entry, dev) in enumerate(zip(device_entries, devices, strict=True)):
@@ -384,7 +410,11 @@ def cross_check(r: Reader, vm: dict[str, Any], object_entries: list[Entry], devi
         if not given:
             r.problem(path, "names no device", "set exactly one of host, sysfsdev or fd")
         elif len(given) > 1:
-            r.problem(f"{path}.{given[1]}", f"conflicts with {path}.{given[0]}", "set exactly one of host, sysfsdev or fd")
+            r.problem(
+                f"{path}.{given[1]}",
+                f"conflicts with {path}.{given[0]}",
+                "set exactly one of host, sysfsdev or fd",
+            )
         driver = dev.get("driver", "vfio-pci")
         if "host" in dev and driver != "vfio-pci":
             r.problem(
@@ -400,5 +430,5 @@ def cross_check(r: Reader, vm: dict[str, Any], object_entries: list[Entry], devi
             r.problem(
                 f"{path}.fd",
                 "fd passing needs the iommufd backend: QEMU refuses fd= on a legacy VFIO device",
-                "add iommufd = \"<id of an [[iommufd]]>\", or name the device by host or sysfsdev",
+                'add iommufd = "<id of an [[iommufd]]>", or name the device by host or sysfsdev',
             )

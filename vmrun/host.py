@@ -188,9 +188,7 @@ def gather(
     """Everything the plan needs to know about this host for `config`."""
     host = Host(root)
     caps = qemu_caps(config.vm.qemu)
-    missing = tuple(
-        str(p) for p in (config.vm.kernel, config.vm.initrd) if p is not None and not p.is_file()
-    )
+    missing = tuple(str(p) for p in (config.vm.kernel, config.vm.initrd) if p is not None and not p.is_file())
     return HostFacts(
         root=str(root),
         qemu=caps,

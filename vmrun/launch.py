@@ -53,6 +53,7 @@ def ensure_stdio() -> None:
 
 
 def open_error(spec: FdSpec, path: str, e: OSError) -> LaunchError:
+    assert spec.path is not None
     what = f"cannot open {spec.path} for {spec.purpose}: {e.strerror}"
     hints = {
         errno.ENOENT: "is the device bound to vfio-pci and the kernel built with IOMMUFD and VFIO_DEVICE_CDEV?",
@@ -60,7 +61,7 @@ def open_error(spec: FdSpec, path: str, e: OSError) -> LaunchError:
         errno.EPERM: "run vmrun as root: it opens the devices, then runs QEMU as vm.user",
         errno.EBUSY: "another process (a running VM?) holds the device; stop it first",
     }
-    return LaunchError(what + (f" ({path})" if path != spec.path else ""), hints.get(e.errno))
+    return LaunchError(what + (f" ({path})" if path != spec.path else ""), hints.get(e.errno or 0))
 
 
 def open_planned(plan: Plan) -> dict[int, int]:
@@ -144,7 +145,10 @@ def drop_privileges(plan: Plan, env: dict[str, str]) -> None:
     if os.geteuid() != 0:
         if os.geteuid() == user.uid:
             return
-        raise LaunchError(f"vmrun runs as uid {os.geteuid()} and cannot switch to {user.name}", "run vmrun as root")
+        raise LaunchError(
+            f"vmrun runs as uid {os.geteuid()} and cannot switch to {user.name}",
+            "run vmrun as root",
+        )
     try:
         os.setgroups(list(user.groups))
         os.setgid(user.gid)

@@ -80,7 +80,11 @@ class Planner:
         self.check_memlock(memlock)
         for path in self.facts.missing_files:
             key = "vm.kernel" if self.config.vm.kernel and str(self.config.vm.kernel) == path else "vm.initrd"
-            self.problem(key, f"{path} does not exist", "fix the path; relative paths start at the config file")
+            self.problem(
+                key,
+                f"{path} does not exist",
+                "fix the path; relative paths start at the config file",
+            )
         options: list[tuple[str, ...]] = [
             (self.facts.qemu.path if self.facts.qemu else vm.qemu,),
             ("-name", f"guest={vm.name}"),
@@ -135,7 +139,10 @@ class Planner:
         for i, dev in enumerate(self.config.vfio):
             props = caps.device_props.get(dev.driver)
             if props is None:
-                self.problem(f"vfio[{i}].driver", f"QEMU {caps.version_text} at {caps.path} has no device {dev.driver}")
+                self.problem(
+                    f"vfio[{i}].driver",
+                    f"QEMU {caps.version_text} at {caps.path} has no device {dev.driver}",
+                )
                 continue
             wanted = [k for k in ("host", "sysfsdev", "fd", "iommufd") if getattr(dev, k) is not None]
             if dev.iommufd is not None and dev.fd is None:
@@ -149,7 +156,10 @@ class Planner:
                     )
             for key, _ in dev.props:
                 if key not in props:
-                    self.problem(f"vfio[{i}].props.{key}", f"{dev.driver} of QEMU {caps.version_text} has no property {key!r}")
+                    self.problem(
+                        f"vfio[{i}].props.{key}",
+                        f"{dev.driver} of QEMU {caps.version_text} has no property {key!r}",
+                    )
 
     def check_identity(self) -> None:
         vm, launcher = self.config.vm, self.facts.launcher
@@ -159,7 +169,11 @@ class Planner:
             return
         user = self.facts.run_as
         if user is None:
-            self.problem("vm.user", f"no user {vm.user!r} on this host", "create it, or name an existing user such as nobody")
+            self.problem(
+                "vm.user",
+                f"no user {vm.user!r} on this host",
+                "create it, or name an existing user such as nobody",
+            )
         elif launcher.uid != 0 and launcher.uid != user.uid:
             self.problem(
                 "vm.user",
@@ -171,16 +185,19 @@ class Planner:
         launcher = self.facts.launcher
         if memlock.limit is None:
             if self.config.vm.memlock.mode == "off" and self.config.vfio:
-                self.notes.append('memlock = "off": QEMU keeps the inherited RLIMIT_MEMLOCK; VFIO may fail to pin guest RAM')
+                self.notes.append(
+                    'memlock = "off": QEMU keeps the inherited RLIMIT_MEMLOCK; VFIO may fail to pin guest RAM'
+                )
             return
         if launcher.cap_sys_resource or memlock.limit <= launcher.memlock_hard or launcher.memlock_hard == UNLIMITED:
             return
         have = "unlimited" if launcher.memlock_hard == UNLIMITED else format_mib(launcher.memlock_hard)
         need = "unlimited" if memlock.limit == UNLIMITED else format_mib(memlock.limit)
+        systemd = "infinity" if memlock.limit == UNLIMITED else format_size(memlock.limit)
         self.problem(
             "vm.memlock",
             f"RLIMIT_MEMLOCK must be {need} but the hard limit is {have} and vmrun lacks CAP_SYS_RESOURCE to raise it",
-            f"run vmrun as root, or raise the caller's limit (systemd: LimitMEMLOCK={format_size(memlock.limit) if memlock.limit != UNLIMITED else 'infinity'}; shell: ulimit -l)",
+            f"run vmrun as root, or raise the caller's limit (systemd: LimitMEMLOCK={systemd}; shell: ulimit -l)",
         )
 
     def iommufd_object(self, i: int) -> str:
@@ -197,7 +214,8 @@ class Planner:
                 self.problem(
                     f"iommufd[{i}]",
                     "/dev/iommu does not exist: the kernel has no IOMMUFD",
-                    "load it (modprobe iommufd) or boot a kernel with CONFIG_IOMMUFD; or drop iommufd to use the legacy backend",
+                    "load it (modprobe iommufd) or boot a kernel with CONFIG_IOMMUFD;"
+                    " or drop iommufd to use the legacy backend",
                 )
         if not any(d.iommufd == obj.id for d in self.config.vfio):
             self.notes.append(f"iommufd[{i}] ({obj.id}) has no device")
@@ -229,7 +247,13 @@ class Planner:
             self.check_device(path, dev, facts)
             if dev.iommufd is not None:
                 fd = self.numbers.allocate()
-                self.fds.append(FdSpec(fd, facts.cdev or f"(VFIO cdev of {dev.source})", f"{dev.driver} {dev.id} ({dev.source})"))
+                self.fds.append(
+                    FdSpec(
+                        fd,
+                        facts.cdev or f"(VFIO cdev of {dev.source})",
+                        f"{dev.driver} {dev.id} ({dev.source})",
+                    )
+                )
                 props.append(("fd", fd))
             else:
                 props += [("host", dev.host), ("sysfsdev", dev.sysfsdev)]
@@ -245,7 +269,11 @@ class Planner:
             return
         if facts.driver != "vfio-pci" and dev.driver == "vfio-pci":
             bound = f"bound to {facts.driver}" if facts.driver else "bound to no driver"
-            self.problem(path, f"{dev.source} is {bound}, not vfio-pci", "bind it to vfio-pci first (driver_override, unbind, drivers_probe)")
+            self.problem(
+                path,
+                f"{dev.source} is {bound}, not vfio-pci",
+                "bind it to vfio-pci first (driver_override, unbind, drivers_probe)",
+            )
             return
         offenders = [f"{a} ({d or 'no driver'})" for a, d in facts.group_members if d not in (*VFIO_OK_DRIVERS, None)]
         if offenders:
@@ -264,7 +292,8 @@ class Planner:
             self.problem(
                 path,
                 f"{dev.source} has no VFIO device cdev (no vfio-dev/ in sysfs)",
-                "the kernel needs CONFIG_VFIO_DEVICE_CDEV for the iommufd backend; or drop iommufd for the legacy backend",
+                "the kernel needs CONFIG_VFIO_DEVICE_CDEV for the iommufd backend;"
+                " or drop iommufd for the legacy backend",
             )
         elif facts.cdev_node is None:
             self.problem(path, f"{facts.cdev} is missing", "udev or devtmpfs should create it; check /dev")
