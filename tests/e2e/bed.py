@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 CHECKOUT = HERE.parent.parent
@@ -56,6 +57,28 @@ class BedResult:
             f"--- stderr ---\n{_tail(self.stderr)}\n"
             f"--- console ---\n{_tail(self.console_log)}"
         )
+
+
+@dataclasses.dataclass
+class E2ERun:
+    """One boot of the bed running inside.py, as the outer tests see it."""
+
+    result: BedResult
+    kernel: Path
+    # scenarios.json written by inside.py, or None when it never appeared.
+    data: dict[str, Any] | None
+
+    def scenario(self, name: str) -> dict[str, Any]:
+        """The outcome of one scenario; raises BedError saying why there is none."""
+        if self.data is None:
+            raise BedError(f"the bed produced no scenarios.json\n{self.result.describe()}")
+        outcome: dict[str, Any] | None = self.data["scenarios"].get(name)
+        if outcome is None:
+            raise BedError(
+                f"scenario {name} did not run (complete={self.data['complete']}; "
+                f"ran: {sorted(self.data['scenarios'])})\n{self.result.describe()}"
+            )
+        return outcome
 
 
 def _tail(text: str, limit: int = 6000) -> str:

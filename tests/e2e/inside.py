@@ -307,6 +307,12 @@ class L2:
                     return True
                 except (ConnectionRefusedError, FileNotFoundError):
                     pass
+                except ConnectionError:
+                    # The socket exists from chardev creation on, before devices are
+                    # realized; a failing realize makes QEMU drop the connection and exit.
+                    if self.wait(15.0) is not None:
+                        return False
+                    raise
             time.sleep(0.02)
         self.kill()
         raise Failed(f"L2 neither exited nor answered QMP in {timeout}s\n{self.describe()}")
@@ -403,6 +409,10 @@ def require_started(proc: L2, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
     return {i: devices[i] for i in ids}
 
 
+def device(spec: str) -> list[str]:
+    return ["-device", spec]
+
+
 def iommufd_args(n_objects: int) -> list[str]:
     args = []
     for i in range(n_objects):
@@ -491,9 +501,9 @@ def fd_passing_deprivileged(bed: Bed) -> dict[str, Any]:
         argv=[
             QEMU,
             *iommufd_args(1),
-            "-device", "vfio-pci,id=dev0,fd=4,iommufd=iommufd0",
-            "-device", "vfio-pci,id=dev1,fd=5,iommufd=iommufd0",
-        ],  # fmt: skip
+            *device("vfio-pci,id=dev0,fd=4,iommufd=iommufd0"),
+            *device("vfio-pci,id=dev1,fd=5,iommufd=iommufd0"),
+        ],
         fds=["/dev/iommu", *cdevs],
         memlock=1024 * MIB,
     )
@@ -551,9 +561,9 @@ def _shared_iommufd(bed: Bed) -> Launch:
         argv=[
             QEMU,
             *iommufd_args(1),
-            "-device", "vfio-pci,id=dev0,fd=4,iommufd=iommufd0",
-            "-device", "vfio-pci,id=dev1,fd=5,iommufd=iommufd0",
-        ],  # fmt: skip
+            *device("vfio-pci,id=dev0,fd=4,iommufd=iommufd0"),
+            *device("vfio-pci,id=dev1,fd=5,iommufd=iommufd0"),
+        ],
         fds=["/dev/iommu", *cdevs],
     )
 
@@ -565,9 +575,9 @@ def _two_iommufds(bed: Bed) -> Launch:
         argv=[
             QEMU,
             *iommufd_args(2),
-            "-device", "vfio-pci,id=dev0,fd=5,iommufd=iommufd0",
-            "-device", "vfio-pci,id=dev1,fd=6,iommufd=iommufd1",
-        ],  # fmt: skip
+            *device("vfio-pci,id=dev0,fd=5,iommufd=iommufd0"),
+            *device("vfio-pci,id=dev1,fd=6,iommufd=iommufd1"),
+        ],
         fds=["/dev/iommu", "/dev/iommu", *cdevs],
     )
 
@@ -578,9 +588,9 @@ def _legacy(bed: Bed) -> Launch:
     return Launch(
         argv=[
             QEMU,
-            "-device", f"vfio-pci,id=dev0,host={bdfs[0]}",
-            "-device", f"vfio-pci,id=dev1,host={bdfs[1]}",
-        ],  # fmt: skip
+            *device(f"vfio-pci,id=dev0,host={bdfs[0]}"),
+            *device(f"vfio-pci,id=dev1,host={bdfs[1]}"),
+        ],
     )
 
 
