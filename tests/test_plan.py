@@ -265,7 +265,7 @@ def test_per_process_accounting_needs_char_node_and_cap(tmp_path: pathlib.Path) 
     )
     p = plan_for(path, root, launcher=high)
     assert p.fds[0].per_process_accounting is False
-    assert any("charged to the user" in n for n in p.notes)
+    assert any("charged to the user" in n.message for n in p.notes)
 
 
 def test_every_example_config_validates_and_plans(standard_host: pathlib.Path) -> None:

@@ -17,8 +17,8 @@ class Problem:
     message: str
     hint: str | None = None
 
-    def render(self, file: str) -> str:
-        where = f"{file}: {self.path}: " if self.path else f"{file}: "
+    def render(self, file: str = "") -> str:
+        where = "".join(f"{part}: " for part in (file, self.path) if part)
         return where + self.message + (f" ({self.hint})" if self.hint else "")
 
 

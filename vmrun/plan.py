@@ -38,8 +38,9 @@ class Plan:
     fds: tuple[FdSpec, ...]
     memlock: MemlockPlan
     run_as: User | None  # None: QEMU runs as the caller
-    notes: tuple[str, ...]
+    notes: tuple[Problem, ...]  # worth knowing, does not stop the launch
     problems: tuple[Problem, ...]  # any of these stops `run` before anything is opened
+    passed: tuple[Problem, ...] = ()  # what was checked and found right, for `vmrun check`
 
     @property
     def argv(self) -> list[str]:
@@ -65,12 +66,19 @@ class Planner:
         self.config = config
         self.facts = facts
         self.problems: list[Problem] = []
-        self.notes: list[str] = []
+        self.notes: list[Problem] = []
+        self.passed: list[Problem] = []
         self.fds: list[FdSpec] = []
         self.numbers = FdNumbers(set(config.caller_fds()))
 
     def problem(self, path: str, message: str, hint: str | None = None) -> None:
         self.problems.append(Problem(path, message, hint))
+
+    def note(self, path: str, message: str, hint: str | None = None) -> None:
+        self.notes.append(Problem(path, message, hint))
+
+    def ok(self, path: str, message: str) -> None:
+        self.passed.append(Problem(path, message))
 
     def build(self) -> Plan:
         vm = self.config.vm
@@ -78,13 +86,13 @@ class Planner:
         self.check_qemu()
         self.check_identity()
         self.check_memlock(memlock)
-        for path in self.facts.missing_files:
-            key = "vm.kernel" if self.config.vm.kernel and str(self.config.vm.kernel) == path else "vm.initrd"
-            self.problem(
-                key,
-                f"{path} does not exist",
-                "fix the path; relative paths start at the config file",
-            )
+        for key, path in (("vm.kernel", vm.kernel), ("vm.initrd", vm.initrd)):
+            if path is None:
+                continue
+            if str(path) in self.facts.missing_files:
+                self.problem(key, f"{path} does not exist", "fix the path; relative paths start at the config file")
+            else:
+                self.ok(key, f"{path} exists")
         options: list[tuple[str, ...]] = [
             (self.facts.qemu.path if self.facts.qemu else vm.qemu,),
             ("-name", f"guest={vm.name}"),
@@ -117,6 +125,7 @@ class Planner:
             run_as=self.facts.run_as if vm.user else None,
             notes=tuple(self.notes),
             problems=tuple(self.problems),
+            passed=tuple(self.passed),
         )
 
     def check_qemu(self) -> None:
@@ -128,6 +137,8 @@ class Planner:
                 f"{INSTALL_HINT}, or set vm.qemu to its path",
             )
             return
+        backend = "with" if caps.has_iommufd else "without"
+        self.ok("vm.qemu", f"QEMU {caps.version_text} at {caps.path}, {backend} the iommufd backend")
         uses_iommufd = bool(self.config.iommufd)
         if uses_iommufd and not caps.has_iommufd:
             need = ".".join(map(str, IOMMUFD_SINCE))
@@ -165,7 +176,7 @@ class Planner:
         vm, launcher = self.config.vm, self.facts.launcher
         if vm.user is None:
             if launcher.uid == 0:
-                self.notes.append("QEMU runs as root with every capability: set vm.user to de-privilege it")
+                self.note("vm.user", "QEMU runs as root with every capability", "set vm.user to de-privilege it")
             return
         user = self.facts.run_as
         if user is None:
@@ -180,16 +191,24 @@ class Planner:
                 f"vmrun runs as uid {launcher.uid} and cannot switch to {user.name} (uid {user.uid})",
                 "run vmrun as root, or drop vm.user",
             )
+        else:
+            self.ok("vm.user", f"QEMU will run as {user.name} (uid {user.uid}, gid {user.gid})")
 
     def check_memlock(self, memlock: MemlockPlan) -> None:
         launcher = self.facts.launcher
         if memlock.limit is None:
             if self.config.vm.memlock.mode == "off" and self.config.vfio:
-                self.notes.append(
-                    'memlock = "off": QEMU keeps the inherited RLIMIT_MEMLOCK; VFIO may fail to pin guest RAM'
+                self.note(
+                    "vm.memlock",
+                    "QEMU keeps the inherited RLIMIT_MEMLOCK; VFIO may fail to pin guest RAM",
+                    'use memlock = "auto"',
                 )
             return
-        if launcher.cap_sys_resource or memlock.limit <= launcher.memlock_hard or launcher.memlock_hard == UNLIMITED:
+        if launcher.cap_sys_resource:
+            self.ok("vm.memlock", f"vmrun may set RLIMIT_MEMLOCK to {memlock.describe()} (CAP_SYS_RESOURCE)")
+            return
+        if memlock.limit <= launcher.memlock_hard or launcher.memlock_hard == UNLIMITED:
+            self.ok("vm.memlock", f"RLIMIT_MEMLOCK {memlock.describe()} is within the hard limit")
             return
         have = "unlimited" if launcher.memlock_hard == UNLIMITED else format_mib(launcher.memlock_hard)
         need = "unlimited" if memlock.limit == UNLIMITED else format_mib(memlock.limit)
@@ -210,7 +229,9 @@ class Planner:
             per_process = self.per_process_accounting(i)
             self.fds.append(FdSpec(fd, "/dev/iommu", f"iommufd {obj.id}", per_process_accounting=per_process))
             node = self.facts.dev_iommu
-            if node is None:
+            if node is not None:
+                self.ok(f"iommufd[{i}]", "/dev/iommu exists")
+            else:
                 self.problem(
                     f"iommufd[{i}]",
                     "/dev/iommu does not exist: the kernel has no IOMMUFD",
@@ -218,7 +239,7 @@ class Planner:
                     " or drop iommufd to use the legacy backend",
                 )
         if not any(d.iommufd == obj.id for d in self.config.vfio):
-            self.notes.append(f"iommufd[{i}] ({obj.id}) has no device")
+            self.note(f"iommufd[{i}]", f"{obj.id} has no device", "drop it, or name it in a device's iommufd")
         return qemu_args.option("iommufd", [("id", obj.id), ("fd", fd)])
 
     def per_process_accounting(self, i: int) -> bool:
@@ -228,10 +249,12 @@ class Planner:
         if node is None or not node.is_char:
             return False
         if self.facts.launcher.cap_sys_resource:
+            self.ok(f"iommufd[{i}]", "vmrun will set per-process memlock accounting")
             return True
-        self.notes.append(
-            f"iommufd[{i}]: pinned memory is charged to the user, shared by all its VMs "
-            "(vmrun needs CAP_SYS_RESOURCE to set per-process accounting)"
+        self.note(
+            f"iommufd[{i}]",
+            "pinned memory is charged to the user, shared by all its VMs",
+            "vmrun needs CAP_SYS_RESOURCE to set per-process accounting; run it as root",
         )
         return False
 
@@ -282,6 +305,12 @@ class Planner:
                 f"IOMMU group {facts.iommu_group} is not viable: {', '.join(offenders)} bound to a host driver",
                 "bind every device of the group to vfio-pci, or unbind it",
             )
+        else:
+            members = len(facts.group_members)
+            self.ok(
+                path,
+                f"{dev.source} is bound to vfio-pci; IOMMU group {facts.iommu_group} ({members} devices) is viable",
+            )
         if dev.iommufd is not None:
             self.check_cdev(path, dev, facts)
         else:
@@ -297,6 +326,8 @@ class Planner:
             )
         elif facts.cdev_node is None:
             self.problem(path, f"{facts.cdev} is missing", "udev or devtmpfs should create it; check /dev")
+        else:
+            self.ok(path, f"VFIO cdev {facts.cdev} exists")
 
     def check_legacy(self, path: str, dev: Vfio, facts: DeviceFacts) -> None:
         container = self.facts.vfio_container
@@ -309,6 +340,8 @@ class Planner:
         group_file = f"/dev/vfio/{facts.iommu_group}"
         if facts.group_node is None:
             self.problem(path, f"{group_file} is missing", "is the device bound to vfio-pci?")
+        elif container is not None:
+            self.ok(path, f"legacy backend: /dev/vfio/vfio and {group_file} exist")
         user = self.facts.run_as if self.config.vm.user else None
         if user is None:
             return

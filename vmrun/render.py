@@ -45,7 +45,7 @@ def text(plan: Plan, show_problems: bool = True) -> str:
     else:
         u = plan.run_as
         out.append(f"# run as: {u.name} (uid {u.uid}, gid {u.gid}, groups {','.join(map(str, u.groups))})")
-    out += [f"# note: {n}" for n in plan.notes]
+    out += [f"# note: {n.render()}" for n in plan.notes]
     if show_problems:
         out += [f"# problem: {p.render(plan.config)}" for p in plan.problems]
     return "\n".join(out) + "\n"
@@ -80,7 +80,7 @@ def to_json(plan: Plan) -> dict[str, Any]:
             "gid": plan.run_as.gid,
             "groups": list(plan.run_as.groups),
         },
-        "notes": list(plan.notes),
+        "notes": [n.render() for n in plan.notes],
         "problems": [p.render(plan.config) for p in plan.problems],
     }
 
