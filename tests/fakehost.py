@@ -25,6 +25,7 @@ class FakePci:
     cdev: int | None = 0  # N of vfioN; None: no cdev (not vfio-pci, or no VFIO_DEVICE_CDEV)
     vendor: str = "0x1234"
     device: str = "0x11e8"
+    class_code: str = "0x00ff00"
 
 
 @attrs.frozen
@@ -52,12 +53,16 @@ def build(root: pathlib.Path, spec: FakeHost) -> pathlib.Path:
         real.mkdir(parents=True)
         (real / "vendor").write_text(d.vendor + "\n")
         (real / "device").write_text(d.device + "\n")
+        (real / "class").write_text(d.class_code + "\n")
+        (real / "driver_override").write_text("(null)\n")
         bus = sys_ / "bus" / "pci" / "devices"
         bus.mkdir(parents=True, exist_ok=True)
         (bus / d.address).symlink_to(f"../../../devices/pci0000:00/{d.address}")
         if d.driver:
             drv = sys_ / "bus" / "pci" / "drivers" / d.driver
             drv.mkdir(parents=True, exist_ok=True)
+            for name in ("bind", "unbind"):
+                (drv / name).touch()
             (real / "driver").symlink_to(f"../../../bus/pci/drivers/{d.driver}")
         group = sys_ / "kernel" / "iommu_groups" / str(d.group) / "devices"
         group.mkdir(parents=True, exist_ok=True)
@@ -80,6 +85,9 @@ def build(root: pathlib.Path, spec: FakeHost) -> pathlib.Path:
                     spec.node_mode,
                     (VFIO_MAJOR, d.cdev),
                 )
+    probe = sys_ / "bus" / "pci" / "drivers_probe"
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.touch()
     if spec.dev_iommu:
         node(root / "dev" / "iommu", spec.char_nodes, spec.node_mode, (10, 123))
     if spec.vfio_container:

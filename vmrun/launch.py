@@ -40,6 +40,27 @@ def iommu_option(fd: int, op: int, value: int = 0) -> int:
     return int(IOMMU_OPTION_STRUCT.unpack(buf)[5])
 
 
+def trial_per_process_accounting(host_root: str, path: str) -> str | None:
+    """Open `path` as an iommufd and switch it to per-process accounting; None on success.
+
+    For `vmrun check`: a fresh iommufd context with no objects, closed again at once.
+    """
+    try:
+        fd = os.open(os.path.join(host_root, path.lstrip("/")), os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return f"cannot open {path}: {e.strerror}"
+    try:
+        iommu_option(fd, IOMMU_OPTION_OP_SET, RLIMIT_MODE_PER_PROCESS)
+        mode = iommu_option(fd, IOMMU_OPTION_OP_GET)
+    except OSError as e:
+        return f"cannot set per-process accounting on {path}: {e.strerror}"
+    finally:
+        os.close(fd)
+    if mode != RLIMIT_MODE_PER_PROCESS:
+        return f"{path} reports accounting mode {mode} after setting per-process"
+    return None
+
+
 def ensure_stdio() -> None:
     # With a closed stdin, the first open() would land on fd 0 and QEMU would lose it later.
     for fd in (0, 1, 2):

@@ -6,6 +6,9 @@ what `vmrun plan` prints and what the launch carries out step by step.
 
 from __future__ import annotations
 
+import os
+from typing import Literal
+
 import attrs
 
 from vmrun import qemu_args
@@ -29,6 +32,15 @@ class FdSpec:
     per_process_accounting: bool = False  # set IOMMU_OPTION_RLIMIT_MODE on this /dev/iommu fd
 
 
+Status = Literal["ok", "warn", "fail"]
+
+
+@attrs.frozen
+class Finding:
+    status: Status
+    problem: Problem
+
+
 @attrs.frozen
 class Plan:
     name: str
@@ -38,9 +50,20 @@ class Plan:
     fds: tuple[FdSpec, ...]
     memlock: MemlockPlan
     run_as: User | None  # None: QEMU runs as the caller
-    notes: tuple[Problem, ...]  # worth knowing, does not stop the launch
-    problems: tuple[Problem, ...]  # any of these stops `run` before anything is opened
-    passed: tuple[Problem, ...] = ()  # what was checked and found right, for `vmrun check`
+    # Everything checked, in order: "ok" found right, "warn" worth knowing,
+    # "fail" stops `run` before anything is opened.
+    findings: tuple[Finding, ...] = ()
+
+    def with_status(self, status: Status) -> tuple[Problem, ...]:
+        return tuple(f.problem for f in self.findings if f.status == status)
+
+    @property
+    def problems(self) -> tuple[Problem, ...]:
+        return self.with_status("fail")
+
+    @property
+    def notes(self) -> tuple[Problem, ...]:
+        return self.with_status("warn")
 
     @property
     def argv(self) -> list[str]:
@@ -65,20 +88,18 @@ class Planner:
     def __init__(self, config: Config, facts: HostFacts) -> None:
         self.config = config
         self.facts = facts
-        self.problems: list[Problem] = []
-        self.notes: list[Problem] = []
-        self.passed: list[Problem] = []
+        self.findings: list[Finding] = []
         self.fds: list[FdSpec] = []
         self.numbers = FdNumbers(set(config.caller_fds()))
 
     def problem(self, path: str, message: str, hint: str | None = None) -> None:
-        self.problems.append(Problem(path, message, hint))
+        self.findings.append(Finding("fail", Problem(path, message, hint)))
 
     def note(self, path: str, message: str, hint: str | None = None) -> None:
-        self.notes.append(Problem(path, message, hint))
+        self.findings.append(Finding("warn", Problem(path, message, hint)))
 
     def ok(self, path: str, message: str) -> None:
-        self.passed.append(Problem(path, message))
+        self.findings.append(Finding("ok", Problem(path, message)))
 
     def build(self) -> Plan:
         vm = self.config.vm
@@ -123,9 +144,7 @@ class Planner:
             fds=tuple(sorted(self.fds, key=lambda f: f.fd)),
             memlock=memlock,
             run_as=self.facts.run_as if vm.user else None,
-            notes=tuple(self.notes),
-            problems=tuple(self.problems),
-            passed=tuple(self.passed),
+            findings=tuple(self.findings),
         )
 
     def check_qemu(self) -> None:
@@ -216,7 +235,12 @@ class Planner:
         self.problem(
             "vm.memlock",
             f"RLIMIT_MEMLOCK must be {need} but the hard limit is {have} and vmrun lacks CAP_SYS_RESOURCE to raise it",
-            f"run vmrun as root, or raise the caller's limit (systemd: LimitMEMLOCK={systemd}; shell: ulimit -l)",
+            (
+                "grant vmrun CAP_SYS_RESOURCE (it is root without it: a container?)"
+                if launcher.uid == 0
+                else "run vmrun as root"
+            )
+            + f", or raise the caller's limit (systemd: LimitMEMLOCK={systemd}; shell: ulimit -l)",
         )
 
     def iommufd_object(self, i: int) -> str:
@@ -288,14 +312,14 @@ class Planner:
         key = f"{path}.host" if dev.host else f"{path}.sysfsdev"
         if facts.sysfs is None:
             what = f"no PCI device {dev.host}" if dev.host else f"{dev.sysfsdev} does not exist"
-            self.problem(key, f"{what} on this host", "`lspci -D` lists the host's PCI devices")
+            self.problem(key, f"{what} on this host", "`vmrun devices` lists the host's PCI devices")
             return
         if facts.driver != "vfio-pci" and dev.driver == "vfio-pci":
             bound = f"bound to {facts.driver}" if facts.driver else "bound to no driver"
             self.problem(
                 path,
                 f"{dev.source} is {bound}, not vfio-pci",
-                "bind it to vfio-pci first (driver_override, unbind, drivers_probe)",
+                f"vmrun bind {dev.host or os.path.basename(dev.sysfsdev or '')}",
             )
             return
         offenders = [f"{a} ({d or 'no driver'})" for a, d in facts.group_members if d not in (*VFIO_OK_DRIVERS, None)]
@@ -303,7 +327,7 @@ class Planner:
             self.problem(
                 path,
                 f"IOMMU group {facts.iommu_group} is not viable: {', '.join(offenders)} bound to a host driver",
-                "bind every device of the group to vfio-pci, or unbind it",
+                "bind every device of the group to vfio-pci (vmrun bind ADDR...), or unbind it",
             )
         else:
             members = len(facts.group_members)

@@ -1,0 +1,190 @@
+"""`vmrun check`, `vmrun devices` and `vmrun bind`/`unbind` on fake host trees.
+
+The sysfs writes of bind/unbind land in plain files here, so these tests pin the
+sequence that is written and every refusal; the real kernel's answer is tested in the
+nested bed (tests/e2e).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import tomli_w
+
+from tests import fakehost
+from tests.conftest import ROOT, plan_for
+from vmrun import check, cli, pci
+from vmrun.bind import Binder, BindError
+from vmrun.host import Host
+
+PCI_IDS = """\
+# a few lines in the format of pci.ids
+1234  Technical Corp.
+\t11e8  QEMU PCI Test Device
+8086  Intel Corporation
+\t10d3  82574L Gigabit Network Connection
+C 00  Unclassified device
+\tff  Miscellaneous
+C 02  Network controller
+\t00  Ethernet controller
+"""
+
+
+@pytest.fixture
+def tree(tmp_path: pathlib.Path) -> pathlib.Path:
+    spec = fakehost.FakeHost(
+        devices=(
+            fakehost.FakePci("0000:01:00.0", group=1, cdev=0),
+            fakehost.FakePci(
+                "0000:02:00.0",
+                driver="e1000e",
+                group=2,
+                cdev=None,
+                vendor="0x8086",
+                device="0x10d3",
+                class_code="0x020000",
+            ),
+            fakehost.FakePci("0000:03:00.0", driver=None, group=3, cdev=None),
+            fakehost.FakePci("0000:05:00.0", driver=None, group=5, cdev=None),
+            fakehost.FakePci("0000:05:00.1", driver="snd_hda_intel", group=5, cdev=None),
+        )
+    )
+    root = fakehost.build(tmp_path / "host", spec)
+    (root / "sys" / "bus" / "pci" / "drivers" / "vfio-pci").mkdir(parents=True, exist_ok=True)
+    ids = root / "usr" / "share" / "misc" / "pci.ids"
+    ids.parent.mkdir(parents=True)
+    ids.write_text(PCI_IDS)
+    return root
+
+
+def test_devices_table(tree: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["devices", "--host-root", str(tree), "01:00.0", "0000:02:00.0"]) == 0
+    assert capsys.readouterr().out == (
+        "ADDRESS       ID         CLASS                DRIVER    GROUP  VFIO CDEV  NAME\n"
+        "0000:01:00.0  1234:11e8  Miscellaneous        vfio-pci  1      vfio0      Technical Corp. QEMU PCI Test Device\n"
+        "0000:02:00.0  8086:10d3  Ethernet controller  e1000e    2      -          "
+        "Intel Corporation 82574L Gigabit Network Connection\n"
+    )
+
+
+def test_devices_json_and_group_filter(tree: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["devices", "--host-root", str(tree), "--group", "5", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [(d["address"], d["driver"]) for d in data] == [("0000:05:00.0", None), ("0000:05:00.1", "snd_hda_intel")]
+
+
+def test_devices_rejects_bad_address(tree: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["devices", "--host-root", str(tree), "zz:00.0"]) == 2
+    assert "vmrun devices: not a PCI address: zz:00.0" in capsys.readouterr().err
+
+
+def test_devices_without_pci_ids(tmp_path: pathlib.Path) -> None:
+    root = fakehost.build(tmp_path / "h", fakehost.FakeHost(devices=(fakehost.FakePci("0000:01:00.0"),)))
+    (d,) = pci.list_devices(Host(root))
+    assert (d.vendor, d.device, d.vendor_name, d.class_name) == ("1234", "11e8", None, None)
+
+
+def write_config(tmp_path: pathlib.Path, devices: list[dict[str, object]]) -> pathlib.Path:
+    path = tmp_path / "vm.toml"
+    data = {"vm": {"name": "t", "memory": "1G", "user": "nobody"}, "iommufd": [{"id": "i0"}], "vfio": devices}
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+def test_check_report_names_each_problem_and_fix(tree: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    cfg = write_config(
+        tmp_path,
+        [
+            {"id": "ok0", "host": "0000:01:00.0", "iommufd": "i0"},
+            {"id": "nic", "host": "0000:02:00.0", "iommufd": "i0"},
+            {"id": "snd", "host": "0000:05:00.0", "iommufd": "i0"},
+        ],
+    )
+    report = check.check(plan_for(cfg, tree, launcher=ROOT))
+    assert not report.ok
+    assert check.text(report).splitlines() == [
+        f"# vmrun check for {cfg}",
+        "ok    vm.qemu     QEMU 10.0.2 at qemu-system-x86_64, with the iommufd backend",
+        "ok    vm.user     QEMU will run as nobody (uid 65534, gid 65534)",
+        "ok    vm.memlock  vmrun may set RLIMIT_MEMLOCK to 1088 MiB (1 DMA address space (iommufd i0) x 1024 MiB RAM"
+        " + 64 MiB margin) (CAP_SYS_RESOURCE)",
+        "ok    iommufd[0]  /dev/iommu exists",
+        "ok    vfio[0]     host=0000:01:00.0 is bound to vfio-pci; IOMMU group 1 (1 devices) is viable",
+        "ok    vfio[0]     VFIO cdev /dev/vfio/devices/vfio0 exists",
+        "fail  vfio[1]     host=0000:02:00.0 is bound to e1000e, not vfio-pci",
+        "                  fix: vmrun bind 0000:02:00.0",
+        "fail  vfio[2]     host=0000:05:00.0 is bound to no driver, not vfio-pci",
+        "                  fix: vmrun bind 0000:05:00.0",
+        "# cannot launch: 2 failed, 0 warnings",
+    ]
+
+
+def test_check_cli_exit_status(tree: pathlib.Path, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = write_config(tmp_path, [{"id": "ok0", "host": "0000:01:00.0", "iommufd": "i0"}])
+    status = cli.main(["check", str(good), "--host-root", str(tree), "--json"])
+    data = json.loads(capsys.readouterr().out)
+    failed = [c for c in data["checks"] if c["status"] == "fail"]
+    # On a host where vmrun may not raise RLIMIT_MEMLOCK, that is the only failure.
+    assert all(c["path"] == "vm.memlock" for c in failed), failed
+    assert status == (1 if failed else 0) and data["ok"] == (not failed)
+
+
+def writes(root: pathlib.Path, address: str) -> dict[str, str]:
+    dev = root / "sys" / "bus" / "pci" / "devices" / address
+    return {
+        "override": (dev / "driver_override").read_text(),
+        "probe": (root / "sys" / "bus" / "pci" / "drivers_probe").read_text(),
+    }
+
+
+def test_bind_refuses_non_viable_group(tree: pathlib.Path) -> None:
+    with pytest.raises(BindError) as e:
+        Binder(Host(tree)).bind(["0000:05:00.0"])
+    assert str(e.value).startswith(
+        "0000:05:00.0: its IOMMU group would not be viable: 0000:05:00.1 (snd_hda_intel) stays on a host driver"
+    )
+    assert writes(tree, "0000:05:00.0")["override"] == "(null)\n", "nothing may be written on a refusal"
+
+
+def test_bind_refuses_unknown_device_and_missing_driver(tree: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bind", "--host-root", str(tree), "0000:09:00.0"]) == 1
+    assert "vmrun: no PCI device 0000:09:00.0 on this host" in capsys.readouterr().err
+    (tree / "sys" / "bus" / "pci" / "drivers" / "vfio-pci").rename(tree / "gone")
+    assert cli.main(["bind", "--host-root", str(tree), "0000:03:00.0"]) == 1
+    assert "the vfio-pci driver is not loaded\n  hint: modprobe vfio-pci" in capsys.readouterr().err
+
+
+def test_bind_already_bound_is_a_no_op(tree: pathlib.Path) -> None:
+    (change,) = Binder(Host(tree)).bind(["0000:01:00.0"])
+    assert change.render() == "0000:01:00.0: already bound (/dev/vfio/devices/vfio0)"
+
+
+def test_bind_that_does_not_take_is_rolled_back(tree: pathlib.Path) -> None:
+    # The fake kernel never binds: the device stays on e1000e, so bind must fail, and
+    # give back what it changed: the override cleared, the remembered driver forgotten.
+    with pytest.raises(BindError) as e:
+        Binder(Host(tree)).bind(["0000:02:00.0"])
+    assert str(e.value).startswith("0000:02:00.0 did not bind to vfio-pci (driver now: e1000e)")
+    drivers = tree / "sys" / "bus" / "pci" / "drivers"
+    assert (drivers / "e1000e" / "unbind").read_text() == "0000:02:00.0"
+    assert writes(tree, "0000:02:00.0")["override"] == "\n"
+    assert not (tree / "run" / "vmrun" / "bind" / "0000:02:00.0.json").exists()
+
+
+def test_unbind_restores_the_remembered_driver(tree: pathlib.Path) -> None:
+    state = tree / "run" / "vmrun" / "bind" / "0000:01:00.0.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"driver": "e1000e"}))
+    (change,) = Binder(Host(tree)).unbind(["0000:01:00.0"])
+    assert change.action == "restored"
+    drivers = tree / "sys" / "bus" / "pci" / "drivers"
+    assert (drivers / "vfio-pci" / "unbind").read_text() == "0000:01:00.0"
+    assert (drivers / "e1000e" / "bind").read_text() == "0000:01:00.0"
+    assert not state.exists()
+
+
+def test_unbind_of_a_device_vmrun_did_not_bind(tree: pathlib.Path) -> None:
+    (change,) = Binder(Host(tree)).unbind(["0000:02:00.0"])
+    assert change.render() == "0000:02:00.0: not bound (driver e1000e)"

@@ -1,0 +1,191 @@
+"""Binding PCI devices to vfio-pci and giving them back: the host preparation commands.
+
+Like the launch module, this one changes the host (it writes sysfs), and only the
+`bind`, `unbind` and `prepare` commands use it. The kernel's safe sequence is followed:
+driver_override names vfio-pci, the current driver lets go, drivers_probe binds. The
+original driver is remembered under /run/vmrun/bind, so `unbind` restores it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+
+import attrs
+
+from vmrun.errors import LaunchError
+from vmrun.host import VFIO_OK_DRIVERS, Host
+
+STATE_DIR = "/run/vmrun/bind"
+CDEV_WAIT = 5.0  # seconds for the vfio cdev and its /dev node to appear after binding
+
+
+class BindError(LaunchError):
+    pass
+
+
+@attrs.frozen
+class Change:
+    address: str
+    action: str  # "bound", "already bound", "restored", "not bound"
+    detail: str = ""
+
+    def render(self) -> str:
+        return f"{self.address}: {self.action}" + (f" ({self.detail})" if self.detail else "")
+
+
+class Binder:
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    def sysfs(self, address: str) -> str:
+        return f"/sys/bus/pci/devices/{address}"
+
+    def write(self, path: str, value: str) -> None:
+        try:
+            with open(self.host.under(path), "w") as f:
+                f.write(value)
+        except OSError as e:
+            raise BindError(f"writing {value.strip() or 'an empty line'!r} to {path} failed: {e.strerror}") from None
+
+    def driver(self, address: str) -> str | None:
+        return self.host.link_name(f"{self.sysfs(address)}/driver")
+
+    def group_members(self, address: str) -> list[str]:
+        group = self.host.link_name(f"{self.sysfs(address)}/iommu_group")
+        if group is None:
+            raise BindError(
+                f"{address} has no IOMMU group",
+                "enable the IOMMU (intel_iommu=on or amd_iommu=on on the kernel command line)",
+            )
+        try:
+            return sorted(os.listdir(self.host.under(f"/sys/kernel/iommu_groups/{group}/devices")))
+        except OSError:
+            return [address]
+
+    def state_file(self, address: str) -> str:
+        return f"{STATE_DIR}/{address}.json"
+
+    def remember(self, address: str, driver: str | None) -> None:
+        path = self.host.under(self.state_file(address))
+        if path.exists():
+            return  # bound before by us: the first original driver is the one to restore
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"driver": driver}))
+
+    def recall(self, address: str) -> tuple[bool, str | None]:
+        try:
+            data = json.loads(self.host.under(self.state_file(address)).read_text())
+        except (OSError, ValueError):
+            return False, None
+        return True, data.get("driver")
+
+    def forget(self, address: str) -> None:
+        self.host.under(self.state_file(address)).unlink(missing_ok=True)
+
+    def check_present(self, addresses: list[str]) -> None:
+        missing = [a for a in addresses if not self.host.under(self.sysfs(a)).exists()]
+        if missing:
+            raise BindError(f"no PCI device {', '.join(missing)} on this host", "`vmrun devices` lists them")
+        if not self.host.under("/sys/bus/pci/drivers/vfio-pci").exists():
+            raise BindError("the vfio-pci driver is not loaded", "modprobe vfio-pci")
+
+    def check_groups(self, addresses: list[str]) -> None:
+        """Refuse when binding would leave a group with a member on a host driver."""
+        wanted = set(addresses)
+        for address in addresses:
+            offenders = [
+                f"{m} ({self.driver(m)})"
+                for m in self.group_members(address)
+                if m not in wanted and self.driver(m) not in (*VFIO_OK_DRIVERS, None)
+            ]
+            if offenders:
+                raise BindError(
+                    f"{address}: its IOMMU group would not be viable: {', '.join(offenders)} stays on a host driver",
+                    "name every member of the group on the command line, or unbind them first",
+                )
+
+    def wait_for_cdev(self, address: str) -> str:
+        deadline = time.monotonic() + CDEV_WAIT
+        while True:
+            try:
+                names = [
+                    n for n in os.listdir(self.host.under(f"{self.sysfs(address)}/vfio-dev")) if n.startswith("vfio")
+                ]
+            except OSError:
+                names = []
+            if names and self.host.under(f"/dev/vfio/devices/{names[0]}").exists():
+                return f"/dev/vfio/devices/{names[0]}"
+            if time.monotonic() > deadline:
+                raise BindError(
+                    f"{address} is bound to vfio-pci but no VFIO cdev appeared",
+                    "the kernel needs CONFIG_VFIO_DEVICE_CDEV for the iommufd backend",
+                )
+            time.sleep(0.05)
+
+    def bind_one(self, address: str) -> Change:
+        current = self.driver(address)
+        if current == "vfio-pci":
+            self.write(f"{self.sysfs(address)}/driver_override", "vfio-pci")
+            return Change(address, "already bound", self.cdev_of(address))
+        self.remember(address, current)
+        self.write(f"{self.sysfs(address)}/driver_override", "vfio-pci")
+        if current is not None:
+            self.write(f"{self.sysfs(address)}/driver/unbind", address)
+        self.write("/sys/bus/pci/drivers_probe", address)
+        now = self.driver(address)
+        if now != "vfio-pci":
+            raise BindError(f"{address} did not bind to vfio-pci (driver now: {now or 'none'})", "see dmesg")
+        cdev = self.wait_for_cdev(address)
+        return Change(address, "bound", f"was {current or 'unbound'}; {cdev}")
+
+    def cdev_of(self, address: str) -> str:
+        try:
+            names = sorted(n for n in os.listdir(self.host.under(f"{self.sysfs(address)}/vfio-dev")))
+        except OSError:
+            return "no cdev"
+        return f"/dev/vfio/devices/{names[0]}" if names else "no cdev"
+
+    def unbind_one(self, address: str) -> Change:
+        known, original = self.recall(address)
+        current = self.driver(address)
+        if current != "vfio-pci" and not known:
+            return Change(address, "not bound", f"driver {current or 'none'}")
+        if current == "vfio-pci":
+            self.write(f"{self.sysfs(address)}/driver/unbind", address)
+        # An empty override lets the kernel match drivers by id again.
+        self.write(f"{self.sysfs(address)}/driver_override", "\n")
+        if original and current == original:
+            pass  # a bind that never took: the device is still where it was
+        elif original:
+            self.write(f"/sys/bus/pci/drivers/{original}/bind", address)
+        elif not known:
+            self.write("/sys/bus/pci/drivers_probe", address)
+        self.forget(address)
+        return Change(address, "restored", f"driver {self.driver(address) or 'none'}")
+
+    def bind(self, addresses: list[str]) -> list[Change]:
+        """Bind all or none: on a failure, every device this call touched is given back."""
+        self.check_present(addresses)
+        self.check_groups(addresses)
+        done: list[Change] = []
+        touched: list[str] = []
+        try:
+            for address in addresses:
+                if self.driver(address) != "vfio-pci":
+                    touched.append(address)
+                done.append(self.bind_one(address))
+        except BindError:
+            for address in reversed(touched):
+                with contextlib.suppress(BindError):  # the original error is the one to report
+                    self.unbind_one(address)
+            raise
+        return done
+
+    def unbind(self, addresses: list[str]) -> list[Change]:
+        missing = [a for a in addresses if not self.host.under(self.sysfs(a)).exists()]
+        if missing:
+            raise BindError(f"no PCI device {', '.join(missing)} on this host", "`vmrun devices` lists them")
+        return [self.unbind_one(a) for a in addresses]

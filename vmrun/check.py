@@ -1,0 +1,65 @@
+"""`vmrun check`: everything the plan checked, plus what only a trial can tell, as one report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from vmrun.errors import Problem
+from vmrun.launch import trial_per_process_accounting
+from vmrun.plan import Finding, Plan
+
+
+@attrs.frozen
+class Report:
+    config: str
+    findings: tuple[Finding, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(f.status != "fail" for f in self.findings)
+
+
+def trials(plan: Plan) -> list[Finding]:
+    """Open each /dev/iommu vmrun would open, and set the accounting mode it would set."""
+    out: list[Finding] = []
+    for spec in plan.fds:
+        if spec.path != "/dev/iommu" or not spec.per_process_accounting:
+            continue
+        error = trial_per_process_accounting(plan.host_root, spec.path)
+        where = spec.purpose
+        if error is None:
+            out.append(Finding("ok", Problem(where, "opened /dev/iommu and set per-process accounting on it")))
+        else:
+            out.append(Finding("fail", Problem(where, error, "run vmrun as root on a kernel with IOMMUFD")))
+        break  # one trial answers for every /dev/iommu fd
+    return out
+
+
+def check(plan: Plan) -> Report:
+    return Report(plan.config, (*plan.findings, *trials(plan)))
+
+
+def text(report: Report) -> str:
+    width = max([len(f.problem.path) for f in report.findings] + [4])
+    lines = [f"# vmrun check for {report.config}"]
+    for f in report.findings:
+        lines.append(f"{f.status:<4}  {f.problem.path:<{width}}  {f.problem.message}")
+        if f.problem.hint:
+            lines.append(f"{'':<4}  {'':<{width}}  fix: {f.problem.hint}")
+    fails = sum(f.status == "fail" for f in report.findings)
+    warns = sum(f.status == "warn" for f in report.findings)
+    lines.append(f"# {'ready to launch' if report.ok else 'cannot launch'}: {fails} failed, {warns} warnings")
+    return "\n".join(lines) + "\n"
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    return {
+        "config": report.config,
+        "ok": report.ok,
+        "checks": [
+            {"status": f.status, "path": f.problem.path, "message": f.problem.message, "fix": f.problem.hint}
+            for f in report.findings
+        ],
+    }
