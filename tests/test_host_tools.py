@@ -63,7 +63,8 @@ def test_devices_table(tree: pathlib.Path, capsys: pytest.CaptureFixture[str]) -
     assert cli.main(["devices", "--host-root", str(tree), "01:00.0", "0000:02:00.0"]) == 0
     assert capsys.readouterr().out == (
         "ADDRESS       ID         CLASS                DRIVER    GROUP  VFIO CDEV  NAME\n"
-        "0000:01:00.0  1234:11e8  Miscellaneous        vfio-pci  1      vfio0      Technical Corp. QEMU PCI Test Device\n"
+        "0000:01:00.0  1234:11e8  Miscellaneous        vfio-pci  1      vfio0      "
+        "Technical Corp. QEMU PCI Test Device\n"
         "0000:02:00.0  8086:10d3  Ethernet controller  e1000e    2      -          "
         "Intel Corporation 82574L Gigabit Network Connection\n"
     )

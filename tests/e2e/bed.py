@@ -119,7 +119,7 @@ def l1_argv(kernel: Path, results: Path, n_edu: int, memory: str) -> list[str]:
             "console=ttyS0",
             "root=hostroot",
             "rootfstype=9p",
-            "rootflags=trans=virtio,version=9p2000.L,msize=512000",
+            "rootflags=trans=virtio,version=9p2000.L,msize=512000,cache=loose",
             "ro",
             f"init={L1_INIT}",
             "intel_iommu=on",
