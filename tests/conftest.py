@@ -42,9 +42,11 @@ def standard_host(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 
 @pytest.fixture(autouse=True)
-def private_cache(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The QEMU capability cache must not leak between tests or into the user's home.
+def private_dirs(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The QEMU capability cache and the running VMs' state must not leak between tests,
+    # into the user's home or into /run/vmrun.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("VMRUN_STATE_DIR", str(tmp_path / "state"))
 
 
 def is_root() -> bool:

@@ -23,7 +23,8 @@ def normalise(text: str) -> str:
 
 
 @pytest.mark.parametrize("config", CASES, ids=[c.stem for c in CASES])
-def test_golden_plan(config: pathlib.Path, standard_host: pathlib.Path) -> None:
+def test_golden_plan(config: pathlib.Path, standard_host: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMRUN_STATE_DIR", "/run/vmrun")
     got = normalise(render.text(plan_for(config.relative_to(REPO), standard_host)))
     expected_file = config.with_suffix(".args")
     if os.environ.get("VMRUN_REGEN_GOLDEN") == "1":

@@ -107,7 +107,10 @@ def test_child_gets_exactly_the_planned_fds_limit_and_identity(
         "3": str(host_tree / "dev" / "iommu"),
         "4": str(host_tree / "dev" / "vfio" / "devices" / "vfio0"),
         "5": str(host_tree / "dev" / "vfio" / "devices" / "vfio1"),
+        "6": record["fds"]["6"],
+        "7": record["fds"]["7"],
     }
+    assert record["fds"]["6"].endswith("/state/t/lock") and record["fds"]["7"].startswith("socket:")
     nobody = pwd.getpwnam("nobody")
     assert (record["uid"], record["euid"], record["gid"]) == (
         nobody.pw_uid,
@@ -138,7 +141,7 @@ def test_caller_fds_pass_through_at_their_numbers(
     record, _ = run_recorded(cfg, outdir, "--host-root", str(host_tree), redirects=redirects)
     assert record["fds"]["7"] == str(mine) and record["fds"]["8"] == str(mine)
     assert record["fds"]["3"] == str(host_tree / "dev" / "vfio" / "devices" / "vfio1")
-    assert sorted(record["fds"], key=int) == ["0", "1", "2", "3", "7", "8"]
+    assert sorted(record["fds"], key=int) == ["0", "1", "2", "3", "4", "5", "7", "8"]
 
 
 def test_caller_fd_not_open_is_reported_before_exec(

@@ -59,7 +59,10 @@ def test_shared_object_plan(tmp_path: pathlib.Path, standard_host: pathlib.Path)
         (3, "/dev/iommu"),
         (4, "/dev/vfio/devices/vfio0"),
         (5, "/dev/vfio/devices/vfio1"),
+        (6, f"{p.state_dir}/lock"),
+        (7, f"{p.state_dir}/qmp.sock"),
     ]
+    assert "socket,id=vmrun-qmp,fd=7,server=on,wait=off" in p.argv
     assert p.memlock.limit == 1 * GiB + MARGIN
     assert p.run_as is not None and p.run_as.name == "nobody"
 
@@ -72,6 +75,7 @@ def test_json_has_the_documented_fields(tmp_path: pathlib.Path, standard_host: p
         "flags": "O_RDWR",
         "purpose": "iommufd iommufd0",
         "per_process_accounting": False,
+        "kind": "device",
     }
     assert data["memlock_bytes"] == 1 * GiB + MARGIN
     assert data["run_as"]["user"] == "nobody"
@@ -84,7 +88,13 @@ def test_cli_plan_json(tmp_path: pathlib.Path, standard_host: pathlib.Path, caps
     assert cli.main(["plan", str(make(tmp_path, data)), "--json", "--host-root", str(standard_host)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["argv"][0] == str(REPO / "tests" / "fake-qemu")
-    assert [f["fd"] for f in out["fds"]] == [3, 4, 5]
+    assert [(f["fd"], f["kind"]) for f in out["fds"]] == [
+        (3, "device"),
+        (4, "device"),
+        (5, "device"),
+        (6, "lock"),
+        (7, "qmp"),
+    ]
     assert out["problems"] == []
 
 
@@ -110,7 +120,7 @@ def test_memlock_explicit_overrides(tmp_path: pathlib.Path, standard_host: pathl
 
 def test_no_devices_leaves_memlock_alone(tmp_path: pathlib.Path, standard_host: pathlib.Path) -> None:
     p = plan_for(make(tmp_path, {"vm": {"name": "t", "memory": "1G"}}), standard_host)
-    assert p.memlock.limit is None and p.fds == ()
+    assert p.memlock.limit is None and [f.kind for f in p.fds] == ["lock", "qmp"]
 
 
 def test_fd_numbers_skip_the_callers(tmp_path: pathlib.Path, standard_host: pathlib.Path) -> None:
@@ -124,7 +134,7 @@ def test_fd_numbers_skip_the_callers(tmp_path: pathlib.Path, standard_host: path
         ],
     }
     p = plan_for(make(tmp_path, data), standard_host)
-    assert [(f.fd, f.path) for f in p.fds] == [
+    assert [(f.fd, f.path) for f in p.fds if f.kind != "lock" and f.kind != "qmp"] == [
         (3, None),
         (4, None),
         (5, "/dev/vfio/devices/vfio0"),
@@ -290,5 +300,5 @@ def test_plan_of_64_devices_is_fast(tmp_path: pathlib.Path) -> None:
     start = time.perf_counter()
     p = plan_for(path, root)
     elapsed = time.perf_counter() - start
-    assert p.problems == () and len(p.fds) == 65 and p.fds[-1].fd == 67
+    assert p.problems == () and len(p.fds) == 67 and p.fds[-3].fd == 67
     assert elapsed < 0.5, f"planning 64 devices took {elapsed:.3f} s"

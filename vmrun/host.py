@@ -85,6 +85,7 @@ class HostFacts:
     run_as: User | None  # None when the config names no user, or the user does not exist
     launcher: Launcher
     missing_files: tuple[str, ...] = ()
+    state_base: str = "/run/vmrun"
 
 
 class Host:
@@ -179,6 +180,16 @@ def current_launcher() -> Launcher:
     )
 
 
+def state_base(uid: int) -> str:
+    """Where running VMs keep pid, lock and QMP socket: one directory per VM name."""
+    if os.environ.get("VMRUN_STATE_DIR"):
+        return os.environ["VMRUN_STATE_DIR"]
+    if uid == 0:
+        return "/run/vmrun"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return f"{runtime}/vmrun" if runtime else f"/tmp/vmrun-{uid}"
+
+
 def gather(
     config: Config,
     root: str | os.PathLike[str] = "/",
@@ -188,6 +199,7 @@ def gather(
     """Everything the plan needs to know about this host for `config`."""
     host = Host(root)
     caps = qemu_caps(config.vm.qemu)
+    launcher = launcher or current_launcher()
     missing = tuple(str(p) for p in (config.vm.kernel, config.vm.initrd) if p is not None and not p.is_file())
     return HostFacts(
         root=str(root),
@@ -197,6 +209,7 @@ def gather(
         vfio_container=host.node("/dev/vfio/vfio"),
         devices={d.id: host.device(d) for d in config.vfio},
         run_as=lookup_user(config.vm.user) if config.vm.user else None,
-        launcher=launcher or current_launcher(),
+        launcher=launcher,
         missing_files=missing,
+        state_base=state_base(launcher.uid),
     )

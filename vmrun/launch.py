@@ -8,11 +8,15 @@ every other fd is closed, and QEMU replaces this process.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import json
 import os
 import resource
+import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -85,11 +89,81 @@ def open_error(spec: FdSpec, path: str, e: OSError) -> LaunchError:
     return LaunchError(what + (f" ({path})" if path != spec.path else ""), hints.get(e.errno or 0))
 
 
+def take_lock(plan: Plan, spec: FdSpec) -> int:
+    """Lock the VM's name; the fd goes to QEMU, which so holds the lock until it exits."""
+    assert spec.path is not None
+    try:
+        os.makedirs(plan.state_dir, mode=0o700, exist_ok=True)
+        fd = os.open(spec.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise LaunchError(
+            f"cannot create {spec.path}: {e.strerror}", "set VMRUN_STATE_DIR to a writable directory"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = read_pid(plan.state_dir)
+        raise LaunchError(
+            f"VM {plan.name} is already running" + (f" (pid {pid})" if pid else ""),
+            f"stop it first (vmrun stop {plan.name}), or give this config another vm.name",
+        ) from None
+    return fd
+
+
+def read_pid(state_dir: str) -> int | None:
+    try:
+        return int(open(os.path.join(state_dir, "pid")).read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def listen_qmp(spec: FdSpec) -> int:
+    assert spec.path is not None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # The name is locked by us: a socket file left there is from a VM that is gone.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(spec.path)
+        sock.bind(spec.path)
+        os.chmod(spec.path, 0o600)
+        sock.listen(4)
+    except OSError as e:
+        sock.close()
+        raise LaunchError(f"cannot create the QMP socket {spec.path}: {e.strerror}") from None
+    return sock.detach()
+
+
+def write_state(plan: Plan) -> None:
+    """What `vmrun ps` and `vmrun stop` read; the pid is QEMU's, as exec keeps it."""
+    state = {
+        "name": plan.name,
+        "config": os.path.abspath(plan.config),
+        "pid": os.getpid(),
+        "started": time.time(),
+        "run_as": plan.run_as.name if plan.run_as else None,
+        "devices": [f.purpose for f in plan.fds if f.kind in ("device", "inherited")],
+        "argv": plan.argv,
+    }
+    for name, text in (("pid", f"{os.getpid()}\n"), ("state.json", json.dumps(state, indent=1) + "\n")):
+        tmp = os.path.join(plan.state_dir, f".{name}.tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(plan.state_dir, name))
+
+
 def open_planned(plan: Plan) -> dict[int, int]:
     """Open every planned file; returns {planned number: fd as opened}. All or nothing."""
     opened: dict[int, int] = {}
     try:
-        for spec in plan.fds:
+        # The lock first: a second launch of a running VM must say so, not fail on a busy device.
+        for spec in sorted(plan.fds, key=lambda f: f.kind != "lock"):
+            if spec.kind == "lock":
+                opened[spec.fd] = take_lock(plan, spec)
+                continue
+            if spec.kind == "qmp":
+                opened[spec.fd] = listen_qmp(spec)
+                continue
             if spec.path is None:
                 continue
             path = os.path.join(plan.host_root, spec.path.lstrip("/"))
@@ -208,8 +282,9 @@ def launch(plan: Plan, env: dict[str, str] | None = None, execve: Exec = os.exec
     ensure_stdio()
     check_caller_fds(plan)
     opened = open_planned(plan)
-    caller = [f.fd for f in plan.fds if f.path is None]
+    caller = [f.fd for f in plan.fds if f.kind == "inherited"]
     place_fds(opened, caller)
+    write_state(plan)
     set_memlock(plan.memlock.limit)
     drop_privileges(plan, env)
     close_other_fds({0, 1, 2, *(f.fd for f in plan.fds)})

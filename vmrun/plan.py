@@ -26,13 +26,18 @@ INSTALL_HINT = "on Debian 12 install qemu-system-x86 from bookworm-backports (sc
 @attrs.frozen
 class FdSpec:
     fd: int
-    path: str | None  # host path vmrun opens; None: the caller passed this fd in
+    path: str | None  # what vmrun opens or creates; None: the caller passed this fd in
     purpose: str
     flags: str = "O_RDWR"
     per_process_accounting: bool = False  # set IOMMU_OPTION_RLIMIT_MODE on this /dev/iommu fd
+    # device: a host file under the host root; lock: flock'ed for QEMU's life;
+    # qmp: a listening unix socket; inherited: from the caller
+    kind: FdKind = "device"
 
 
 Status = Literal["ok", "warn", "fail"]
+FdKind = Literal["device", "inherited", "lock", "qmp"]
+QMP_CHARDEV = "vmrun-qmp"
 
 
 @attrs.frozen
@@ -47,6 +52,7 @@ class Plan:
     config: str
     host_root: str
     options: tuple[tuple[str, ...], ...]  # argv, one option with its value per entry
+    state_dir: str  # pid, lock and QMP socket of the running VM
     fds: tuple[FdSpec, ...]
     memlock: MemlockPlan
     run_as: User | None  # None: QEMU runs as the caller
@@ -135,17 +141,41 @@ class Planner:
             options.append(("-append", vm.append))
         options += [("-object", self.iommufd_object(i)) for i in range(len(self.config.iommufd))]
         options += [("-device", self.device(i)) for i in range(len(self.config.vfio))]
+        options += self.state_fds()
         options += qemu_args.group(vm.args)
         return Plan(
             name=vm.name,
             config=str(self.config.file),
             host_root=self.facts.root,
             options=tuple(options),
+            state_dir=self.state_dir,
             fds=tuple(sorted(self.fds, key=lambda f: f.fd)),
             memlock=memlock,
             run_as=self.facts.run_as if vm.user else None,
             findings=tuple(self.findings),
         )
+
+    @property
+    def state_dir(self) -> str:
+        return f"{self.facts.state_base}/{self.config.vm.name}"
+
+    def state_fds(self) -> list[tuple[str, ...]]:
+        """The lock on the VM's name and its QMP socket, both handed to QEMU as fds.
+
+        QEMU holds the lock for its whole life without knowing it, so a second `run` of
+        the same name fails and a crashed VM leaves no stale lock; the QMP socket is made
+        by vmrun so a de-privileged QEMU needs no writable directory.
+        """
+        lock = self.numbers.allocate()
+        self.fds.append(
+            FdSpec(lock, f"{self.state_dir}/lock", "lock on the VM name", "O_RDWR|O_CREAT, flock", kind="lock")
+        )
+        qmp = self.numbers.allocate()
+        self.fds.append(
+            FdSpec(qmp, f"{self.state_dir}/qmp.sock", "QMP socket for vmrun", "unix, listening", kind="qmp")
+        )
+        chardev = qemu_args.option("socket", [("id", QMP_CHARDEV), ("fd", qmp), ("server", True), ("wait", False)])
+        return [("-chardev", chardev), ("-mon", f"chardev={QMP_CHARDEV},mode=control")]
 
     def check_qemu(self) -> None:
         caps = self.facts.qemu
@@ -247,7 +277,7 @@ class Planner:
         obj = self.config.iommufd[i]
         if obj.fd is not None:
             fd = obj.fd
-            self.fds.append(FdSpec(fd, None, f"iommufd {obj.id} (from the caller)"))
+            self.fds.append(FdSpec(fd, None, f"iommufd {obj.id} (from the caller)", kind="inherited"))
         else:
             fd = self.numbers.allocate()
             per_process = self.per_process_accounting(i)
@@ -288,7 +318,7 @@ class Planner:
         facts = self.facts.devices.get(dev.id, DeviceFacts(sysfs=None))
         props: list[tuple[str, str | int | bool | None]] = [("id", dev.id)]
         if dev.fd is not None:
-            self.fds.append(FdSpec(dev.fd, None, f"{dev.driver} {dev.id} (from the caller)"))
+            self.fds.append(FdSpec(dev.fd, None, f"{dev.driver} {dev.id} (from the caller)", kind="inherited"))
             props.append(("fd", dev.fd))
         else:
             self.check_device(path, dev, facts)

@@ -16,7 +16,9 @@ def shell_lines(plan: Plan) -> list[str]:
     The planned fds become `N<>PATH` redirections so the pasted command gets them too.
     """
     lines = [" ".join(shlex.quote(a) for a in opt) for opt in plan.options]
-    redirects = [f"{f.fd}<>{shlex.quote(f.path)}" for f in plan.fds if f.path is not None and f.path.startswith("/")]
+    redirects = [
+        f"{f.fd}<>{shlex.quote(f.path)}" for f in plan.fds if f.kind == "device" and f.path and f.path[0] == "/"
+    ]
     if redirects:
         lines.append(" ".join(redirects))
     lines = lines[:1] + ["  " + line for line in lines[1:]]
@@ -24,10 +26,13 @@ def shell_lines(plan: Plan) -> list[str]:
 
 
 def fd_table(plan: Plan) -> list[str]:
+    paths = [f.path or "(inherited)" for f in plan.fds]
+    flags_width = max([len(f.flags) for f in plan.fds] + [0])
+    path_width = max([len(p) for p in paths] + [0])
     rows = []
-    for f in plan.fds:
+    for f, path in zip(plan.fds, paths, strict=True):
         extra = " [per-process accounting]" if f.per_process_accounting else ""
-        rows.append(f"{f.fd:>3}  {f.path or '(inherited)':<28} {f.flags:<7} {f.purpose}{extra}")
+        rows.append(f"{f.fd:>3}  {path:<{path_width}}  {f.flags:<{flags_width}}  {f.purpose}{extra}")
     return rows
 
 
@@ -39,6 +44,7 @@ def text(plan: Plan, show_problems: bool = True) -> str:
     out += shell_lines(plan)
     out.append("# fds:")
     out += [f"#   {row}" for row in fd_table(plan)] or ["#   (none beyond stdin, stdout, stderr)"]
+    out.append(f"# state: {plan.state_dir} (vmrun creates the lock and the QMP socket; QEMU inherits them)")
     out.append(f"# memlock: {plan.memlock.describe()}")
     if plan.run_as is None:
         out.append("# run as: the caller")
@@ -57,6 +63,7 @@ def to_json(plan: Plan) -> dict[str, Any]:
         "name": plan.name,
         "config": plan.config,
         "argv": plan.argv,
+        "state_dir": plan.state_dir,
         "fds": [
             {
                 "fd": f.fd,
@@ -64,6 +71,7 @@ def to_json(plan: Plan) -> dict[str, Any]:
                 "flags": f.flags,
                 "purpose": f.purpose,
                 "per_process_accounting": f.per_process_accounting,
+                "kind": f.kind,
             }
             for f in plan.fds
         ],
