@@ -8,6 +8,7 @@ is set (then real character nodes made with mknod, which needs root).
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import stat
@@ -35,6 +36,8 @@ class FakeHost:
     vfio_container: bool = True
     char_nodes: bool = False
     node_mode: int = 0o600
+    taps: tuple[str, ...] = ()
+    uefi: bool = False
 
 
 def node(path: pathlib.Path, char: bool, mode: int, rdev: tuple[int, int]) -> None:
@@ -44,6 +47,20 @@ def node(path: pathlib.Path, char: bool, mode: int, rdev: tuple[int, int]) -> No
     else:
         path.write_text("")
     os.chmod(path, mode)
+
+
+def firmware(variant: str, features: list[str]) -> dict[str, object]:
+    suffix = f".{variant}" if variant else ""
+    return {
+        "interface-types": ["uefi"],
+        "mapping": {
+            "device": "flash",
+            "executable": {"filename": f"/usr/share/OVMF/OVMF_CODE_4M{suffix}.fd", "format": "raw"},
+            "nvram-template": {"filename": f"/usr/share/OVMF/OVMF_VARS_4M{suffix}.fd", "format": "raw"},
+        },
+        "targets": [{"architecture": "x86_64", "machines": ["pc-q35-*"]}],
+        "features": features,
+    }
 
 
 def build(root: pathlib.Path, spec: FakeHost) -> pathlib.Path:
@@ -88,6 +105,16 @@ def build(root: pathlib.Path, spec: FakeHost) -> pathlib.Path:
     probe = sys_ / "bus" / "pci" / "drivers_probe"
     probe.parent.mkdir(parents=True, exist_ok=True)
     probe.touch()
+    if spec.uefi:
+        desc = root / "usr" / "share" / "qemu" / "firmware"
+        desc.mkdir(parents=True)
+        (desc / "50-edk2-x86_64-secure.json").write_text(
+            json.dumps(firmware("secure", ["secure-boot", "requires-smm"]))
+        )
+        (desc / "60-edk2-x86_64.json").write_text(json.dumps(firmware("", ["acpi-s3"])))
+    for tap in spec.taps:
+        (sys_ / "class" / "net" / tap).mkdir(parents=True)
+        node(root / "dev" / "net" / "tun", spec.char_nodes, 0o666, (10, 200))
     if spec.dev_iommu:
         node(root / "dev" / "iommu", spec.char_nodes, spec.node_mode, (10, 123))
     if spec.vfio_container:
@@ -103,5 +130,7 @@ STANDARD = FakeHost(
         FakePci("0000:04:00.0", driver="nvme", group=4, cdev=None),
         FakePci("0000:05:00.0", group=5, cdev=3),
         FakePci("0000:05:00.1", driver="snd_hda_intel", group=5, cdev=None),
-    )
+    ),
+    taps=("tap0",),
+    uefi=True,
 )

@@ -18,13 +18,15 @@ from typing import Any
 import attrs
 
 from vmrun.errors import ConfigError, Problem
-from vmrun.model import Config, Iommufd, Memlock, Vfio, Vm
+from vmrun.model import Config, Disk, Forward, Iommufd, Memlock, Net, Vfio, Vm
 from vmrun.sizes import parse_size
 
 # QEMU accepts ids that start with a letter and go on with letters, digits, '-', '.', '_'.
 ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 USER_RE = re.compile(r"^[a-z_][a-z0-9_-]*\$?$")
+SERIAL_RE = re.compile(r"^[A-Za-z0-9_.-]{1,20}$")
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 MACHINE_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 PCI_RE = re.compile(
     r"^(?:(?P<domain>[0-9a-fA-F]{4}):)?(?P<bus>[0-9a-fA-F]{2}):(?P<dev>[0-1][0-9a-fA-F])\.(?P<fn>[0-7])$"
@@ -157,6 +159,47 @@ def pci_address(value: object, ctx: Context) -> str:
     return f"{domain}:{m['bus'].lower()}:{m['dev'].lower()}.{m['fn']}"
 
 
+def cpu_model(value: object, ctx: Context) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise Invalid(f"is the CPU model, a string, not {value}", "the number of vCPUs is `cpus`")
+    model: str = string(MACHINE_RE, "a QEMU CPU model such as max or host")(value, ctx)
+    return model
+
+
+def boolean(value: object, ctx: Context) -> bool:
+    flag: bool = expect(value, bool, "true or false")
+    return flag
+
+
+FORWARD_RE = re.compile(r"^(?:(tcp|udp):)?(?:(\d{1,3}(?:\.\d{1,3}){3}):)?(\d+):(\d+)$")
+
+
+def forwards(value: object, ctx: Context) -> tuple[Forward, ...]:
+    out = []
+    for i, item in enumerate(string_list(value, ctx)):
+        m = FORWARD_RE.match(item)
+        ports = [int(m[3]), int(m[4])] if m else []
+        if not m or not all(0 < p < 65536 for p in ports):
+            raise Invalid(
+                f"item {i}: {shown(item)} is not a port forward",
+                'write [PROTO:][HOSTADDR:]HOSTPORT:GUESTPORT, e.g. "tcp:2222:22" or "udp:0.0.0.0:5353:53"',
+            )
+        out.append(Forward(m[1] or "tcp", m[2] or "127.0.0.1", ports[0], ports[1]))
+    return tuple(out)
+
+
+MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}$")
+
+
+def mac_address(value: object, ctx: Context) -> str:
+    text: str = expect(value, str, "a MAC address string")
+    if not MAC_RE.match(text):
+        raise Invalid(f"{shown(text)} is not a MAC address", 'write six hex pairs, e.g. "52:54:00:12:34:56"')
+    if int(text[:2], 16) & 1:
+        raise Invalid(f"{shown(text)} is a multicast address", "the first byte of a NIC's address must be even")
+    return text.lower()
+
+
 def sysfs_path(value: object, ctx: Context) -> str:
     text: str = string()(value, ctx)
     if not text.startswith("/sys/"):
@@ -233,7 +276,12 @@ VM_KEYS = (
         string(USER_RE, "a user name such as nobody"),
         "run QEMU as this user (vmrun as root)",
     ),
-    Key("console", choice("stdio", "none"), "serial console: stdio (default) or none"),
+    Key("cpu", cpu_model, "CPU model (default: QEMU's)"),
+    Key("console", choice("stdio", "socket", "none"), "serial console: stdio (default), socket or none"),
+    Key("display", choice("none", "vnc", "gtk", "sdl"), "display: none (default), vnc, gtk or sdl"),
+    Key("firmware", choice("bios", "uefi"), "bios (default) or uefi (OVMF)"),
+    Key("uefi_vars", file_path, "the VM's own UEFI variable store (made from the template when missing)"),
+    Key("viommu", choice("intel", "virtio"), "a virtual IOMMU for the guest: intel or virtio"),
     Key("memlock", memlock, 'RLIMIT_MEMLOCK: "auto" (default), "unlimited", "off" or a size'),
     Key("kernel", file_path, "kernel image for direct boot (relative to the config file)"),
     Key("initrd", file_path, "initial ramdisk for direct boot"),
@@ -257,7 +305,24 @@ VFIO_KEYS = (
     Key("iommufd", string(ID_RE, ID_HINT), "id of an [[iommufd]]; absent: legacy VFIO container"),
     Key("props", props, "extra device properties, e.g. { x-vga = true }"),
 )
-SECTIONS = {"vm": "table", "iommufd": "array", "vfio": "array"}
+DISK_KEYS = (
+    Key("id", string(ID_RE, ID_HINT), "id of the disk", required=True),
+    Key("path", file_path, "image file (relative to the config file)", required=True),
+    Key("format", choice("raw", "qcow2"), "image format: raw (default) or qcow2"),
+    Key("interface", choice("virtio-blk", "nvme", "scsi"), "virtio-blk (default), nvme or scsi"),
+    Key("readonly", boolean, "attach read-only (default false)"),
+    Key("cache", choice("writeback", "none", "unsafe"), "host cache: writeback (default), none (O_DIRECT), unsafe"),
+    Key("serial", string(SERIAL_RE, "letters, digits, '-', '_', '.', at most 20"), "serial number the guest sees"),
+)
+NET_KEYS = (
+    Key("id", string(ID_RE, ID_HINT), "id of the network device", required=True),
+    Key("type", choice("user", "tap"), "user (default: NAT, no privileges) or tap"),
+    Key("forwards", forwards, 'user: host ports forwarded to the guest, e.g. ["tcp:2222:22"]'),
+    Key("ifname", string(IFNAME_RE, "an interface name such as tap0"), "tap: an existing tap interface"),
+    Key("mac", mac_address, "MAC address (default: derived from the VM and device names)"),
+    Key("model", choice("virtio-net-pci", "e1000e", "e1000"), "NIC model: virtio-net-pci (default), e1000e, e1000"),
+)
+SECTIONS = {"vm": "table", "iommufd": "array", "vfio": "array", "disk": "array", "net": "array"}
 
 
 def did_you_mean(word: str, options: tuple[str, ...] | list[str] | Mapping[str, object]) -> str | None:
@@ -340,7 +405,7 @@ def parse(text: str, path: pathlib.Path) -> Config:
     reader = Reader(Context(base=path.absolute().parent))
     for name in raw:
         if name not in SECTIONS:
-            hint = did_you_mean(name, SECTIONS) or "sections are [vm], [[iommufd]] and [[vfio]]"
+            hint = did_you_mean(name, SECTIONS) or "sections are [vm], [[iommufd]], [[vfio]], [[disk]] and [[net]]"
             reader.problem(name, "unknown section", hint)
     vm_raw = raw.get("vm")
     if not isinstance(vm_raw, dict):
@@ -352,7 +417,12 @@ def parse(text: str, path: pathlib.Path) -> Config:
     vm = reader.table(vm_raw, VM_KEYS, "vm")
     objects = reader.array(raw, "iommufd", IOMMUFD_KEYS)
     devices = reader.array(raw, "vfio", VFIO_KEYS)
+    disks = reader.array(raw, "disk", DISK_KEYS)
+    nets = reader.array(raw, "net", NET_KEYS)
     cross_check(reader, vm, objects, devices)
+    check_ids(reader, {"iommufd": objects, "vfio": devices, "disk": disks, "net": nets})
+    check_vm(reader, vm)
+    check_nets(reader, nets)
     if reader.problems:
         raise ConfigError(str(path), reader.problems)
     return Config(
@@ -360,6 +430,8 @@ def parse(text: str, path: pathlib.Path) -> Config:
         vm=Vm(**vm),
         iommufd=tuple(Iommufd(**o.values) for o in objects),
         vfio=tuple(Vfio(**d.values) for d in devices),
+        disk=tuple(Disk(**d.values) for d in disks),
+        net=tuple(Net(**n.values) for n in nets),
     )
 
 
@@ -382,26 +454,6 @@ def cross_check(r: Reader, vm: dict[str, Any], object_entries: list[Entry], devi
 
     objects = [o.values for o in object_entries]
     devices = [d.values for d in device_entries]
-    seen_ids: dict[str, str] = {}
-    fds: dict[int, str] = {}
-    for section, values in (("iommufd", objects), ("vfio", devices)):
-        for i, parsed in enumerate(values):
-            path = f"{section}[{i}]"
-            if "id" in parsed:
-                if parsed["id"] in seen_ids:
-                    r.problem(
-                        f"{path}.id",
-                        f"{shown(parsed['id'])} is already the id of {seen_ids[parsed['id']]}",
-                        "objects and devices share one id namespace; pick another id",
-                    )
-                else:
-                    seen_ids[parsed["id"]] = path
-            if "fd" in parsed:
-                if parsed["fd"] in fds:
-                    r.problem(f"{path}.fd", f"fd {parsed['fd']} is already passed as {fds[parsed['fd']]}.fd")
-                else:
-                    fds[parsed["fd"]] = path
-
     object_ids = [o["id"] for o in objects if "id" in o]
     for i, (entry, dev) in enumerate(zip(device_entries, devices, strict=True)):
         path = f"vfio[{i}]"
@@ -432,3 +484,48 @@ def cross_check(r: Reader, vm: dict[str, Any], object_entries: list[Entry], devi
                 "fd passing needs the iommufd backend: QEMU refuses fd= on a legacy VFIO device",
                 'add iommufd = "<id of an [[iommufd]]>", or name the device by host or sysfsdev',
             )
+
+
+def check_ids(r: Reader, sections: dict[str, list[Entry]]) -> None:
+    """One id namespace across objects and devices, as QEMU has; caller fds used once."""
+    seen_ids: dict[str, str] = {}
+    fds: dict[int, str] = {}
+    for section, entries in sections.items():
+        for i, entry in enumerate(entries):
+            path, parsed = f"{section}[{i}]", entry.values
+            if "id" in parsed:
+                if parsed["id"] in seen_ids:
+                    r.problem(
+                        f"{path}.id",
+                        f"{shown(parsed['id'])} is already the id of {seen_ids[parsed['id']]}",
+                        "objects and devices share one id namespace; pick another id",
+                    )
+                else:
+                    seen_ids[parsed["id"]] = path
+            if "fd" in parsed:
+                if parsed["fd"] in fds:
+                    r.problem(f"{path}.fd", f"fd {parsed['fd']} is already passed as {fds[parsed['fd']]}.fd")
+                else:
+                    fds[parsed["fd"]] = path
+
+
+def is_q35(machine: str) -> bool:
+    return machine == "q35" or machine.startswith("pc-q35")
+
+
+def check_vm(r: Reader, vm: dict[str, Any]) -> None:
+    if "uefi_vars" in vm and vm.get("firmware") != "uefi":
+        r.problem("vm.uefi_vars", 'needs firmware = "uefi"', 'set vm.firmware = "uefi", or drop this key')
+    if vm.get("viommu") == "intel" and not is_q35(vm.get("machine", "q35")):
+        r.problem("vm.viommu", f"intel-iommu needs a q35 machine, not {vm['machine']}", 'set machine = "q35"')
+
+
+def check_nets(r: Reader, nets: list[Entry]) -> None:
+    for i, entry in enumerate(nets):
+        kind = entry.values.get("type", "user")
+        if kind == "tap" and "ifname" not in entry.raw:
+            r.problem(f"net[{i}]", "a tap device needs ifname", 'name an existing tap, e.g. ifname = "tap0"')
+        if kind != "tap" and "ifname" in entry.raw:
+            r.problem(f"net[{i}].ifname", 'only for type = "tap"', 'drop it, or set type = "tap"')
+        if kind != "user" and "forwards" in entry.raw:
+            r.problem(f"net[{i}].forwards", 'only for type = "user"', "forward ports on the host's bridge instead")

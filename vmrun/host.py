@@ -7,6 +7,7 @@ opens a device, writes, or changes the process. The plan consumes a HostFacts va
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pathlib
 import pwd
@@ -75,6 +76,22 @@ class Launcher:
 
 
 @attrs.frozen
+class Firmware:
+    """A UEFI build as QEMU's firmware descriptors (docs/interop/firmware.json) list it."""
+
+    descriptor: str
+    code: str
+    vars_template: str
+
+
+@attrs.frozen
+class ImageFacts:
+    exists: bool
+    detected_format: str | None = None  # from the first bytes: qcow2, or raw for anything else
+    backing_file: str | None = None  # qcow2 only
+
+
+@attrs.frozen
 class HostFacts:
     root: str
     qemu: QemuCaps | None  # None: the binary was not found
@@ -86,6 +103,11 @@ class HostFacts:
     launcher: Launcher
     missing_files: tuple[str, ...] = ()
     state_base: str = "/run/vmrun"
+    data_base: str = "/var/lib/vmrun"
+    uefi: Firmware | None = None
+    images: dict[str, ImageFacts] = attrs.field(factory=dict)  # by disk id
+    dev_tun: Node | None = None
+    net_interfaces: frozenset[str] = frozenset()
 
 
 class Host:
@@ -153,6 +175,58 @@ class Host:
         )
 
 
+FIRMWARE_DIRS = ("/etc/qemu/firmware", "/usr/share/qemu/firmware")
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def find_uefi(host: Host) -> Firmware | None:
+    """The first plain (no Secure Boot, no SMM) x86_64 UEFI flash build, by descriptor priority."""
+    names: dict[str, str] = {}
+    for directory in reversed(FIRMWARE_DIRS):  # /etc overrides /usr/share by file name
+        try:
+            for name in os.listdir(host.under(directory)):
+                if name.endswith(".json"):
+                    names[name] = f"{directory}/{name}"
+        except OSError:
+            continue
+    for name in sorted(names):
+        text = host.read(names[name])
+        try:
+            desc = json.loads(text or "")
+            mapping = desc["mapping"]
+            archs = {t["architecture"] for t in desc["targets"]}
+            features = set(desc.get("features", []))
+            if (
+                "uefi" in desc["interface-types"]
+                and mapping.get("device") == "flash"
+                and "x86_64" in archs
+                and not features & {"secure-boot", "requires-smm", "enrolled-keys"}
+            ):
+                return Firmware(names[name], mapping["executable"]["filename"], mapping["nvram-template"]["filename"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a descriptor we cannot read is one we cannot use
+    return None
+
+
+def image_facts(path: pathlib.Path) -> ImageFacts:
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+            if header[:4] != QCOW2_MAGIC:
+                return ImageFacts(True, "raw")
+            offset = int.from_bytes(header[8:16], "big")
+            size = int.from_bytes(header[16:20], "big")
+            backing = None
+            if offset and 0 < size < 4096:
+                f.seek(offset)
+                backing = f.read(size).decode("utf-8", "replace")
+            return ImageFacts(True, "qcow2", backing)
+    except FileNotFoundError:
+        return ImageFacts(False)
+    except OSError:
+        return ImageFacts(True)  # exists but unreadable for vmrun: the launch will say so
+
+
 def lookup_user(name: str) -> User | None:
     try:
         pw = pwd.getpwnam(name)
@@ -190,6 +264,16 @@ def state_base(uid: int) -> str:
     return f"{runtime}/vmrun" if runtime else f"/tmp/vmrun-{uid}"
 
 
+def data_base(uid: int) -> str:
+    """Where VMs keep what must survive a reboot of the host (the UEFI variable store)."""
+    if os.environ.get("VMRUN_DATA_DIR"):
+        return os.environ["VMRUN_DATA_DIR"]
+    if uid == 0:
+        return "/var/lib/vmrun"
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return f"{data}/vmrun"
+
+
 def gather(
     config: Config,
     root: str | os.PathLike[str] = "/",
@@ -201,6 +285,10 @@ def gather(
     caps = qemu_caps(config.vm.qemu)
     launcher = launcher or current_launcher()
     missing = tuple(str(p) for p in (config.vm.kernel, config.vm.initrd) if p is not None and not p.is_file())
+    try:
+        interfaces = frozenset(os.listdir(host.under("/sys/class/net")))
+    except OSError:
+        interfaces = frozenset()
     return HostFacts(
         root=str(root),
         qemu=caps,
@@ -212,4 +300,9 @@ def gather(
         launcher=launcher,
         missing_files=missing,
         state_base=state_base(launcher.uid),
+        data_base=data_base(launcher.uid),
+        uefi=find_uefi(host) if config.vm.firmware == "uefi" else None,
+        images={d.id: image_facts(d.path) for d in config.disk},
+        dev_tun=host.node("/dev/net/tun") if any(n.type == "tap" for n in config.net) else None,
+        net_interfaces=interfaces,
     )

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import resource
+import shutil
 import socket
 import struct
 import time
@@ -118,7 +119,50 @@ def read_pid(state_dir: str) -> int | None:
         return None
 
 
-def listen_qmp(spec: FdSpec) -> int:
+def open_file(spec: FdSpec) -> int:
+    """An image or firmware file; a missing per-VM copy is made from its template first."""
+    assert spec.path is not None
+    if spec.template is not None and not os.path.exists(spec.path):
+        try:
+            os.makedirs(os.path.dirname(spec.path), mode=0o700, exist_ok=True)
+            tmp = f"{spec.path}.{os.getpid()}.tmp"
+            shutil.copyfile(spec.template, tmp)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, spec.path)
+        except OSError as e:
+            raise LaunchError(f"cannot make {spec.path} from {spec.template}: {e.strerror}") from None
+    flags = os.O_RDONLY if spec.flags == "O_RDONLY" else os.O_RDWR
+    try:
+        return os.open(spec.path, flags | os.O_CLOEXEC)
+    except OSError as e:
+        raise LaunchError(
+            f"cannot open {spec.path} for {spec.purpose}: {e.strerror}",
+            "vmrun opens it and passes the fd, so only vmrun's user needs access",
+        ) from None
+
+
+# <linux/if_tun.h>
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+
+
+def open_tap(plan: Plan, spec: FdSpec) -> int:
+    """Attach to an existing tap interface, so QEMU needs neither /dev/net/tun nor CAP_NET_ADMIN."""
+    assert spec.path is not None and spec.ifname is not None
+    fd = os.open(os.path.join(plan.host_root, spec.path.lstrip("/")), os.O_RDWR | os.O_CLOEXEC)
+    ifreq = struct.pack("16sH22x", spec.ifname.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, ifreq)
+    except OSError as e:
+        os.close(fd)
+        raise LaunchError(
+            f"cannot attach to tap {spec.ifname}: {e.strerror}",
+            f"create it for the launching user (ip tuntap add {spec.ifname} mode tap user USER), or run vmrun as root",
+        ) from None
+    return fd
+
+
+def listen_unix(spec: FdSpec) -> int:
     assert spec.path is not None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -130,7 +174,7 @@ def listen_qmp(spec: FdSpec) -> int:
         sock.listen(4)
     except OSError as e:
         sock.close()
-        raise LaunchError(f"cannot create the QMP socket {spec.path}: {e.strerror}") from None
+        raise LaunchError(f"cannot create the socket {spec.path} ({spec.purpose}): {e.strerror}") from None
     return sock.detach()
 
 
@@ -161,8 +205,14 @@ def open_planned(plan: Plan) -> dict[int, int]:
             if spec.kind == "lock":
                 opened[spec.fd] = take_lock(plan, spec)
                 continue
-            if spec.kind == "qmp":
-                opened[spec.fd] = listen_qmp(spec)
+            if spec.kind in ("qmp", "console"):
+                opened[spec.fd] = listen_unix(spec)
+                continue
+            if spec.kind == "file":
+                opened[spec.fd] = open_file(spec)
+                continue
+            if spec.kind == "tap":
+                opened[spec.fd] = open_tap(plan, spec)
                 continue
             if spec.path is None:
                 continue

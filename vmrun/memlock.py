@@ -36,6 +36,10 @@ def address_spaces(config: Config) -> list[str]:
     """The separate DMA address spaces the VM's devices need, in declaration order."""
     spaces: list[str] = []
     for dev in config.vfio:
+        if config.vm.viommu is not None:
+            # Behind a vIOMMU the guest may give each device its own domain, each pinned apart.
+            spaces.append(f"{dev.id} behind the vIOMMU")
+            continue
         space = f"iommufd {dev.iommufd}" if dev.iommufd else "legacy VFIO container"
         if space not in spaces:
             spaces.append(space)

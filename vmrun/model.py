@@ -27,7 +27,12 @@ class Vm:
     accel: str = "kvm"
     qemu: str = "qemu-system-x86_64"
     user: str | None = None
-    console: str = "stdio"
+    cpu: str | None = None  # QEMU's default model when None
+    console: str = "stdio"  # stdio | socket | none
+    display: str = "none"  # none | vnc | gtk | sdl
+    firmware: str = "bios"  # bios | uefi
+    uefi_vars: pathlib.Path | None = None  # per-VM copy of the UEFI variable store
+    viommu: str | None = None  # intel | virtio
     memlock: Memlock = Memlock()
     kernel: pathlib.Path | None = None
     initrd: pathlib.Path | None = None
@@ -62,11 +67,45 @@ class Vfio:
 
 
 @attrs.frozen
+class Disk:
+    id: str
+    path: pathlib.Path
+    format: str = "raw"  # raw | qcow2
+    interface: str = "virtio-blk"  # virtio-blk | nvme | scsi
+    readonly: bool = False
+    cache: str = "writeback"  # writeback | none | unsafe
+    serial: str | None = None
+
+
+@attrs.frozen
+class Forward:
+    protocol: str  # tcp | udp
+    host_addr: str
+    host_port: int
+    guest_port: int
+
+    def hostfwd(self) -> str:
+        return f"{self.protocol}:{self.host_addr}:{self.host_port}-:{self.guest_port}"
+
+
+@attrs.frozen
+class Net:
+    id: str
+    type: str = "user"  # user | tap
+    forwards: tuple[Forward, ...] = ()
+    ifname: str | None = None  # tap: an existing interface vmrun attaches to
+    mac: str | None = None
+    model: str = "virtio-net-pci"
+
+
+@attrs.frozen
 class Config:
     file: pathlib.Path
     vm: Vm
     iommufd: tuple[Iommufd, ...] = ()
     vfio: tuple[Vfio, ...] = ()
+    disk: tuple[Disk, ...] = ()
+    net: tuple[Net, ...] = ()
 
     def caller_fds(self) -> set[int]:
         """Fds the caller opened and vmrun passes on untouched."""

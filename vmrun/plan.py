@@ -6,6 +6,7 @@ what `vmrun plan` prints and what the launch carries out step by step.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Literal
 
@@ -30,13 +31,16 @@ class FdSpec:
     purpose: str
     flags: str = "O_RDWR"
     per_process_accounting: bool = False  # set IOMMU_OPTION_RLIMIT_MODE on this /dev/iommu fd
-    # device: a host file under the host root; lock: flock'ed for QEMU's life;
-    # qmp: a listening unix socket; inherited: from the caller
+    # device: a host file under the host root; file: an image or firmware file (path as is);
+    # tap: /dev/net/tun attached to `ifname`; lock: flock'ed for QEMU's life;
+    # qmp, console: listening unix sockets; inherited: from the caller
     kind: FdKind = "device"
+    template: str | None = None  # file: copied to `path` first when `path` is missing
+    ifname: str | None = None  # tap: the interface to attach to
 
 
 Status = Literal["ok", "warn", "fail"]
-FdKind = Literal["device", "inherited", "lock", "qmp"]
+FdKind = Literal["device", "file", "tap", "inherited", "lock", "qmp", "console"]
 QMP_CHARDEV = "vmrun-qmp"
 
 
@@ -97,6 +101,8 @@ class Planner:
         self.findings: list[Finding] = []
         self.fds: list[FdSpec] = []
         self.numbers = FdNumbers(set(config.caller_fds()))
+        self.fdsets = 0
+        self.scsi_controller = False
 
     def problem(self, path: str, message: str, hint: str | None = None) -> None:
         self.findings.append(Finding("fail", Problem(path, message, hint)))
@@ -120,28 +126,47 @@ class Planner:
                 self.problem(key, f"{path} does not exist", "fix the path; relative paths start at the config file")
             else:
                 self.ok(key, f"{path} exists")
+        # Parts are planned in fd order (devices first, sockets last), then laid out in argv
+        # in the order a reader expects: machine, firmware, devices, backends.
+        iommufd_opts = [("-object", self.iommufd_object(i)) for i in range(len(self.config.iommufd))]
+        vfio_opts = [("-device", self.device(i)) for i in range(len(self.config.vfio))]
+        firmware_opts, pflash = self.firmware()
+        disk_opts = [opt for i in range(len(self.config.disk)) for opt in self.disk(i)]
+        net_opts = [opt for i in range(len(self.config.net)) for opt in self.net(i)]
+        console_opts = self.console()
+        state_opts = self.state_fds()
+        machine = [vm.machine, *pflash]
+        if vm.viommu == "intel" and vm.accel == "kvm":
+            machine.append("kernel-irqchip=split")  # interrupt remapping needs it under KVM
         options: list[tuple[str, ...]] = [
             (self.facts.qemu.path if self.facts.qemu else vm.qemu,),
             ("-name", f"guest={vm.name}"),
-            ("-machine", vm.machine),
+            ("-machine", ",".join(machine)),
             ("-accel", vm.accel),
+        ]
+        if vm.cpu is not None:
+            options.append(("-cpu", vm.cpu))
+        options += [
             ("-m", format_size(vm.memory)),
             ("-smp", str(vm.cpus)),
             ("-nodefaults",),
             ("-no-user-config",),
-            ("-display", "none"),
+            *self.display(),
+            *console_opts,
         ]
-        if vm.console == "stdio":
-            options.append(("-serial", "mon:stdio"))
         if vm.kernel is not None:
             options.append(("-kernel", str(vm.kernel)))
         if vm.initrd is not None:
             options.append(("-initrd", str(vm.initrd)))
         if vm.append is not None:
             options.append(("-append", vm.append))
-        options += [("-object", self.iommufd_object(i)) for i in range(len(self.config.iommufd))]
-        options += [("-device", self.device(i)) for i in range(len(self.config.vfio))]
-        options += self.state_fds()
+        options += firmware_opts
+        # The vIOMMU must exist before the devices behind it are created.
+        if vm.viommu == "intel":
+            options.append(("-device", "intel-iommu,id=viommu0,intremap=on,caching-mode=on"))
+        elif vm.viommu == "virtio":
+            options.append(("-device", "virtio-iommu-pci,id=viommu0"))
+        options += iommufd_opts + vfio_opts + disk_opts + net_opts + state_opts
         options += qemu_args.group(vm.args)
         return Plan(
             name=vm.name,
@@ -154,6 +179,147 @@ class Planner:
             run_as=self.facts.run_as if vm.user else None,
             findings=tuple(self.findings),
         )
+
+    def display(self) -> list[tuple[str, ...]]:
+        kind = self.config.vm.display
+        if kind == "none":
+            return [("-display", "none")]
+        # -nodefaults leaves the guest without a video card: add one to show.
+        video = ("-device", "VGA,id=video0")
+        if kind == "vnc":
+            return [video, ("-display", "none"), ("-vnc", "127.0.0.1:0,to=99")]
+        return [video, ("-display", kind)]
+
+    def console(self) -> list[tuple[str, ...]]:
+        kind = self.config.vm.console
+        if kind == "stdio":
+            return [("-serial", "mon:stdio")]
+        if kind == "none":
+            return []
+        fd = self.numbers.allocate()
+        path = f"{self.state_dir}/console.sock"
+        self.fds.append(FdSpec(fd, path, "serial console socket", "unix, listening", kind="console"))
+        chardev = qemu_args.option("socket", [("id", "console"), ("fd", fd), ("server", True), ("wait", False)])
+        return [("-chardev", chardev), ("-serial", "chardev:console")]
+
+    def fdset(self, fd: int, opaque: str) -> tuple[tuple[str, str], str]:
+        """An fd QEMU opens as /dev/fdset/N, so it needs no access to `path` itself."""
+        self.fdsets += 1
+        add = qemu_args.option("", [("fd", fd), ("set", self.fdsets), ("opaque", opaque)])[1:]
+        return ("-add-fd", add), f"/dev/fdset/{self.fdsets}"
+
+    def firmware(self) -> tuple[list[tuple[str, ...]], list[str]]:
+        vm = self.config.vm
+        if vm.firmware != "uefi":
+            return [], []
+        fw = self.facts.uefi
+        if fw is None:
+            self.problem("vm.firmware", "no UEFI firmware descriptor found", "install ovmf (Debian: apt install ovmf)")
+            return [], []
+        self.ok("vm.firmware", f"UEFI {fw.code} ({fw.descriptor})")
+        vars_path = str(vm.uefi_vars or f"{self.facts.data_base}/{vm.name}/OVMF_VARS.fd")
+        opts: list[tuple[str, ...]] = []
+        for node, path, mode, template in (
+            ("fw-code", fw.code, "O_RDONLY", None),
+            ("fw-vars", vars_path, "O_RDWR", fw.vars_template),
+        ):
+            fd = self.numbers.allocate()
+            purpose = "UEFI code" if template is None else "UEFI variables of this VM"
+            self.fds.append(FdSpec(fd, path, purpose, mode, kind="file", template=template))
+            add, fdset = self.fdset(fd, node)
+            readonly = template is None
+            opts += [
+                add,
+                (
+                    "-blockdev",
+                    qemu_args.keyval(
+                        [
+                            ("driver", "file"),
+                            ("node-name", f"{node}-file"),
+                            ("filename", fdset),
+                            ("read-only", readonly),
+                        ]
+                    ),
+                ),
+                (
+                    "-blockdev",
+                    qemu_args.keyval(
+                        [("driver", "raw"), ("node-name", node), ("file", f"{node}-file"), ("read-only", readonly)]
+                    ),
+                ),
+            ]
+        return opts, ["pflash0=fw-code", "pflash1=fw-vars"]
+
+    def disk(self, i: int) -> list[tuple[str, ...]]:
+        disk = self.config.disk[i]
+        path = f"disk[{i}]"
+        facts = self.facts.images.get(disk.id)
+        if facts is not None and not facts.exists:
+            self.problem(f"{path}.path", f"{disk.path} does not exist", "create it (qemu-img create) or fix the path")
+        elif facts is not None and facts.detected_format is not None:
+            if facts.detected_format != disk.format:
+                self.problem(
+                    f"{path}.format",
+                    f"{disk.path} is {facts.detected_format}, not {disk.format}",
+                    f'set format = "{facts.detected_format}"',
+                )
+            elif facts.backing_file:
+                self.note(
+                    f"{path}.path",
+                    f"{disk.path} has the backing file {facts.backing_file}, which QEMU opens by path itself",
+                    "vm.user must be able to read it; or flatten the image (qemu-img convert)",
+                )
+            else:
+                self.ok(f"{path}.path", f"{disk.path} is a {disk.format} image")
+        fd = self.numbers.allocate()
+        mode = "O_RDONLY" if disk.readonly else "O_RDWR"
+        self.fds.append(FdSpec(fd, str(disk.path), f"disk {disk.id}", mode, kind="file"))
+        add, fdset = self.fdset(fd, disk.id)
+        cache = [("cache.direct", disk.cache == "none"), ("cache.no-flush", disk.cache == "unsafe")]
+        common = [("read-only", disk.readonly), *cache]
+        file_node = qemu_args.keyval(
+            [("driver", "file"), ("node-name", f"{disk.id}-file"), ("filename", fdset), *common]
+        )
+        fmt_node = qemu_args.keyval(
+            [("driver", disk.format), ("node-name", f"{disk.id}-fmt"), ("file", f"{disk.id}-file"), *common]
+        )
+        opts: list[tuple[str, ...]] = [add, ("-blockdev", file_node), ("-blockdev", fmt_node)]
+        drive = f"{disk.id}-fmt"
+        if disk.interface == "virtio-blk":
+            device = qemu_args.option("virtio-blk-pci", [("id", disk.id), ("drive", drive), ("serial", disk.serial)])
+        elif disk.interface == "nvme":
+            # An NVMe controller must have a serial number.
+            device = qemu_args.option("nvme", [("id", disk.id), ("drive", drive), ("serial", disk.serial or disk.id)])
+        else:
+            if not self.scsi_controller:
+                self.scsi_controller = True
+                opts.append(("-device", "virtio-scsi-pci,id=scsi0"))
+            device = qemu_args.option(
+                "scsi-hd", [("id", disk.id), ("bus", "scsi0.0"), ("drive", drive), ("serial", disk.serial)]
+            )
+        opts.append(("-device", device))
+        return opts
+
+    def net(self, i: int) -> list[tuple[str, ...]]:
+        net = self.config.net[i]
+        mac = net.mac or derived_mac(self.config.vm.name, net.id)
+        if net.type == "user":
+            netdev = qemu_args.option("user", [("id", net.id), *[("hostfwd", f.hostfwd()) for f in net.forwards]])
+        else:
+            assert net.ifname is not None
+            if self.facts.dev_tun is None:
+                self.problem(f"net[{i}]", "/dev/net/tun does not exist", "load the tun module (modprobe tun)")
+            if net.ifname not in self.facts.net_interfaces:
+                self.problem(
+                    f"net[{i}].ifname",
+                    f"no network interface {net.ifname} on this host",
+                    f"create it, e.g. ip tuntap add {net.ifname} mode tap user {self.config.vm.user or 'USER'}",
+                )
+            fd = self.numbers.allocate()
+            self.fds.append(FdSpec(fd, "/dev/net/tun", f"tap {net.ifname} for {net.id}", kind="tap", ifname=net.ifname))
+            netdev = qemu_args.option("tap", [("id", net.id), ("fd", fd)])
+        device = qemu_args.option(net.model, [("id", net.id), ("netdev", net.id), ("mac", mac)])
+        return [("-netdev", netdev), ("-device", device)]
 
     @property
     def state_dir(self) -> str:
@@ -417,3 +583,9 @@ def describe_node(node: Node) -> str:
 def plan(config: Config, facts: HostFacts) -> Plan:
     """The plan for launching `config` on the host that `facts` describe."""
     return Planner(config, facts).build()
+
+
+def derived_mac(vm_name: str, dev_id: str) -> str:
+    """A stable, locally administered address: the same VM keeps its MAC across runs."""
+    digest = hashlib.sha256(f"{vm_name}/{dev_id}".encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])

@@ -27,6 +27,11 @@ def option(driver: str, props: Iterable[tuple[str, PropValue | None]]) -> str:
     return ",".join(parts)
 
 
+def keyval(props: Iterable[tuple[str, PropValue | None]]) -> str:
+    """`key=value,...` for options without a leading type, such as -blockdev."""
+    return ",".join(f"{k}={prop_value(v)}" for k, v in props if v is not None)
+
+
 def group(args: Iterable[str]) -> list[tuple[str, ...]]:
     """Raw arguments as options with their values, one group per option, for printing."""
     groups: list[tuple[str, ...]] = []

@@ -26,13 +26,13 @@ def shell_lines(plan: Plan) -> list[str]:
 
 
 def fd_table(plan: Plan) -> list[str]:
-    paths = [f.path or "(inherited)" for f in plan.fds]
+    # A fixed path column: a width taken from the paths would make the text depend on
+    # where a config lives, and golden files must not.
     flags_width = max([len(f.flags) for f in plan.fds] + [0])
-    path_width = max([len(p) for p in paths] + [0])
     rows = []
-    for f, path in zip(plan.fds, paths, strict=True):
+    for f in plan.fds:
         extra = " [per-process accounting]" if f.per_process_accounting else ""
-        rows.append(f"{f.fd:>3}  {path:<{path_width}}  {f.flags:<{flags_width}}  {f.purpose}{extra}")
+        rows.append(f"{f.fd:>3}  {f.path or '(inherited)':<30}  {f.flags:<{flags_width}}  {f.purpose}{extra}")
     return rows
 
 
