@@ -82,6 +82,17 @@ def run_recorded(
     return record, record["time"] - start
 
 
+def run_refused(cfg: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path) -> str:
+    """Run a launch that must fail before exec: exit 1, no traceback, QEMU never started."""
+    out = outdir / "record.json"
+    env = {**os.environ, "VMRUN_FAKE_QEMU_OUT": str(out)}
+    proc = vmrun("run", str(cfg), "--host-root", str(host_tree), env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists(), "QEMU ran although the launch should have stopped before exec"
+    return proc.stderr
+
+
 TWO_DEVICES = {
     "iommufd": [{"id": "iommufd0"}],
     "vfio": [
@@ -148,17 +159,8 @@ def test_caller_fd_not_open_is_reported_before_exec(
     tmp_path: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path
 ) -> None:
     cfg = config(tmp_path, {"memlock": "off"}, iommufd=[{"id": "iommufd0", "fd": 40}], vfio=[])
-    out = outdir / "record.json"
-    proc = vmrun(
-        "run",
-        str(cfg),
-        "--host-root",
-        str(host_tree),
-        env={**os.environ, "VMRUN_FAKE_QEMU_OUT": str(out)},
-    )
-    assert proc.returncode == 1
-    assert "vmrun: fd 40 (iommufd iommufd0 (from the caller)) is not open in vmrun's process" in proc.stderr
-    assert "Traceback" not in proc.stderr and not out.exists()
+    stderr = run_refused(cfg, outdir, host_tree)
+    assert "vmrun: fd 40 (iommufd iommufd0 (from the caller)) is not open in vmrun's process" in stderr
 
 
 def test_unopenable_device_is_reported_before_exec(
@@ -180,17 +182,7 @@ def test_unopenable_device_is_reported_before_exec(
 
 def test_plan_problems_stop_the_launch(tmp_path: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
     cfg = config(tmp_path, {}, vfio=[{"id": "dev0", "host": "0000:07:00.0"}])
-    out = outdir / "record.json"
-    proc = vmrun(
-        "run",
-        str(cfg),
-        "--host-root",
-        str(host_tree),
-        env={**os.environ, "VMRUN_FAKE_QEMU_OUT": str(out)},
-    )
-    assert proc.returncode == 1
-    assert "vfio[0].host: no PCI device 0000:07:00.0 on this host" in proc.stderr
-    assert not out.exists()
+    assert "vfio[0].host: no PCI device 0000:07:00.0 on this host" in run_refused(cfg, outdir, host_tree)
 
 
 def test_run_to_exec_time(tmp_path: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
