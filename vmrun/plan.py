@@ -510,15 +510,19 @@ class Planner:
             what = f"no PCI device {dev.host}" if dev.host else f"{dev.sysfsdev} does not exist"
             self.problem(key, f"{what} on this host", "`vmrun devices` lists the host's PCI devices")
             return
-        if facts.driver != "vfio-pci" and dev.driver == "vfio-pci":
+        # vfio-ap and vfio-ccw devices are mediated devices with drivers of their own.
+        wanted = {"vfio-pci": "vfio-pci", "vfio-platform": "vfio-platform"}.get(dev.driver)
+        if wanted is not None and facts.driver != wanted:
             bound = f"bound to {facts.driver}" if facts.driver else "bound to no driver"
-            self.problem(
-                path,
-                f"{dev.source} is {bound}, not vfio-pci",
-                f"vmrun bind {dev.host or os.path.basename(dev.sysfsdev or '')}",
+            fix = (
+                f"vmrun bind {dev.host or os.path.basename(dev.sysfsdev or '')}"
+                if wanted == "vfio-pci"
+                else "write vfio-platform to its driver_override and reprobe it"
             )
+            self.problem(path, f"{dev.source} is {bound}, not {wanted}", fix)
             return
-        offenders = [f"{a} ({d or 'no driver'})" for a, d in facts.group_members if d not in (*VFIO_OK_DRIVERS, None)]
+        ok_drivers = (*VFIO_OK_DRIVERS, "vfio-platform", None)
+        offenders = [f"{a} ({d or 'no driver'})" for a, d in facts.group_members if d not in ok_drivers]
         if offenders:
             self.problem(
                 path,
