@@ -18,6 +18,7 @@ import attrs
 from vmrun import __version__, config, host, render
 from vmrun.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, LaunchError
 from vmrun.plan import Plan, plan
+from vmrun.state import BadName, VmError
 
 
 class UsageError(Exception):
@@ -101,8 +102,103 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("file", metavar="FILE")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    p.add_argument(
+        "--paused",
+        action="store_true",
+        help="start with the guest's CPUs stopped (QEMU -S); `vmrun qmp NAME cont` starts them",
+    )
     add_host_root(p)
+    add_lifecycle_parsers(sub)
     return top
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
+STOP_TIMEOUT = 30.0
+SMOKE_TIMEOUT = 60.0  # a TCG boot to a console line fits; KVM needs far less
+
+
+def add_lifecycle_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # Their modules (QMP, asyncio, psutil) are imported by the handlers: `run` must start fast.
+    p = sub.add_parser(
+        "ps",
+        help="list the running VMs",
+        description="List the VMs running under the state directory: name, QEMU's pid and user, uptime, "
+        "resident memory, devices.",
+    )
+    p.add_argument("-a", "--all", action="store_true", help="also list stopped VMs that left a state directory")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the names")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser(
+        "status",
+        help="show one VM's run state and process",
+        description="Show a running VM's state as QEMU reports it (QMP query-status: running, paused, ...) "
+        "and its process: pid, user, uptime, memory, CPU.",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser(
+        "stop",
+        help="shut a VM down: ACPI powerdown, then QMP quit, SIGTERM, SIGKILL",
+        description="Press the guest's ACPI power button and wait; if the VM is still there, ask QEMU to quit "
+        "over QMP, then send SIGTERM, then SIGKILL. Each step is printed as it happens. "
+        "Exit status 0 once the VM is gone, 1 when it is not running or cannot be stopped.",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "--timeout",
+        type=seconds,
+        default=STOP_TIMEOUT,
+        metavar="S",
+        help=f"seconds until SIGKILL (default {STOP_TIMEOUT:g}): 2/3 for the guest's shutdown, "
+        "1/6 each for quit and SIGTERM",
+    )
+
+    p = sub.add_parser(
+        "qmp",
+        help="run a QMP command on a VM and print the result",
+        description="Run one QMP command on a running VM and print QEMU's answer as JSON, "
+        'e.g. `vmrun qmp NAME query-status` or `vmrun qmp NAME qom-list \'{"path": "/objects"}\'`.',
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("qmp_command", metavar="CMD")
+    p.add_argument("qmp_args", metavar="ARGS-JSON", nargs="?", help="the command's arguments as a JSON object")
+
+    p = sub.add_parser(
+        "smoke",
+        help="launch configs paused and check their devices over QMP (CI)",
+        description="For each config, launch it as `run` would but paused, check over QMP that every "
+        "[[vfio]] device and [[iommufd]] object exists, then quit. With --boot, start the CPUs and wait "
+        "for a serial console line that matches REGEX. Exit status 1 when any config fails.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--junit", metavar="PATH", help="write a JUnit XML report, one testcase per config")
+    p.add_argument(
+        "--timeout",
+        type=seconds,
+        default=SMOKE_TIMEOUT,
+        metavar="S",
+        help=f"seconds per config, launch to the end (default {SMOKE_TIMEOUT:g})",
+    )
+    p.add_argument("--boot", metavar="REGEX", help="boot the guest and wait for a console line matching REGEX")
+
+    p = sub.add_parser(
+        "completion",
+        help="print a shell completion script",
+        description="Print a completion script for bash or zsh, e.g. "
+        "`vmrun completion bash > /etc/bash_completion.d/vmrun`.",
+    )
+    p.add_argument("shell", choices=("bash", "zsh"))
 
 
 def make_plan(file: str, host_root: str) -> Plan:
@@ -198,11 +294,80 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vmrun.launch import launch  # only `run` needs the module with side effects
 
     p = make_plan(args.file, args.host_root)
+    if args.paused:
+        # Last, after vm.args: QEMU creates the whole machine, the CPUs wait for QMP `cont`.
+        p = attrs.evolve(p, options=(*p.options, ("-S",)))
     if args.dry_run:
         sys.stdout.write(render.text(p))
         return EXIT_FAILED if p.problems else EXIT_OK
     sys.stdout.flush()
     launch(p)
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    from vmrun import lifecycle
+
+    lifecycle.ps(show_all=args.all, as_json=args.json, names_only=args.quiet)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from vmrun import lifecycle
+
+    status = lifecycle.status(args.name)
+    sys.stdout.write(json.dumps(status.to_json(), indent=2) + "\n" if args.json else status.text())
+    if status.qmp_error is not None:
+        print(f"vmrun status: QMP did not answer: {status.qmp_error}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from vmrun import lifecycle
+
+    lifecycle.stop(args.name, args.timeout)
+    return EXIT_OK
+
+
+def cmd_qmp(args: argparse.Namespace) -> int:
+    from vmrun import qmp, state
+
+    arguments = None
+    if args.qmp_args is not None:
+        try:
+            arguments = json.loads(args.qmp_args)
+        except ValueError as e:
+            raise UsageError(f"ARGS-JSON is not JSON: {e}") from None
+        if not isinstance(arguments, dict):
+            raise UsageError('ARGS-JSON must be a JSON object, e.g. \'{"path": "/objects"}\'')
+    vm = state.running(args.name)
+    answer = qmp.execute(vm.qmp_socket, args.qmp_command, arguments)
+    print(json.dumps(answer, indent=2))
+    return EXIT_OK
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    import re
+
+    from vmrun import smoke
+
+    try:
+        boot = re.compile(args.boot) if args.boot is not None else None
+    except re.error as e:
+        raise UsageError(f"--boot {args.boot!r} is not a regular expression: {e}") from None
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    results = smoke.run(args.files, args.timeout, boot, args.junit, say)
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from vmrun import completion
+
+    sys.stdout.write(completion.script(parser(), args.shell))
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -215,6 +380,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "unbind": cmd_bind,
         "prepare": cmd_bind,
         "run": cmd_run,
+        "ps": cmd_ps,
+        "status": cmd_status,
+        "stop": cmd_stop,
+        "qmp": cmd_qmp,
+        "smoke": cmd_smoke,
+        "completion": cmd_completion,
     }
     try:
         if args.command == "validate":
@@ -228,6 +399,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except LaunchError as e:
         print(f"vmrun: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except BadName as e:
+        print(f"vmrun {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except VmError as e:
+        print(f"vmrun {args.command}: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130

@@ -23,7 +23,8 @@ from vmrun.sizes import parse_size
 
 # QEMU accepts ids that start with a letter and go on with letters, digits, '-', '.', '_'.
 ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+# Not "." or "..": the name is a directory under the state base.
+NAME_RE = re.compile(r"^(?!\.\.?$)[A-Za-z0-9_.-]+$")
 USER_RE = re.compile(r"^[a-z_][a-z0-9_-]*\$?$")
 SERIAL_RE = re.compile(r"^[A-Za-z0-9_.-]{1,20}$")
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")

@@ -37,8 +37,8 @@ class ConfigError(Exception):
         return "\n".join(self.lines())
 
 
-class LaunchError(Exception):
-    """A step of the launch failed: says what failed and what to do about it."""
+class Failure(Exception):
+    """Something the host or a VM did not do: what failed and what to do about it."""
 
     def __init__(self, what: str, hint: str | None = None) -> None:
         super().__init__(what)
@@ -47,3 +47,7 @@ class LaunchError(Exception):
 
     def __str__(self) -> str:
         return self.what + (f"\n  hint: {self.hint}" if self.hint else "")
+
+
+class LaunchError(Failure):
+    """A step of the launch (or of preparing the host for it) failed."""

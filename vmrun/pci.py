@@ -7,6 +7,7 @@ import pathlib
 
 import attrs
 
+from vmrun import tables
 from vmrun.host import Host
 
 PCI_IDS = ("/usr/share/misc/pci.ids", "/usr/share/hwdata/pci.ids")
@@ -118,7 +119,4 @@ def table(devices: list[PciDevice]) -> str:
                 name,
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-    return "".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] + "\n" for r in rows
-    )
+    return tables.table(rows)
