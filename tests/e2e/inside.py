@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import fcntl
@@ -24,6 +25,7 @@ import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +50,7 @@ IOMMU_IOAS_ALLOC = 0x3B81
 IOMMU_OPTION = 0x3B87
 IOMMU_OPTION_RLIMIT_MODE = 0
 IOMMU_OPTION_OP_SET, IOMMU_OPTION_OP_GET = 0, 1
+SYS_PIDFD_GETFD = 438  # x86_64
 # struct iommu_option {u32 size; u32 option_id; u16 op; u16 __reserved; u32 object_id;
 # u64 val64}
 _OPTION = struct.Struct("=IIHHIQ")
@@ -207,6 +210,7 @@ class Launch:
     memlock: int | None = None  # RLIMIT_MEMLOCK, soft = hard, bytes
     # IOMMU_OPTION RLIMIT_MODE=1 (per-process accounting) on every /dev/iommu fd.
     per_process_accounting: bool = False
+    env: dict[str, str] | None = None  # None: this process's environment
 
 
 def _launcher_child(spec: Launch, out_fd: int, err_fd: int) -> None:
@@ -238,40 +242,23 @@ def _launcher_child(spec: Launch, out_fd: int, err_fd: int) -> None:
             os.setgid(pw.pw_gid)
             os.setuid(pw.pw_uid)
         exe = shutil.which(spec.argv[0]) or spec.argv[0]
-        os.execv(exe, spec.argv)
+        os.execve(exe, spec.argv, os.environ if spec.env is None else spec.env)
     except BaseException:
         os.write(2, ("launcher: " + traceback.format_exc()).encode())
     os._exit(126)
 
 
-class L2:
-    """One L2 QEMU started through the launcher, with a QMP unix socket."""
+class Vm:
+    """A process started through the launcher that becomes QEMU and answers QMP at qmp_path."""
 
-    def __init__(self, spec: Launch, extra_args: Sequence[str] = (), memory_mib: int = 256):
-        # A dir only the QEMU user (and root) can write: nobody else can plant the socket.
-        self.dir = Path(tempfile.mkdtemp(prefix="l2-", dir="/run"))
-        if spec.user is not None:
-            pw = pwd.getpwnam(spec.user)
-            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-        os.chmod(self.dir, 0o700)
-        self.qmp_path = str(self.dir / "qmp.sock")
-        argv = [
-            *spec.argv,
-            "-machine", "q35",
-            "-accel", "tcg",
-            "-m", f"{memory_mib}M",
-            "-nodefaults",
-            "-display", "none",
-            "-S",
-            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-            *extra_args,
-        ]  # fmt: skip
-        self.spec = dataclasses.replace(spec, argv=argv)
-        self.out_path = self.dir / "stdout"
-        self.err_path = self.dir / "stderr"
+    def __init__(self, spec: Launch, qmp_path: str, workdir: Path) -> None:
+        self.spec = spec
+        self.qmp_path = qmp_path
+        self.dir = workdir
+        self.out_path = workdir / "stdout"
+        self.err_path = workdir / "stderr"
         self.returncode: int | None = None
         self.qmp: Qmp | None = None
-        self.started_at = time.monotonic()
         with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
             pid = os.fork()
             if pid == 0:
@@ -315,7 +302,7 @@ class L2:
                     raise
             time.sleep(0.02)
         self.kill()
-        raise Failed(f"L2 neither exited nor answered QMP in {timeout}s\n{self.describe()}")
+        raise Failed(f"{self.argv[0]} neither exited nor answered QMP in {timeout}s\n{self.describe()}")
 
     def stderr(self) -> str:
         try:
@@ -325,14 +312,19 @@ class L2:
 
     def describe(self) -> str:
         return (
-            f"argv: {' '.join(self.argv)}\nfds: {self.spec.fds} user: {self.spec.user} "
+            f"pid {self.pid} argv: {' '.join(self.argv)}\n"
+            f"fds: {self.spec.fds} user: {self.spec.user} "
             f"memlock: {self.spec.memlock}\nexit: {self.returncode}\nstderr:\n{self.stderr()}"
         )
 
     def quit(self) -> int | None:
-        if self.qmp is not None and self.poll() is None:
-            with contextlib.suppress(OSError, ConnectionError, Failed):
-                self.qmp.execute("quit")
+        if self.poll() is None:
+            if self.qmp is not None:
+                with contextlib.suppress(OSError, ConnectionError, Failed):
+                    self.qmp.execute("quit")
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGTERM)
         if self.wait(15.0) is None:
             self.kill()
         return self.returncode
@@ -343,11 +335,46 @@ class L2:
                 os.kill(self.pid, signal.SIGKILL)
             self.wait(10.0)
 
+    def release_qmp(self) -> None:
+        if self.qmp is not None:
+            self.qmp.close()
+            self.qmp = None
+
     def close(self) -> None:
         self.quit()
         if self.qmp is not None:
             self.qmp.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def private_dir(prefix: str, user: str | None) -> Path:
+    """A dir under /run that only `user` (and root) can write: nobody else plants sockets."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/run"))
+    if user is not None:
+        pw = pwd.getpwnam(user)
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+    os.chmod(path, 0o700)
+    return path
+
+
+class L2(Vm):
+    """A raw L2 QEMU: paused, no default devices, QMP on a unix socket it creates itself."""
+
+    def __init__(self, spec: Launch, extra_args: Sequence[str] = ()) -> None:
+        workdir = private_dir("l2-", spec.user)
+        qmp_path = str(workdir / "qmp.sock")
+        argv = [
+            *spec.argv,
+            "-machine", "q35",
+            "-accel", "tcg",
+            "-m", f"{L2_RAM_MIB}M",
+            "-nodefaults",
+            "-display", "none",
+            "-S",
+            "-qmp", f"unix:{qmp_path},server=on,wait=off",
+            *extra_args,
+        ]  # fmt: skip
+        super().__init__(dataclasses.replace(spec, argv=argv), qmp_path, workdir)
 
 
 @contextlib.contextmanager
@@ -372,7 +399,7 @@ def proc_fd_targets(pid: int) -> dict[int, str]:
     return {int(p.name): os.readlink(p) for p in fd_dir.iterdir()}
 
 
-def check_deprivileged(proc: L2, user: str, expected_fds: dict[int, str]) -> dict[str, Any]:
+def check_deprivileged(proc: Vm, user: str, expected_fds: dict[int, str]) -> dict[str, Any]:
     """The facts every de-privileged launch must show; returns what was seen."""
     pw = pwd.getpwnam(user)
     status = proc_status(proc.pid)
@@ -399,7 +426,7 @@ def check_deprivileged(proc: L2, user: str, expected_fds: dict[int, str]) -> dic
     }
 
 
-def require_started(proc: L2, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+def require_started(proc: Vm, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
     """L2 must answer QMP and show every vfio device in query-pci, by its id."""
     check(proc.wait_qmp(), f"L2 did not start\n{proc.describe()}")
     assert proc.qmp is not None
@@ -441,6 +468,24 @@ def iommu_option(fd: int, op: int, val: int = 0) -> int:
     fcntl.ioctl(fd, IOMMU_OPTION, buf)
     value: int = _OPTION.unpack(buf)[5]
     return value
+
+
+def accounting_mode_of(pid: int, fd: int) -> int:
+    """IOMMU_OPTION RLIMIT_MODE of another process's iommufd (the same open file, not a
+    fresh open of /dev/iommu, which would be a new context)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        dup = libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if dup < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"pidfd_getfd({pid}, {fd}): {os.strerror(err)}")
+    finally:
+        os.close(pidfd)
+    try:
+        return iommu_option(dup, IOMMU_OPTION_OP_GET)
+    finally:
+        os.close(dup)
 
 
 def ioas_alloc(fd: int) -> int:
@@ -510,6 +555,9 @@ def fd_passing_deprivileged(bed: Bed) -> dict[str, Any]:
     with l2(spec) as proc:
         devices = require_started(proc, ["dev0", "dev1"])
         seen = check_deprivileged(proc, USER, {3: "/dev/iommu", 4: cdevs[0], 5: cdevs[1]})
+        # The launcher did not ask for per-process accounting: the default must show.
+        mode = accounting_mode_of(proc.pid, 3)
+        check(mode == 0, f"QEMU's iommufd reports accounting mode {mode}, expected 0")
         qmp = proc.qmp
         assert qmp is not None
         qmp.execute("quit")
@@ -528,8 +576,7 @@ def host_bdf_deprivileged_fails(bed: Bed) -> dict[str, Any]:
     with l2(spec) as proc:
         check(
             not proc.wait_qmp(),
-            f"QEMU as {USER} opened {cdev} on its own: the cdev is not root-only?\n"
-            + proc.describe(),
+            f"QEMU as {USER} opened {cdev} on its own: the cdev is not root-only?\n" + proc.describe(),
         )
         err = proc.stderr()
         check(proc.returncode not in (0, None), f"QEMU exited with 0\n{proc.describe()}")
@@ -544,9 +591,7 @@ def host_bdf_deprivileged_fails(bed: Bed) -> dict[str, Any]:
 MEMLOCK_SETUPS: dict[str, tuple[int, Callable[[Bed], Launch]]] = {}
 
 
-def memlock_setup(
-    name: str, address_spaces: int
-) -> Callable[[Callable[[Bed], Launch]], Callable[[Bed], Launch]]:
+def memlock_setup(name: str, address_spaces: int) -> Callable[[Callable[[Bed], Launch]], Callable[[Bed], Launch]]:
     def register(make: Callable[[Bed], Launch]) -> Callable[[Bed], Launch]:
         MEMLOCK_SETUPS[name] = (address_spaces, make)
         return make
@@ -728,6 +773,9 @@ def accounting_two_vms_one_uid(bed: Bed) -> dict[str, Any]:
     with l2(spec(0, True)) as first, l2(spec(1, True)) as second:
         require_started(first, ["dev0"])
         require_started(second, ["dev0"])
+        for vm in (first, second):
+            mode = accounting_mode_of(vm.pid, 3)
+            check(mode == 1, f"pid {vm.pid}: iommufd accounting mode {mode}, expected 1")
     return {"per_user_second_vm_error": collision[-600:]}
 
 
@@ -739,6 +787,320 @@ def vmrun_available() -> str | None:
     if not os.access(VMRUN, os.X_OK):
         return f"{VMRUN} does not exist (install the package into .venv)"
     return None
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def vmrun_config(
+    name: str,
+    vfio: Sequence[dict[str, object]],
+    iommufd: Sequence[dict[str, object]] = ({"id": "iommufd0"},),
+    **vm: object,
+) -> str:
+    """A TOML config for an L2 like the raw scenarios' (256 MiB, q35, tcg, as nobody)."""
+    settings: dict[str, object] = {
+        "name": name,
+        "memory": f"{L2_RAM_MIB}M",
+        "cpus": 1,
+        "machine": "q35",
+        "accel": "tcg",
+        "qemu": QEMU,
+        "user": USER,
+        "memlock": "auto",
+        "console": "none",
+    }
+    settings.update(vm)
+    lines = ["[vm]", *(f"{k} = {toml_value(v)}" for k, v in settings.items() if v is not None)]
+    for table, entries in (("iommufd", iommufd), ("vfio", vfio)):
+        for entry in entries:
+            lines += ["", f"[[{table}]]", *(f"{k} = {toml_value(v)}" for k, v in entry.items())]
+    return "\n".join(lines) + "\n"
+
+
+class VmrunVm(Vm):
+    """`vmrun run --paused CONFIG`, started as root by the launcher; vmrun execs QEMU,
+    so the launched pid becomes QEMU's. QMP is vmrun's own socket in its state dir."""
+
+    def __init__(self, name: str, config: str, caller_fds: Sequence[str] = ()) -> None:
+        workdir = private_dir(f"vmrun-{name}-", None)
+        self.name = name
+        self.config_path = workdir / f"{name}.toml"
+        self.config_path.write_text(config)
+        self.state = workdir / "state"
+        self.state.mkdir()
+        self.env = {**os.environ, "VMRUN_STATE_DIR": str(self.state)}
+        spec = Launch(
+            argv=[str(VMRUN), "run", "--paused", str(self.config_path)],
+            fds=list(caller_fds),
+            user=None,
+            env=self.env,
+        )
+        self.plan = self.vmrun("plan", "--json", str(self.config_path))
+        super().__init__(spec, str(self.state / name / "qmp.sock"), workdir)
+
+    def vmrun(self, *args: str, check_rc: bool = True) -> Any:
+        """Run another vmrun command against this VM; its JSON output, or the process."""
+        proc = subprocess.run([str(VMRUN), *args], env=self.env, capture_output=True, text=True, timeout=60)
+        if not check_rc:
+            return proc
+        check(
+            proc.returncode == 0,
+            f"vmrun {' '.join(args)} exited {proc.returncode}\nconfig:\n"
+            f"{self.config_path.read_text()}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}",
+        )
+        return json.loads(proc.stdout) if proc.stdout.strip() else None
+
+    def describe(self) -> str:
+        return f"{super().describe()}config:\n{self.config_path.read_text()}"
+
+
+@contextlib.contextmanager
+def vmrun_vm(name: str, config: str, caller_fds: Sequence[str] = ()) -> Iterator[VmrunVm]:
+    why = vmrun_available()
+    check(why is None, str(why))
+    vm = VmrunVm(name, config, caller_fds)
+    try:
+        yield vm
+    finally:
+        vm.close()
+
+
+def check_as_planned(vm: VmrunVm, ids: Sequence[str], caller_fds: Sequence[str] = ()) -> dict[str, Any]:
+    """The running QEMU is what `vmrun plan --json` promised: argv, fds, memlock, user,
+    accounting mode; and it realized every device."""
+    plan = vm.plan
+    check(not plan["problems"], f"vmrun plan reports problems: {plan['problems']}")
+    devices = require_started(vm, ids)
+    cmdline = Path(f"/proc/{vm.pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+    check(
+        "-S" in cmdline and [a for a in cmdline if a != "-S"] == plan["argv"],
+        f"QEMU's command line is not the planned one (+ -S)\nplanned: {plan['argv']}\nrunning: {cmdline}",
+    )
+    expected = {f["fd"]: f["path"] for f in plan["fds"] if f["kind"] == "device"}
+    expected.update({3 + i: path for i, path in enumerate(caller_fds)})
+    run_as = plan["run_as"]
+    check(run_as is not None and run_as["user"] == USER, f"plan runs QEMU as {run_as}")
+    seen = check_deprivileged(vm, USER, expected)
+    limit = memlock_limit(vm.pid)
+    check(
+        limit == plan["memlock_bytes"],
+        f"QEMU's RLIMIT_MEMLOCK is {limit}, the plan says {plan['memlock_bytes']}",
+    )
+    modes = {}
+    for f in plan["fds"]:
+        if f["per_process_accounting"]:
+            modes[f["fd"]] = accounting_mode_of(vm.pid, f["fd"])
+            check(
+                modes[f["fd"]] == 1,
+                f"fd {f['fd']} ({f['path']}): accounting mode {modes[f['fd']]}, the plan promised per-process (1)",
+            )
+    return {
+        "process": seen,
+        "memlock_bytes": limit,
+        "accounting_modes": modes,
+        "pci": sorted(devices),
+        "argv": cmdline,
+    }
+
+
+def memlock_limit(pid: int) -> int | None:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max locked memory"):
+            soft = line.split()[3]
+            return None if soft == "unlimited" else int(soft)
+    raise Failed(f"/proc/{pid}/limits has no 'Max locked memory' line")
+
+
+@scenario
+def vmrun_run_deprivileged(bed: Bed) -> dict[str, Any]:
+    """vmrun opens /dev/iommu and both cdevs (host=, sysfsdev=), QEMU runs as nobody."""
+    bdfs = bed.bdfs(2)
+    config = vmrun_config(
+        "e2e-deprivileged",
+        vfio=[
+            {"id": "dev0", "host": bdfs[0], "iommufd": "iommufd0"},
+            {"id": "dev1", "sysfsdev": f"/sys/bus/pci/devices/{bdfs[1]}", "iommufd": "iommufd0"},
+        ],
+    )
+    with vmrun_vm("e2e-deprivileged", config) as vm:
+        need = (L2_RAM_MIB + 1) * MIB  # measured by memlock_bisect for this setup
+        planned = vm.plan["memlock_bytes"]
+        check(
+            planned is not None and planned >= need,
+            f"memlock auto plans {planned} bytes, below the measured need {need}",
+        )
+        seen = check_as_planned(vm, ["dev0", "dev1"])
+    return seen
+
+
+@scenario
+def vmrun_caller_fds(bed: Bed) -> dict[str, Any]:
+    """The caller passes /dev/iommu and one cdev at fds 3 and 4; vmrun keeps their numbers."""
+    bdfs = bed.bdfs(2)
+    cdevs = bed.cdevs(2)
+    config = vmrun_config(
+        "e2e-caller-fds",
+        iommufd=[{"id": "iommufd0", "fd": 3}],
+        vfio=[
+            {"id": "dev0", "fd": 4, "iommufd": "iommufd0"},
+            {"id": "dev1", "sysfsdev": f"/sys/bus/pci/devices/{bdfs[1]}", "iommufd": "iommufd0"},
+        ],
+    )
+    caller = ["/dev/iommu", cdevs[0]]
+    with vmrun_vm("e2e-caller-fds", config, caller_fds=caller) as vm:
+        seen = check_as_planned(vm, ["dev0", "dev1"], caller_fds=caller)
+        fds = seen["process"]["fds"]
+        check(
+            cdevs[1] in fds.values(),
+            f"QEMU does not hold dev1's cdev {cdevs[1]}; its fds: {fds}",
+        )
+    return seen
+
+
+@scenario
+def vmrun_two_vms_one_uid(bed: Bed) -> dict[str, Any]:
+    """Two vmrun VMs of one uid at 300 MiB each: vmrun's per-process accounting lets both
+    start where per-user accounting fails (see accounting_two_vms_one_uid)."""
+    bdfs = bed.bdfs(2)
+
+    def config(name: str, bdf: str) -> str:
+        return vmrun_config(name, vfio=[{"id": "dev0", "host": bdf, "iommufd": "iommufd0"}], memlock="300M")
+
+    with (
+        vmrun_vm("e2e-a", config("e2e-a", bdfs[0])) as a,
+        vmrun_vm("e2e-b", config("e2e-b", bdfs[1])) as b,
+    ):
+        seen_a = check_as_planned(a, ["dev0"])
+        seen_b = check_as_planned(b, ["dev0"])
+        check(
+            seen_a["accounting_modes"] and seen_b["accounting_modes"],
+            "vmrun planned no per-process accounting on any /dev/iommu fd",
+        )
+    return {"a": seen_a["accounting_modes"], "b": seen_b["accounting_modes"]}
+
+
+@scenario
+def vmrun_lifecycle(bed: Bed) -> dict[str, Any]:
+    """vmrun ps / qmp / stop on a running VM."""
+    bdf = bed.bdfs(1)[0]
+    name = "e2e-lifecycle"
+    config = vmrun_config(name, vfio=[{"id": "dev0", "host": bdf, "iommufd": "iommufd0"}])
+    with vmrun_vm(name, config) as vm:
+        require_started(vm, ["dev0"])
+        # QEMU serves one QMP client at a time: let go so vmrun's commands get through.
+        vm.release_qmp()
+        ps = vm.vmrun("ps", "--json")
+        check(name in json.dumps(ps), f"vmrun ps --json does not list {name}: {ps}")
+        pci = vm.vmrun("qmp", name, "query-pci")
+        check("dev0" in pci_qdev_ids(pci), f"vmrun qmp {name} query-pci lacks dev0: {pci}")
+        # QEMU is paused, the guest cannot react to the power button: stop must escalate.
+        # QEMU is our child: reap it while stop runs, as a real parent (systemd) would, or
+        # it lingers as a zombie that stop may rightly count as still there.
+        stop = subprocess.Popen(
+            [str(VMRUN), "stop", name, "--timeout", "6"],
+            env=vm.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 30
+        while stop.poll() is None and time.monotonic() < deadline:
+            vm.poll()
+            time.sleep(0.05)
+        if stop.poll() is None:
+            stop.kill()
+        out = stop.communicate()[0]
+        check(stop.returncode == 0, f"vmrun stop exited {stop.returncode}\n{out}")
+        rc = vm.wait(10.0)
+        check(rc is not None, f"QEMU (pid {vm.pid}) still runs after vmrun stop\n{out}")
+    return {"ps": ps, "stop": out.strip().splitlines(), "qemu_exit": rc}
+
+
+@scenario
+def vmrun_smoke(bed: Bed) -> dict[str, Any]:
+    """`vmrun smoke` (the CI check) passes on a good config and fails on a broken one."""
+    why = vmrun_available()
+    check(why is None, str(why))
+    bdfs = bed.bdfs(2)
+    workdir = private_dir("smoke-", None)
+    try:
+        good = workdir / "good.toml"
+        good.write_text(
+            vmrun_config(
+                "e2e-smoke",
+                vfio=[{"id": "dev0", "host": bdfs[0], "iommufd": "iommufd0"}],
+            )
+        )
+        # memlock far below the pinning need: QEMU fails to realize the device.
+        bad = workdir / "bad.toml"
+        bad.write_text(
+            vmrun_config(
+                "e2e-smoke-bad",
+                vfio=[{"id": "dev0", "host": bdfs[1], "iommufd": "iommufd0"}],
+                memlock="8M",
+            )
+        )
+        env = {**os.environ, "VMRUN_STATE_DIR": str(workdir / "state")}
+        results = {}
+        for cfg, want_ok in ((good, True), (bad, False)):
+            junit = workdir / f"{cfg.stem}.xml"
+            proc = subprocess.run(
+                [str(VMRUN), "smoke", "--junit", str(junit), "--timeout", "60", str(cfg)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            out = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+            check(
+                (proc.returncode == 0) == want_ok,
+                f"vmrun smoke {cfg.name} exited {proc.returncode}, expected {'0' if want_ok else 'non-zero'}\n{out}",
+            )
+            check(junit.exists(), f"vmrun smoke wrote no {junit.name}\n{out}")
+            xml = junit.read_text()
+            check(
+                ("<failure" in xml or "<error" in xml) != want_ok,
+                f"JUnit report of {cfg.name} does not say {'pass' if want_ok else 'fail'}:\n{xml}",
+            )
+            results[cfg.name] = proc.stdout.strip().splitlines()
+        return results
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@scenario
+def vmrun_legacy_as_root(bed: Bed) -> dict[str, Any]:
+    """No [[iommufd]]: the legacy container backend, QEMU as root opens /dev/vfio itself."""
+    bdfs = bed.bdfs(2)
+    groups = [d.group for d in bed.edu[:2]]
+    config = vmrun_config(
+        "e2e-legacy",
+        iommufd=[],
+        vfio=[{"id": "dev0", "host": bdfs[0]}, {"id": "dev1", "host": bdfs[1]}],
+        user=None,
+    )
+    with vmrun_vm("e2e-legacy", config) as vm:
+        check(vm.plan["run_as"] is None, f"plan runs QEMU as {vm.plan['run_as']}, not as root")
+        require_started(vm, ["dev0", "dev1"])
+        fds = proc_fd_targets(vm.pid)
+        wanted = ["/dev/vfio/vfio", *(f"/dev/vfio/{g}" for g in groups)]
+        missing = [p for p in wanted if p not in fds.values()]
+        check(not missing, f"legacy QEMU does not hold {missing}; its fds: {fds}")
+        check(
+            "/dev/iommu" not in fds.values(),
+            f"legacy QEMU holds /dev/iommu: the iommufd backend was used; fds: {fds}",
+        )
+    return {"fds": {str(k): v for k, v in sorted(fds.items())}}
 
 
 # --------------------------------------------------------------------------- main

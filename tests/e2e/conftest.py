@@ -1,0 +1,88 @@
+"""Session fixture for the nested e2e bed: one kernel build, one L1 boot, all scenarios.
+
+VMRUN_E2E=skip turns an unusable bed (no QEMU, kernel build failure) into skips
+instead of failures, for machines that cannot build or boot it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e import bed
+
+HERE = Path(__file__).resolve().parent
+
+# Per boot. Generous against a slow CI runner; a healthy run takes about a minute here.
+BED_TIMEOUT = float(os.environ.get("VMRUN_E2E_TIMEOUT", "300"))
+
+
+_RUN: list[bed.E2ERun] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pyproject registers it too; this keeps the directory usable on its own.
+    config.addinivalue_line("markers", "e2e: runs in the nested IOMMUFD/VFIO test bed")
+
+
+def _unusable(why: str) -> None:
+    if os.environ.get("VMRUN_E2E") == "skip":
+        pytest.skip(f"e2e bed unusable (VMRUN_E2E=skip): {why}")
+    pytest.fail(f"e2e bed unusable: {why}\n(set VMRUN_E2E=skip to skip instead)")
+
+
+@pytest.fixture(scope="session")
+def e2e_kernel() -> Path:
+    missing = bed.qemu_available()
+    if missing:
+        _unusable(missing)
+    try:
+        return bed.kernel_path()
+    except bed.BedError as e:
+        _unusable(str(e))
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="session")
+def e2e_run(e2e_kernel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[bed.E2ERun]:
+    results = tmp_path_factory.mktemp("e2e-results")
+    result = bed.run_in_bed(
+        [sys.executable, str(HERE / "inside.py")],
+        timeout=BED_TIMEOUT,
+        results_dir=results,
+        kernel=e2e_kernel,
+    )
+    json_path = results / "scenarios.json"
+    data = json.loads(json_path.read_text()) if json_path.exists() else None
+    run = bed.E2ERun(result=result, kernel=e2e_kernel, data=data)
+    _RUN.append(run)
+    yield run
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _RUN:
+        return
+    run = _RUN[0]
+    r = run.result
+    tr = terminalreporter
+    tr.section("e2e bed")
+    tr.write_line(f"kernel: {run.kernel}")
+    tr.write_line(
+        f"L1 wall time: {r.wall_seconds:.1f}s (kernel up at init: {r.boot_seconds}s), "
+        f"inside.py exit: {r.returncode}, timed out: {r.timed_out}, stalled: {r.stalled}"
+    )
+    for i, console in enumerate(r.stalled_boots, 1):
+        tr.write_line(f"boot {i} stalled in L1's kernel and was retried; its console ended:")
+        tr.write_line(console[-1500:])
+    if run.data:
+        for name, o in run.data["scenarios"].items():
+            tr.write_line(f"  {name}: {'ok' if o['ok'] else 'FAILED'} {o['seconds']:.1f}s")
+        memlock = run.data["scenarios"].get("memlock_bisect", {}).get("details", {})
+        for setup, mib in memlock.get("table_mib", {}).items():
+            tr.write_line(f"  memlock need, {setup}: {mib} MiB")
