@@ -31,6 +31,7 @@ from vmrun import cli, completion, state
 
 QEMU_MARK = pytest.mark.qemu
 
+
 def vmrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "vmrun.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
