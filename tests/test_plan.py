@@ -212,6 +212,10 @@ def test_qemu_missing_and_too_old(tmp_path: pathlib.Path, standard_host: pathlib
     )
     assert problems(plan_for(path, standard_host, caps=old)) == [
         "iommufd: QEMU 7.2.0 at /usr/bin/qemu-system-x86_64 has no iommufd backend (QEMU >= 9.0 needed)",
+    ]
+    # A QEMU that has the backend but a device without the property is still caught.
+    half = attrs.evolve(old, has_iommufd=True)
+    assert problems(plan_for(path, standard_host, caps=half)) == [
         "vfio[0]: QEMU 7.2.0's vfio-pci has no 'iommufd' property",
         "vfio[0]: QEMU 7.2.0's vfio-pci has no 'fd' property",
         "vfio[1]: QEMU 7.2.0's vfio-pci has no 'iommufd' property",

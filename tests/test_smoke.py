@@ -254,3 +254,18 @@ def test_junit_of_no_results_is_valid() -> None:
     root = ET.fromstring(smoke.junit([], 0.0))
     assert (root.get("tests"), root.get("failures")) == ("0", "0")
     assert smoke.Result("a.toml", True, "ok", 1.0).line() == "PASS a.toml: ok (1.0 s)"
+
+
+def test_smoke_passes_the_callers_fds_to_the_launch(tmp_path: pathlib.Path) -> None:
+    # QEMU keeps an iommufd object's fd unused until a device needs it, so a config with
+    # only a caller-provided object starts, and smoke sees the object, when fd 9 arrives.
+    cfg = write(tmp_path, "fdpass", iommufd=[{"id": "iommufd0", "fd": 9}])
+    command = f"exec 9<>/dev/null; exec {sys.executable} -m vmrun.cli smoke --timeout 60 {cfg}"
+    passed = subprocess.run(["/bin/sh", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert passed.stdout.startswith(f"PASS {cfg}: "), passed.stdout
+    missing = vmrun("smoke", "--timeout", "60", str(cfg))
+    assert missing.returncode == 1
+    assert "fd 9 (iommufd iommufd0 (from the caller)) is not open in vmrun's process" in missing.stdout
+    assert "Traceback" not in missing.stdout + missing.stderr
+    no_vm_left()

@@ -354,8 +354,8 @@ class Planner:
             return
         backend = "with" if caps.has_iommufd else "without"
         self.ok("vm.qemu", f"QEMU {caps.version_text} at {caps.path}, {backend} the iommufd backend")
-        uses_iommufd = bool(self.config.iommufd)
-        if uses_iommufd and not caps.has_iommufd:
+        no_backend = bool(self.config.iommufd) and not caps.has_iommufd
+        if no_backend:
             need = ".".join(map(str, IOMMUFD_SINCE))
             self.problem(
                 "iommufd",
@@ -373,6 +373,9 @@ class Planner:
             wanted = [k for k in ("host", "sysfsdev", "fd", "iommufd") if getattr(dev, k) is not None]
             if dev.iommufd is not None and dev.fd is None:
                 wanted.append("fd")  # vmrun passes the cdev it opened
+            if no_backend:
+                # Said once above: a QEMU without the backend lacks its device properties too.
+                wanted = [k for k in wanted if k not in ("fd", "iommufd")]
             for key in dict.fromkeys(wanted):
                 if key not in props:
                     self.problem(

@@ -121,15 +121,29 @@ def plural(n: int, what: str) -> str:
     return f"{n} {what}" + ("" if n == 1 else "s")
 
 
+def open_fds(fds: Iterable[int]) -> list[int]:
+    """Those of `fds` open here. Popen fails on a closed one; `vmrun run` says which is missing."""
+    out = []
+    for fd in sorted(fds):
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        out.append(fd)
+    return out
+
+
 class Child:
     """`vmrun run --paused FILE` as a child, its console and stderr read as they come."""
 
-    def __init__(self, file: str, console_on_stdout: bool) -> None:
+    def __init__(self, file: str, console_on_stdout: bool, caller_fds: Iterable[int] = ()) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vmrun.cli", "run", "--paused", file],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            # The fds our caller opened for the config (fd = N) must reach `vmrun run`.
+            pass_fds=open_fds(caller_fds),
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.console: list[str] = []
@@ -272,7 +286,7 @@ def smoke_one(file: str, timeout: float, boot: re.Pattern[str] | None) -> Result
     console = cfg.vm.console
     if boot is not None and console not in ("stdio", "socket"):
         return result(False, f'vm.console is "{console}": no serial console to match --boot against')
-    child = Child(file, console_on_stdout=console == "stdio")
+    child = Child(file, console_on_stdout=console == "stdio", caller_fds=cfg.caller_fds())
     try:
         m, vm = connect(child, name, deadline)
         try:

@@ -19,8 +19,9 @@ from tests.e2e import bed
 
 HERE = Path(__file__).resolve().parent
 
-# Per boot. Generous against a slow CI runner; a healthy run takes about a minute here.
-BED_TIMEOUT = float(os.environ.get("VMRUN_E2E_TIMEOUT", "300"))
+# Per boot. Generous against a slow CI runner: a healthy run takes about 150 s here
+# (see test_bed.MAX_SECONDS).
+BED_TIMEOUT = float(os.environ.get("VMRUN_E2E_TIMEOUT", "420"))
 
 
 _RUN: list[bed.E2ERun] = []
@@ -84,5 +85,5 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         for name, o in run.data["scenarios"].items():
             tr.write_line(f"  {name}: {'ok' if o['ok'] else 'FAILED'} {o['seconds']:.1f}s")
         memlock = run.data["scenarios"].get("memlock_bisect", {}).get("details", {})
-        for setup, mib in memlock.get("table_mib", {}).items():
-            tr.write_line(f"  memlock need, {setup}: {mib} MiB")
+        for setup, (need, auto) in memlock.get("need_vs_vmrun_auto_mib", {}).items():
+            tr.write_line(f"  memlock, {setup}: need {need} MiB, vmrun auto {auto:g} MiB")

@@ -4,7 +4,9 @@ Each scenario is a function registered with @scenario. It starts L2 QEMUs (TCG, 
 QMP socket) against the edu devices bound to vfio-pci in L1, raises Failed with an
 explanation when a fact does not hold, and returns details worth reporting. All
 scenarios run in one boot; the results go to $VMRUN_E2E_RESULTS/scenarios.json, which
-is rewritten after every scenario so that a timeout still leaves partial results.
+is rewritten after every scenario so that a timeout still leaves partial results. A
+scenario that leaves L1 changed (a device off vfio-pci, a node moved or chowned, a QEMU
+still running) fails, and the runner puts L1 back for the next one.
 
 Usage (inside L1): inside.py [--out FILE] [--only NAME]...
 """
@@ -24,15 +26,19 @@ import resource
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 HERE = Path(__file__).resolve().parent
 CHECKOUT = HERE.parent.parent
@@ -42,6 +48,8 @@ EDU_VENDOR, EDU_DEVICE = "0x1234", "0x11e8"
 USER = "nobody"
 MIB = 1024 * 1024
 L2_RAM_MIB = 256
+# vmrun.memlock.MARGIN: how far above the need vmrun's memlock=auto may lie (its README).
+VMRUN_MEMLOCK_MARGIN_MIB = 64
 # Starting L2 under nested TCG takes seconds; a start that needs longer is broken.
 L2_START_TIMEOUT = 60.0
 
@@ -211,11 +219,15 @@ class Launch:
     # IOMMU_OPTION RLIMIT_MODE=1 (per-process accounting) on every /dev/iommu fd.
     per_process_accounting: bool = False
     env: dict[str, str] | None = None  # None: this process's environment
+    # Its own process group, killed as a whole: for commands that leave children (vmrun smoke).
+    session: bool = False
 
 
 def _launcher_child(spec: Launch, out_fd: int, err_fd: int) -> None:
     """Runs in the forked child; never returns (execs QEMU or _exits 126)."""
     try:
+        if spec.session:
+            os.setsid()
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(out_fd, 1)
@@ -332,7 +344,10 @@ class Vm:
     def kill(self) -> None:
         if self.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
+                if self.spec.session:
+                    os.killpg(self.pid, signal.SIGKILL)
+                else:
+                    os.kill(self.pid, signal.SIGKILL)
             self.wait(10.0)
 
     def release_qmp(self) -> None:
@@ -588,18 +603,36 @@ def host_bdf_deprivileged_fails(bed: Bed) -> dict[str, Any]:
     return {"error": err.strip()}
 
 
-MEMLOCK_SETUPS: dict[str, tuple[int, Callable[[Bed], Launch]]] = {}
+@dataclasses.dataclass(frozen=True)
+class MemlockSetup:
+    address_spaces: int
+    launch: Callable[[Bed], Launch]
+    # The same setup as a vmrun config: each device's [[iommufd]] object, None for legacy.
+    device_objects: tuple[str | None, ...]
+
+    def vmrun_config(self, bed: Bed, name: str) -> str:
+        bdfs = bed.bdfs(len(self.device_objects))
+        objects = dict.fromkeys(o for o in self.device_objects if o is not None)
+        vfio: list[Mapping[str, object]] = []
+        for i, (bdf, obj) in enumerate(zip(bdfs, self.device_objects, strict=True)):
+            vfio.append({"id": f"dev{i}", "host": bdf} | ({"iommufd": obj} if obj else {}))
+        return vmrun_config(name, vfio=vfio, iommufd=[{"id": o} for o in objects])
 
 
-def memlock_setup(name: str, address_spaces: int) -> Callable[[Callable[[Bed], Launch]], Callable[[Bed], Launch]]:
+MEMLOCK_SETUPS: dict[str, MemlockSetup] = {}
+
+
+def memlock_setup(
+    name: str, address_spaces: int, device_objects: tuple[str | None, ...]
+) -> Callable[[Callable[[Bed], Launch]], Callable[[Bed], Launch]]:
     def register(make: Callable[[Bed], Launch]) -> Callable[[Bed], Launch]:
-        MEMLOCK_SETUPS[name] = (address_spaces, make)
+        MEMLOCK_SETUPS[name] = MemlockSetup(address_spaces, make, device_objects)
         return make
 
     return register
 
 
-@memlock_setup("iommufd, one shared object, 2 devices", address_spaces=1)
+@memlock_setup("iommufd, one shared object, 2 devices", 1, ("iommufd0", "iommufd0"))
 def _shared_iommufd(bed: Bed) -> Launch:
     cdevs = bed.cdevs(2)
     return Launch(
@@ -613,7 +646,7 @@ def _shared_iommufd(bed: Bed) -> Launch:
     )
 
 
-@memlock_setup("iommufd, two objects, one device each", address_spaces=2)
+@memlock_setup("iommufd, two objects, one device each", 2, ("iommufd0", "iommufd1"))
 def _two_iommufds(bed: Bed) -> Launch:
     cdevs = bed.cdevs(2)
     return Launch(
@@ -627,7 +660,7 @@ def _two_iommufds(bed: Bed) -> Launch:
     )
 
 
-@memlock_setup("legacy type1, 2 devices", address_spaces=1)
+@memlock_setup("legacy type1, 2 devices", 1, (None, None))
 def _legacy(bed: Bed) -> Launch:
     bdfs = bed.bdfs(2)
     return Launch(
@@ -657,10 +690,19 @@ def groups_owned_by(bed: Bed, user: str) -> Iterator[None]:
             os.chown(n, st.st_uid, st.st_gid)
 
 
-def bisect_memlock(bed: Bed, spec: Launch, lo_mib: int = 1, hi_mib: int = 1024) -> dict[str, Any]:
-    """Smallest RLIMIT_MEMLOCK (MiB) with which L2 starts and realizes dev0 and dev1."""
+def bisect_memlock(
+    bed: Bed, spec: Launch, guess: tuple[int, int] | None = None, floor_mib: int = 1, ceiling_mib: int = 1024
+) -> dict[str, Any]:
+    """Smallest RLIMIT_MEMLOCK (MiB) in [floor, ceiling] with which L2 starts and realizes
+    dev0 and dev1.
+
+    `guess` (fails, starts) only orders the probes: when the need lies between them the
+    search takes a few probes less (each is an L2 start, ~1 s); when it does not, the
+    search goes on below or above, so a wrong guess costs probes, never the answer.
+    """
     ids = ["dev0", "dev1"]
     probes: list[tuple[int, bool]] = []
+    last_err = [""]
 
     def ok(mib: int) -> bool:
         t = time.monotonic()
@@ -671,36 +713,68 @@ def bisect_memlock(bed: Bed, spec: Launch, lo_mib: int = 1, hi_mib: int = 1024) 
             last_err[0] = err
         return good
 
-    last_err = [""]
-    check(ok(hi_mib), f"L2 does not start even with {hi_mib} MiB:\n{last_err[0]}")
-    if ok(lo_mib):
-        return {"need_mib": lo_mib, "probes": probes, "error_below": None}
-    good, bad = hi_mib, lo_mib
+    lo, hi = guess or (floor_mib, ceiling_mib)
+    # good: smallest value known to start; bad: largest known to fail (floor - 1: none yet).
+    if ok(hi):
+        good, bad = hi, floor_mib - 1
+    else:
+        check(
+            hi < ceiling_mib and ok(ceiling_mib),
+            f"L2 does not start even with {ceiling_mib} MiB:\n{last_err[0]}",
+        )
+        good, bad = ceiling_mib, hi
+    if bad < lo < good:
+        if ok(lo):
+            good = lo
+        else:
+            bad = lo
+    if bad < floor_mib < good:
+        if ok(floor_mib):
+            return {"need_mib": floor_mib, "probes": probes, "error_below": None}
+        bad = floor_mib
     while good - bad > 1:
         mid = (good + bad) // 2
         if ok(mid):
             good = mid
         else:
             bad = mid
-    # The error text of the probe just below the need, to see what QEMU says about it.
-    error_below = last_err[0] if probes[-1][1] else None
-    if error_below is None:
-        _, error_below = starts(dataclasses.replace(spec, memlock=bad * MIB), ids)
-    return {"need_mib": good, "probes": probes, "error_below": error_below.strip()[-600:]}
+    # Failures only ever raise `bad`, so the latest one is the probe just below the need:
+    # what QEMU says there.
+    return {"need_mib": good, "probes": probes, "error_below": last_err[0].strip()[-600:]}
 
 
 @scenario
 def memlock_bisect(bed: Bed) -> dict[str, Any]:
-    """Smallest RLIMIT_MEMLOCK that starts L2 (256 MiB RAM) per backend setup."""
+    """Smallest RLIMIT_MEMLOCK that starts L2 (256 MiB RAM) per backend setup; vmrun's
+    memlock=auto for the same setup must cover it by at most its margin, and start it."""
     table: dict[str, Any] = {}
-    for name, (spaces, make) in MEMLOCK_SETUPS.items():
+    compared: dict[str, tuple[int, float]] = {}
+    for name, setup in MEMLOCK_SETUPS.items():
         bed.say(f"bisecting: {name}")
-        spec = make(bed)
+        spec = setup.launch(bed)
+        spaces = setup.address_spaces
+        # Legacy QEMU opens the group files itself: as nobody it needs them (see groups_owned_by).
         ctx = groups_owned_by(bed, USER) if not spec.fds else contextlib.nullcontext()
         with ctx:
-            found = bisect_memlock(bed, spec)
-        found["address_spaces"] = spaces
-        table[name] = found
+            found = bisect_memlock(bed, spec, guess=(spaces * L2_RAM_MIB, spaces * L2_RAM_MIB + 64))
+            found["address_spaces"] = spaces
+            table[name] = found
+            # End to end: vmrun computes the limit for the same devices and backend, sets it,
+            # runs QEMU as nobody, and QEMU must realize both devices with it.
+            vm_name = "e2e-memlock-" + ("legacy" if None in setup.device_objects else f"{spaces}obj")
+            with vmrun_vm(vm_name, setup.vmrun_config(bed, vm_name)) as vm:
+                auto = vm.plan["memlock_bytes"]
+                check(auto is not None, f"{name}: vmrun plans no memlock limit: {vm.plan['memlock']}")
+                need = found["need_mib"]
+                compared[name] = (need, auto / MIB)
+                bed.say(f"{name}: need {need} MiB, vmrun auto {auto / MIB:g} MiB")
+                check(
+                    need * MIB <= auto <= (need + VMRUN_MEMLOCK_MARGIN_MIB) * MIB,
+                    f"{name}: vmrun's memlock=auto is {auto / MIB:g} MiB, the measured need {need} MiB; "
+                    f"it must cover the need by at most its {VMRUN_MEMLOCK_MARGIN_MIB} MiB margin "
+                    f"({vm.plan['memlock']['derivation']})",
+                )
+                check_as_planned(vm, ["dev0", "dev1"])
     summary = {name: row["need_mib"] for name, row in table.items()}
     bed.say(f"memlock table (MiB): {summary}")
     for name, row in table.items():
@@ -712,7 +786,7 @@ def memlock_bisect(bed: Bed) -> dict[str, Any]:
             f"{name}: needs {need} MiB, expected just above {spaces} x {L2_RAM_MIB} MiB "
             f"RAM; table: {summary}; QEMU below the need said:\n{row['error_below']}",
         )
-    return {"table_mib": summary, "details": table}
+    return {"table_mib": summary, "need_vs_vmrun_auto_mib": compared, "details": table}
 
 
 @scenario
@@ -803,8 +877,8 @@ def toml_value(value: object) -> str:
 
 def vmrun_config(
     name: str,
-    vfio: Sequence[dict[str, object]],
-    iommufd: Sequence[dict[str, object]] = ({"id": "iommufd0"},),
+    vfio: Sequence[Mapping[str, object]],
+    iommufd: Sequence[Mapping[str, object]] = ({"id": "iommufd0"},),
     **vm: object,
 ) -> str:
     """A TOML config for an L2 like the raw scenarios' (256 MiB, q35, tcg, as nobody)."""
@@ -1103,6 +1177,524 @@ def vmrun_legacy_as_root(bed: Bed) -> dict[str, Any]:
     return {"fds": {str(k): v for k, v in sorted(fds.items())}}
 
 
+# --------------------------------------------------------------------------- vmrun, host side
+
+# vmrun.bind.STATE_DIR: the drivers `vmrun bind` remembers, one file per device.
+BIND_RECORDS = Path("/run/vmrun/bind")
+IOMMU_AWAY = "/dev/iommu.away"
+CONFIGS = CHECKOUT / "configs"
+
+
+def qemu_processes(guest: str | None = None) -> dict[int, str]:
+    """Live QEMU processes (all, or those of `-name guest=GUEST`): pid -> command line."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue  # gone meanwhile
+        # A zombie has an empty command line: it holds nothing any more.
+        if not argv[0] or not Path(argv[0]).name.startswith("qemu-system"):
+            continue
+        if guest is None or f"guest={guest}" in argv:
+            found[int(entry.name)] = " ".join(argv).strip()[:300]
+    return found
+
+
+def wait_until(cond: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def edu_device(bdf: str) -> EduDevice:
+    found = {d.bdf: d for d in find_edu_devices()}
+    check(bdf in found, f"edu device {bdf} has gone from the PCI bus: {sorted(found)}")
+    return found[bdf]
+
+
+def bind_vfio_pci_by_sysfs(bdf: str) -> None:
+    """Bind as l1-init does, without vmrun: the restore path must not depend on the code
+    under test."""
+    dev = Path("/sys/bus/pci/devices") / bdf
+    (dev / "driver_override").write_text("vfio-pci")
+    if (dev / "driver").exists():
+        (dev / "driver" / "unbind").write_text(bdf)
+    Path("/sys/bus/pci/drivers_probe").write_text(bdf)
+    wait_until(lambda: edu_device(bdf).cdev is not None and Path(str(edu_device(bdf).cdev)).exists(), 5.0)
+
+
+@contextlib.contextmanager
+def edu_bindings_restored() -> Iterator[None]:
+    """Whatever the body does to the edu devices' drivers, they end on vfio-pci with their
+    cdev, and the bind records vmrun writes for them are gone again."""
+    records = set(os.listdir(BIND_RECORDS)) if BIND_RECORDS.is_dir() else set()
+    try:
+        yield
+    finally:
+        for d in find_edu_devices():
+            if d.driver != "vfio-pci" or d.cdev is None:
+                with contextlib.suppress(OSError):
+                    bind_vfio_pci_by_sysfs(d.bdf)
+        if BIND_RECORDS.is_dir():
+            for name in set(os.listdir(BIND_RECORDS)) - records:
+                (BIND_RECORDS / name).unlink()
+
+
+def run_group(argv: Sequence[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a command in its own process group and kill the whole group on timeout: a vmrun
+    that execs QEMU, or a `vmrun smoke` with its `vmrun run` child, leaves nothing behind."""
+    proc = subprocess.Popen(
+        list(argv),
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise Failed(
+            f"{' '.join(argv)} did not finish in {timeout:g}s and was killed\nstdout:\n{out}\nstderr:\n{err}"
+        ) from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+class Workdir:
+    """Configs, vmrun's state dir and optionally a fresh QEMU capability cache, in a private
+    dir under /run that goes away afterwards."""
+
+    def __init__(self, prefix: str, fresh_cache: bool = False) -> None:
+        self.path = private_dir(prefix, None)
+        self.state = self.path / "state"
+        self.env = {**os.environ, "VMRUN_STATE_DIR": str(self.state)}
+        if fresh_cache:
+            self.env["XDG_CACHE_HOME"] = str(self.path / "cache")
+
+    @property
+    def caps_cache(self) -> Path:
+        return Path(self.env.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vmrun" / "qemu-caps.json"
+
+    def config(self, name: str, text: str) -> Path:
+        path = self.path / f"{name}.toml"
+        path.write_text(text)
+        return path
+
+    def vmrun(self, *args: str, wrapper: Sequence[str] = (), timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        return run_group([*wrapper, str(VMRUN), *args], self.env, timeout)
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def workdir(prefix: str, fresh_cache: bool = False) -> Iterator[Workdir]:
+    why = vmrun_available()
+    check(why is None, str(why))
+    work = Workdir(prefix, fresh_cache)
+    try:
+        yield work
+    finally:
+        work.close()
+
+
+def shown(proc: subprocess.CompletedProcess[str]) -> str:
+    return f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+
+def refused_before_qemu(
+    work: Workdir, cfg: Path, name: str, expected: Sequence[str], wrapper: Sequence[str] = ()
+) -> str:
+    """`vmrun run` must exit 1 with every expected text on stderr, having started no QEMU
+    and recorded none; returns its stderr."""
+    what = f"vmrun run {cfg.name}{' under ' + ' '.join(wrapper) if wrapper else ''}"
+    try:
+        # A refusal takes ~2 s here; still running after 30 s means it started QEMU.
+        proc = work.vmrun("run", "--paused", str(cfg), wrapper=wrapper, timeout=30)
+    except Failed as e:
+        raise Failed(f"{what} did not refuse: {e}") from None
+    check(proc.returncode == 1, f"{what}: expected exit 1\n{shown(proc)}\nconfig:\n{cfg.read_text()}")
+    missing = [text for text in expected if text not in proc.stderr]
+    check(not missing, f"{what}: stderr lacks {missing}\n{shown(proc)}")
+    pid_file = work.state / name / "pid"
+    check(not pid_file.exists(), f"{what} refused but recorded a QEMU pid: {pid_file} exists")
+    running = qemu_processes(name)
+    check(not running, f"{what} refused but a QEMU for {name} runs: {running}")
+    return proc.stderr.strip()
+
+
+@scenario
+def vmrun_sysfsdev(bed: Bed) -> dict[str, Any]:
+    """Both devices named by sysfsdev=: vmrun opens their cdevs, QEMU as nobody gets them as fds."""
+    bdfs = bed.bdfs(2)
+    cdevs = bed.cdevs(2)
+    config = vmrun_config(
+        "e2e-sysfsdev",
+        vfio=[
+            {"id": f"dev{i}", "sysfsdev": f"/sys/bus/pci/devices/{bdf}", "iommufd": "iommufd0"}
+            for i, bdf in enumerate(bdfs)
+        ],
+    )
+    with vmrun_vm("e2e-sysfsdev", config) as vm:
+        planned = {f["path"] for f in vm.plan["fds"] if f["kind"] == "device"}
+        check(
+            set(cdevs) <= planned,
+            f"the plan does not open the cdevs {cdevs} of the sysfsdev= devices; planned fds: {vm.plan['fds']}",
+        )
+        seen = check_as_planned(vm, ["dev0", "dev1"])
+        by_sysfs = [a for a in seen["argv"] if "sysfsdev=" in a]
+        check(not by_sysfs, f"QEMU was told to open devices by sysfsdev= itself: {by_sysfs}")
+    return seen
+
+
+@scenario
+def vmrun_legacy_deprivileged_refused(bed: Bed) -> dict[str, Any]:
+    """Legacy backend with user = nobody and root-only group files: plan and run refuse."""
+    bdfs = bed.bdfs(2)
+    groups = [d.group for d in bed.edu[:2]]
+    for g in groups:
+        # The refusal is only right while nobody may not open them, as devtmpfs makes them.
+        st = os.stat(f"/dev/vfio/{g}")
+        check(
+            st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600,
+            f"/dev/vfio/{g} is owner {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}: expected root 0600",
+        )
+    name = "e2e-legacy-nobody"
+    config = vmrun_config(name, iommufd=[], vfio=[{"id": "dev0", "host": bdfs[0]}, {"id": "dev1", "host": bdfs[1]}])
+    expected = [
+        f"QEMU runs as {USER} and opens /dev/vfio/{g} itself on the legacy backend, but {USER} may not" for g in groups
+    ]
+    with workdir("legacy-refused-") as work:
+        cfg = work.config(name, config)
+        proc = work.vmrun("plan", "--json", str(cfg))
+        check(proc.returncode == 0, f"vmrun plan failed\n{shown(proc)}")
+        problems = json.loads(proc.stdout)["problems"]
+        for text in expected:
+            check(any(text in p for p in problems), f"vmrun plan does not list {text!r}; problems: {problems}")
+        error = refused_before_qemu(work, cfg, name, expected)
+    return {"plan_problems": problems, "run_stderr": error}
+
+
+@scenario
+def vmrun_memlock_not_raisable(bed: Bed) -> dict[str, Any]:
+    """Root without CAP_SYS_RESOURCE under an 8 MiB hard RLIMIT_MEMLOCK: vmrun refuses."""
+    bdf = bed.bdfs(1)[0]
+    missing = [tool for tool in ("setpriv", "prlimit") if shutil.which(tool) is None]
+    check(not missing, f"{missing} not found in the host root (Debian: util-linux)")
+    hard = 8 * MIB
+    wrapper = ["setpriv", "--bounding-set", "-sys_resource", "--", "prlimit", f"--memlock={hard}:{hard}"]
+    name = "e2e-memlock-low"
+    config = vmrun_config(name, vfio=[{"id": "dev0", "host": bdf, "iommufd": "iommufd0"}])
+    with workdir("memlock-low-") as work:
+        cfg = work.config(name, config)
+        # The wrapper must really take the capability and the limit away, or the refusal
+        # below would prove nothing.
+        probe = run_group(
+            [
+                *wrapper,
+                sys.executable,
+                "-c",
+                "import resource; print(open('/proc/self/status').read()); "
+                "print('hard', resource.getrlimit(resource.RLIMIT_MEMLOCK)[1])",
+            ],
+            work.env,
+            30,
+        )
+        status = dict(line.split(":\t", 1) for line in probe.stdout.splitlines() if ":\t" in line)
+        cap_eff = int(status.get("CapEff", "0"), 16)
+        check(
+            probe.returncode == 0 and cap_eff != 0 and not cap_eff >> 24 & 1 and f"hard {hard}" in probe.stdout,
+            f"the wrapper did not give a root process without CAP_SYS_RESOURCE (24) and an {hard} byte hard "
+            f"limit: CapEff {status.get('CapEff')}\n{shown(probe)}",
+        )
+        plan = work.vmrun("plan", "--json", str(cfg))
+        check(plan.returncode == 0, f"vmrun plan failed\n{shown(plan)}")
+        planned = json.loads(plan.stdout)
+        check(not planned["problems"], f"with CAP_SYS_RESOURCE the plan has problems: {planned['problems']}")
+        need = planned["memlock_bytes"]
+        check(need is not None and need > hard, f"the plan sets memlock {need}, not above {hard}")
+        expected = (
+            f"RLIMIT_MEMLOCK must be {need / MIB:g} MiB but the hard limit is {hard // MIB} MiB "
+            "and vmrun lacks CAP_SYS_RESOURCE"
+        )
+        error = refused_before_qemu(work, cfg, name, [expected], wrapper=wrapper)
+    return {"wrapper": wrapper, "stderr": error}
+
+
+FAKE_QEMU = """#!/bin/sh
+# A QEMU 7.2 as Debian 12 ships it, as far as vmrun's probe can tell: no iommufd object,
+# a vfio-pci without fd= and iommufd=. It must never be launched for real.
+echo "$*" >>"$0.log"
+case "$*" in
+    -version) echo "QEMU emulator version 7.2.0 (Debian 1:7.2+dfsg-7+deb12u7)"; exit 0 ;;
+    *iommufd,help*) echo "qemu-system-x86_64: invalid object type: iommufd" >&2; exit 1 ;;
+    *vfio-pci,help*) printf 'vfio-pci options:\\n  host=<str>\\n  sysfsdev=<str>\\n'; exit 0 ;;
+    *,help*) echo "qemu-system-x86_64: -device ${4%,help}: Device not found" >&2; exit 1 ;;
+esac
+echo "fake QEMU 7.2 launched: $*" >&2
+exit 99
+"""
+
+
+@scenario
+def vmrun_host_problems(bed: Bed) -> dict[str, Any]:
+    """No /dev/iommu, a QEMU without iommufd: each a clear exit 1 before QEMU. (A device
+    not bound to vfio-pci is refused within vmrun_bind_check_round_trip, which unbinds one.)"""
+    bdf = bed.bdfs(1)[0]
+    name = "e2e-host-problems"
+    device_cfg = {"id": "dev0", "host": bdf, "iommufd": "iommufd0"}
+    out: dict[str, Any] = {}
+    with workdir("host-problems-", fresh_cache=True) as work:
+        cfg = work.config(name, vmrun_config(name, vfio=[device_cfg]))
+
+        # (b) no /dev/iommu: a kernel without IOMMUFD, as vmrun sees it.
+        check(not os.path.exists(IOMMU_AWAY), f"{IOMMU_AWAY} exists already")
+        os.rename("/dev/iommu", IOMMU_AWAY)
+        try:
+            out["no_dev_iommu"] = refused_before_qemu(work, cfg, name, ["/dev/iommu does not exist"])
+        finally:
+            os.rename(IOMMU_AWAY, "/dev/iommu")
+
+        # (c) a QEMU without iommufd. The fresh cache makes vmrun probe this very binary.
+        fake = work.path / "qemu-7.2"
+        fake.write_text(FAKE_QEMU)
+        fake.chmod(0o755)
+        fake_cfg = work.config(f"{name}-qemu", vmrun_config(name, vfio=[device_cfg], qemu=str(fake)))
+        out["old_qemu"] = refused_before_qemu(
+            work, fake_cfg, name, [f"QEMU 7.2.0 at {fake} has no iommufd backend (QEMU >= 9.0 needed)"]
+        )
+        calls = Path(f"{fake}.log").read_text().splitlines() if Path(f"{fake}.log").exists() else []
+        check(bool(calls), f"vmrun never ran the fake QEMU {fake}: it did not probe it")
+        launched = [c for c in calls if c != "-version" and not c.endswith(",help")]
+        check(not launched, f"vmrun ran the fake QEMU beyond probing it: {launched}")
+        cached = work.caps_cache.read_text() if work.caps_cache.exists() else ""
+        check(str(fake) in cached, f"the capability cache {work.caps_cache} has no entry for {fake}:\n{cached}")
+        out["fake_qemu_calls"] = calls
+    return out
+
+
+@scenario
+def vmrun_bind_check_round_trip(bed: Bed) -> dict[str, Any]:
+    """devices, check, unbind (check and run refuse), bind, prepare on the edu devices; the
+    host ends as found. Also the cost of vmrun's QEMU capability probe."""
+    bdfs = bed.bdfs(2)
+    name = "e2e-preflight"
+    config = vmrun_config(name, vfio=[{"id": f"dev{i}", "host": b, "iommufd": "iommufd0"} for i, b in enumerate(bdfs)])
+    out: dict[str, Any] = {}
+    with workdir("preflight-", fresh_cache=True) as work, edu_bindings_restored():
+        cfg = work.config(name, config)
+
+        proc = work.vmrun("devices", "--json")
+        check(proc.returncode == 0, f"vmrun devices --json failed\n{shown(proc)}")
+        listed = {d["address"]: d for d in json.loads(proc.stdout)}
+        for d in bed.edu[:2]:
+            row = listed.get(d.bdf)
+            check(row is not None, f"vmrun devices does not list {d.bdf}: {sorted(listed)}")
+            assert row is not None
+            got = (row["vendor"], row["device"], row["driver"], row["iommu_group"], row["cdev"])
+            want = ("1234", "11e8", "vfio-pci", d.group, d.cdev)
+            check(got == want, f"vmrun devices shows {d.bdf} as {got}, sysfs says {want}")
+
+        def run_check(label: str) -> tuple[subprocess.CompletedProcess[str], float]:
+            t = time.monotonic()
+            proc = work.vmrun("check", str(cfg))
+            seconds = time.monotonic() - t
+            bed.say(f"vmrun check ({label}): exit {proc.returncode} in {seconds:.2f}s")
+            return proc, seconds
+
+        def fails(proc: subprocess.CompletedProcess[str]) -> list[str]:
+            return [line for line in proc.stdout.splitlines() if line.startswith("fail")]
+
+        check(not work.caps_cache.exists(), f"{work.caps_cache} exists before the first check")
+        cold, cold_s = run_check("empty capability cache")
+        check(cold.returncode == 0 and not fails(cold), f"vmrun check of a good config\n{shown(cold)}")
+        check(work.caps_cache.exists(), f"the first vmrun check left no capability cache {work.caps_cache}")
+        cached_at = work.caps_cache.stat().st_mtime_ns
+        warm, warm_s = run_check("cached")
+        check(warm.returncode == 0 and not fails(warm), f"second vmrun check of a good config\n{shown(warm)}")
+        # vmrun writes the cache only when it probed: unchanged means it used the cache.
+        check(
+            work.caps_cache.stat().st_mtime_ns == cached_at,
+            f"the second vmrun check rewrote {work.caps_cache}: it probed QEMU again",
+        )
+        out["probe_cost_seconds"] = {"check, empty cache": round(cold_s, 2), "check, cached": round(warm_s, 2)}
+
+        target = bed.edu[1]
+        proc = work.vmrun("unbind", target.bdf)
+        check(proc.returncode == 0 and "restored" in proc.stdout, f"vmrun unbind {target.bdf}\n{shown(proc)}")
+        check(edu_device(target.bdf).driver is None, f"{target.bdf} is still on a driver after vmrun unbind")
+        old_cdev = target.cdev
+        check(
+            wait_until(lambda: old_cdev is None or not os.path.exists(old_cdev), 5.0)
+            and edu_device(target.bdf).cdev is None,
+            f"the cdev of {target.bdf} ({old_cdev}) is still there after vmrun unbind",
+        )
+        broken, _ = run_check("device unbound")
+        failing = fails(broken)
+        check(
+            broken.returncode == 1 and any(target.bdf in line for line in failing),
+            f"vmrun check with {target.bdf} unbound: expected exit 1 and a fail line naming it\n{shown(broken)}",
+        )
+        check(
+            f"fix: vmrun bind {target.bdf}" in broken.stdout,
+            f"vmrun check does not give the fix `vmrun bind {target.bdf}`\n{shown(broken)}",
+        )
+        out["check_unbound"] = failing
+        out["run_unbound"] = refused_before_qemu(
+            work,
+            cfg,
+            name,
+            [f"host={target.bdf} is bound to no driver, not vfio-pci (vmrun bind {target.bdf})"],
+        )
+
+        proc = work.vmrun("bind", target.bdf)
+        check(proc.returncode == 0 and f"{target.bdf}: bound" in proc.stdout, f"vmrun bind {target.bdf}\n{shown(proc)}")
+        back = edu_device(target.bdf)
+        check(
+            back.driver == "vfio-pci" and back.cdev is not None and Path(back.cdev).is_char_device(),
+            f"after vmrun bind, {target.bdf} is {back}: not on vfio-pci with a cdev node",
+        )
+        again, _ = run_check("bound again")
+        check(again.returncode == 0 and not fails(again), f"vmrun check after vmrun bind\n{shown(again)}")
+
+        proc = work.vmrun("prepare", str(cfg))
+        lines = proc.stdout.strip().splitlines()
+        check(
+            proc.returncode == 0 and all(any(line.startswith(f"{b}: already bound") for line in lines) for b in bdfs),
+            f"vmrun prepare on bound devices must say 'already bound' for each of {bdfs}\n{shown(proc)}",
+        )
+        out["prepare"] = lines
+        drivers = {d.bdf: d.driver for d in find_edu_devices()}
+        check(set(drivers.values()) == {"vfio-pci"}, f"prepare changed drivers: {drivers}")
+    return out
+
+
+# --------------------------------------------------------------------------- configs/ in the bed
+
+# Configs without devices (the demo) are smoke-tested paused here, like the others: their
+# boot is proven on the host (tests/test_launch.py, tests/test_smoke.py), where it takes
+# 1-2 s, while under TCG in TCG the demo kernel needs 55-65 s.
+SMOKE_TIMEOUT = 60.0
+
+
+def bed_variant(src: Path, bed: Bed) -> tuple[dict[str, Any], dict[int, str]]:
+    """`src` with the bed's edu devices in place of its own, in order, and an L2's size;
+    and the files the caller must pass at the config's `fd = N` numbers."""
+    with src.open("rb") as f:
+        data = tomllib.load(f)
+    vm = data["vm"]
+    vm.update(accel="tcg", memory=f"{L2_RAM_MIB}M", cpus=1)
+    for key in ("kernel", "initrd", "uefi_vars"):
+        if key in vm:
+            vm[key] = str((src.parent / vm[key]).resolve())
+    for disk in data.get("disk", []):
+        disk["path"] = str((src.parent / disk["path"]).resolve())
+    caller: dict[int, str] = {}
+    for obj in data.get("iommufd", []):
+        if "fd" in obj:
+            caller[obj["fd"]] = "/dev/iommu"
+    for dev, edu in zip(data.get("vfio", []), bed.edu, strict=False):
+        if "host" in dev:
+            dev["host"] = edu.bdf
+        elif "sysfsdev" in dev:
+            dev["sysfsdev"] = f"/sys/bus/pci/devices/{edu.bdf}"
+        else:
+            check(edu.cdev is not None, f"edu {edu.bdf} has no cdev to pass as fd {dev['fd']}")
+            caller[dev["fd"]] = str(edu.cdev)
+    return data, caller
+
+
+def smoke_with_fds(work: Workdir, config: Path, caller: dict[int, str]) -> subprocess.CompletedProcess[str]:
+    """`vmrun smoke CONFIG` with the files opened by us, inherited at the config's fd numbers."""
+    numbers = sorted(caller)
+    # The launcher places its fds at 3, 4, ... in order.
+    check(
+        numbers == list(range(3, 3 + len(numbers))),
+        f"{config.name} takes caller fds {numbers}; the launcher can pass only 3, 4, ... in a row",
+    )
+    spec = Launch(
+        argv=[str(VMRUN), "smoke", "--timeout", str(SMOKE_TIMEOUT), str(config)],
+        fds=[caller[n] for n in numbers],
+        user=None,
+        env=work.env,
+        session=True,
+    )
+    proc = Vm(spec, qmp_path="", workdir=private_dir("smoke-fds-", None))
+    try:
+        rc = proc.wait(SMOKE_TIMEOUT + 30)
+        out = proc.out_path.read_text(errors="replace")
+        check(rc is not None, f"vmrun smoke {config.name} did not finish in time\n{proc.describe()}\nstdout:\n{out}")
+        assert rc is not None
+        return subprocess.CompletedProcess(spec.argv, rc, out, proc.stderr())
+    finally:
+        proc.close()
+
+
+def pass_line(proc: subprocess.CompletedProcess[str], config: Path) -> str:
+    return next((line for line in proc.stdout.splitlines() if line.startswith(f"PASS {config}:")), "")
+
+
+def smoke_passed(proc: subprocess.CompletedProcess[str], files: Sequence[Path]) -> None:
+    failed = [str(f) for f in files if f"PASS {f}:" not in proc.stdout]
+    check(proc.returncode == 0 and not failed, f"vmrun smoke did not pass {failed}\n{shown(proc)}")
+
+
+@scenario
+def vmrun_configs_in_bed(bed: Bed) -> dict[str, Any]:
+    """Every example under configs/ through `vmrun smoke`, on the bed's edu devices."""
+    ran: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    with workdir("configs-") as work:
+        plain: list[tuple[str, Path]] = []
+        with_fds: list[tuple[str, Path, dict[int, str]]] = []
+        as_is: list[Path] = []
+        for src in sorted(CONFIGS.glob("*.toml")):
+            data, caller = bed_variant(src, bed)
+            n = len(data.get("vfio", []))
+            if n == 0:
+                as_is.append(src)
+                continue
+            if n > len(bed.edu):
+                skipped[src.name] = f"needs {n} devices, the bed has {len(bed.edu)}"
+                continue
+            variant = work.config(src.stem, tomli_w.dumps(data))
+            bed.say(f"{src.name} in the bed:\n{variant.read_text()}")
+            if caller:
+                with_fds.append((src.name, variant, caller))
+            else:
+                plain.append((src.name, variant))
+        check(bool(plain or with_fds), f"no config under {CONFIGS} has [[vfio]] devices to run in the bed")
+
+        if plain:
+            files = [path for _, path in plain]
+            proc = work.vmrun(
+                "smoke", "--timeout", str(SMOKE_TIMEOUT), *map(str, files), timeout=SMOKE_TIMEOUT * len(files) + 30
+            )
+            smoke_passed(proc, files)
+            ran.update((src_name, pass_line(proc, path)) for src_name, path in plain)
+        for src_name, path, caller in with_fds:
+            proc = smoke_with_fds(work, path, caller)
+            smoke_passed(proc, [path])
+            ran[src_name] = pass_line(proc, path)
+        for src in as_is:
+            argv = [str(VMRUN), "smoke", "--timeout", str(SMOKE_TIMEOUT), str(src)]
+            proc = run_group(argv, work.env, SMOKE_TIMEOUT + 30)
+            smoke_passed(proc, [src])
+            ran[src.name] = pass_line(proc, src)
+    bed.say(f"ran: {sorted(ran)}; skipped: {skipped}")
+    return {"ran": ran, "skipped": skipped}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1116,12 +1708,59 @@ class Outcome:
     log: list[str]
 
 
+def host_state() -> dict[str, Any]:
+    """What a scenario may change in L1 and must put back: the edu devices' binding, the
+    device nodes with their owners, vmrun's bind records, QEMU processes."""
+    edu = find_edu_devices()
+    state: dict[str, Any] = {}
+    for d in edu:
+        # Existence, not the number: a device bound again may get another vfioN, harmlessly.
+        has_cdev = d.cdev is not None and Path(d.cdev).is_char_device()
+        state[d.bdf] = {"driver": d.driver, "group": d.group, "cdev": has_cdev}
+    for node in ["/dev/iommu", "/dev/vfio/vfio", *(f"/dev/vfio/{d.group}" for d in edu if d.group)]:
+        try:
+            st = os.stat(node)
+            state[node] = {"uid": st.st_uid, "gid": st.st_gid, "mode": f"{stat.S_IMODE(st.st_mode):04o}"}
+        except FileNotFoundError:
+            state[node] = "missing"
+    state["vmrun bind records"] = sorted(os.listdir(BIND_RECORDS)) if BIND_RECORDS.is_dir() else []
+    state["QEMU processes"] = sorted(qemu_processes().values())
+    return state
+
+
+def restore_host(before: dict[str, Any]) -> None:
+    """The runner's safety net after a scenario left L1 changed (`before` is how it was):
+    later scenarios need the devices on vfio-pci, the nodes as devtmpfs made them and no
+    QEMU holding anything."""
+    for pid in qemu_processes():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    # A QEMU still dying holds its devices.
+    wait_until(lambda: not qemu_processes(), 5.0)
+    away = Path(IOMMU_AWAY)
+    if away.exists() and not Path("/dev/iommu").exists():
+        away.rename("/dev/iommu")
+    for d in find_edu_devices():
+        if d.driver != "vfio-pci" or d.cdev is None:
+            with contextlib.suppress(OSError):
+                bind_vfio_pci_by_sysfs(d.bdf)
+    for node, was in before.items():
+        if node.startswith("/dev/") and isinstance(was, dict):
+            with contextlib.suppress(OSError):
+                os.chown(node, was["uid"], was["gid"])
+                os.chmod(node, int(was["mode"], 8))
+    if BIND_RECORDS.is_dir():
+        for name in set(os.listdir(BIND_RECORDS)) - set(before["vmrun bind records"]):
+            (BIND_RECORDS / name).unlink()
+
+
 def run_scenarios(selected: Sequence[Scenario], out: Path) -> list[Outcome]:
     started = time.monotonic()
-    edu = find_edu_devices()
     outcomes: list[Outcome] = []
     for sc in selected:
-        bed = Bed(edu=edu)
+        # Read afresh: a scenario that unbinds and binds a device may renumber its cdev.
+        bed = Bed(edu=find_edu_devices())
+        before = host_state()
         print(f"== {sc.name}", flush=True)
         t = time.monotonic()
         details: dict[str, Any] = {}
@@ -1132,6 +1771,15 @@ def run_scenarios(selected: Sequence[Scenario], out: Path) -> list[Outcome]:
             error = str(e)
         except Exception:
             error = "scenario crashed:\n" + traceback.format_exc()
+        after = host_state()
+        if after != before:
+            changed = {
+                k: {"before": before.get(k), "after": after.get(k)}
+                for k in before | after
+                if before.get(k) != after.get(k)
+            }
+            error = (error + "\n" if error else "") + f"the scenario left L1 changed: {json.dumps(changed)}"
+            restore_host(before)
         outcome = Outcome(sc.name, not error, time.monotonic() - t, details, error, bed.log)
         outcomes.append(outcome)
         print(f"   {'ok' if outcome.ok else 'FAILED'} in {outcome.seconds:.1f}s", flush=True)
