@@ -218,3 +218,29 @@ def test_second_run_of_a_running_vm_is_refused(tmp_path: pathlib.Path, state: pa
         )
         assert again.returncode == 1
         assert f"vmrun: VM dev is already running (pid {proc.pid})" in again.stderr
+
+
+@pytest.fixture
+def tap() -> Iterator[str]:
+    name = f"vmrt{os.getpid() % 100000}"
+    made = subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot create a tap here: {made.stderr.strip()}")
+    subprocess.run(["ip", "link", "set", "dev", name, "up"], check=True)
+    yield name
+    subprocess.run(["ip", "tuntap", "del", "dev", name, "mode", "tap"], check=True)
+
+
+@pytest.mark.skipif(not is_root(), reason="needs root to make a tap and run QEMU as nobody")
+def test_tap_attached_by_vmrun_for_a_deprivileged_qemu(tmp_path: pathlib.Path, state: pathlib.Path, tap: str) -> None:
+    # QEMU as nobody could neither open /dev/net/tun nor attach to a root-owned tap itself.
+    cfg = write(tmp_path, {"user": "nobody", "args": ["-S"]}, net=[{"id": "net0", "type": "tap", "ifname": tap}])
+    carrier = pathlib.Path("/sys/class/net") / tap / "carrier"
+    assert carrier.read_text().strip() == "0", "an unattached tap has no carrier"
+    with running(cfg, state, "dev") as (proc, qmp):
+        assert "net0" in peripherals(qmp)
+        assert psutil.Process(proc.pid).uids().real == 65534
+        fds = {os.readlink(f"/proc/{proc.pid}/fd/{n}") for n in os.listdir(f"/proc/{proc.pid}/fd")}
+        assert "/dev/net/tun" in fds
+        # The tap has a carrier only while a process is attached to it: QEMU, through vmrun's fd.
+        assert carrier.read_text().strip() == "1"
