@@ -133,6 +133,13 @@ def test_child_gets_exactly_the_planned_fds_limit_and_identity(
     assert record["memlock"] == [6 * MiB, 6 * MiB]
     assert "iommufd,id=iommufd0,fd=3" in record["argv"]
     assert "vfio-pci,id=dev1,fd=5,iommufd=iommufd0" in record["argv"]
+    # What `vmrun ps` and `stop` read: QEMU's pid (exec keeps vmrun's) and the devices.
+    state = json.loads((pathlib.Path(os.environ["VMRUN_STATE_DIR"]) / "t" / "state.json").read_text())
+    assert state["pid"] == record["pid"] and state["argv"] == record["argv"] and state["run_as"] == "nobody"
+    assert state["devices"] == [
+        {"id": "dev0", "driver": "vfio-pci", "source": "host=0000:01:00.0", "backend": "iommufd0"},
+        {"id": "dev1", "driver": "vfio-pci", "source": "host=0000:02:00.0", "backend": "iommufd0"},
+    ]
 
 
 def test_caller_fds_pass_through_at_their_numbers(

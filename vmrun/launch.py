@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from typing import NoReturn
 
+import attrs
+
 from vmrun.errors import LaunchError
 from vmrun.memlock import UNLIMITED
 from vmrun.plan import FdSpec, Plan
@@ -186,7 +188,7 @@ def write_state(plan: Plan) -> None:
         "pid": os.getpid(),
         "started": time.time(),
         "run_as": plan.run_as.name if plan.run_as else None,
-        "devices": [f.purpose for f in plan.fds if f.kind in ("device", "inherited")],
+        "devices": [attrs.asdict(d) for d in plan.passthrough],
         "argv": plan.argv,
     }
     for name, text in (("pid", f"{os.getpid()}\n"), ("state.json", json.dumps(state, indent=1) + "\n")):

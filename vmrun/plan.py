@@ -51,6 +51,16 @@ class Finding:
 
 
 @attrs.frozen
+class Passthrough:
+    """A passed-through device as `vmrun ps` and `status` show it."""
+
+    id: str
+    driver: str
+    source: str  # host=..., sysfsdev=... or fd=...
+    backend: str  # the iommufd object's id, or "legacy"
+
+
+@attrs.frozen
 class Plan:
     name: str
     config: str
@@ -60,6 +70,7 @@ class Plan:
     fds: tuple[FdSpec, ...]
     memlock: MemlockPlan
     run_as: User | None  # None: QEMU runs as the caller
+    passthrough: tuple[Passthrough, ...] = ()
     # Everything checked, in order: "ok" found right, "warn" worth knowing,
     # "fail" stops `run` before anything is opened.
     findings: tuple[Finding, ...] = ()
@@ -177,6 +188,7 @@ class Planner:
             fds=tuple(sorted(self.fds, key=lambda f: f.fd)),
             memlock=memlock,
             run_as=self.facts.run_as if vm.user else None,
+            passthrough=tuple(Passthrough(d.id, d.driver, d.source, d.iommufd or "legacy") for d in self.config.vfio),
             findings=tuple(self.findings),
         )
 

@@ -193,9 +193,16 @@ def load(name: str, state_base: str | None = None, cpu_interval: float | None = 
         pid=pid,
         config=record.get("config") if isinstance(record.get("config"), str) else None,
         run_as=record.get("run_as") if isinstance(record.get("run_as"), str) else None,
-        devices=tuple(str(d) for d in devices) if isinstance(devices, list) else (),
+        devices=tuple(device_label(d) for d in devices) if isinstance(devices, list) else (),
         process=proc,
     )
+
+
+def device_label(entry: object) -> str:
+    """ "vfio-pci gpu0 (host=0000:01:00.0)" from a state.json device entry."""
+    if isinstance(entry, dict):
+        return f"{entry.get('driver')} {entry.get('id')} ({entry.get('source')}, {entry.get('backend')})"
+    return str(entry)
 
 
 def all_vms(state_base: str | None = None) -> list[Vm]:
