@@ -187,6 +187,27 @@ def test_unopenable_device_is_reported_before_exec(
     assert "Traceback" not in proc.stderr
 
 
+def test_unopenable_disk_is_reported_before_exec(
+    tmp_path: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path
+) -> None:
+    image = tmp_path / "image.raw"
+    image.mkdir()  # seen by the plan, refused by open()
+    cfg = config(tmp_path, {"memlock": "off"}, disk=[{"id": "d0", "path": str(image)}])
+    stderr = run_refused(cfg, outdir, host_tree)
+    assert f"vmrun: cannot open {image} for disk d0: Is a directory" in stderr
+    assert "hint: vmrun opens it and passes the fd, so only vmrun's user needs access" in stderr
+
+
+def test_tap_that_cannot_be_attached_is_reported_before_exec(tmp_path: pathlib.Path, outdir: pathlib.Path) -> None:
+    # The fake tree's /dev/net/tun is a plain file: TUNSETIFF fails on it as on a real
+    # tap owned by another user.
+    root = fakehost.build(tmp_path / "host", fakehost.FakeHost(taps=("tap0",)))
+    cfg = config(tmp_path, {"memlock": "off"}, net=[{"id": "n0", "type": "tap", "ifname": "tap0"}])
+    stderr = run_refused(cfg, outdir, root)
+    assert "vmrun: cannot attach to tap tap0: Inappropriate ioctl for device" in stderr
+    assert "ip tuntap add tap0 mode tap user USER" in stderr
+
+
 def test_plan_problems_stop_the_launch(tmp_path: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
     cfg = config(tmp_path, {}, vfio=[{"id": "dev0", "host": "0000:07:00.0"}])
     assert "vfio[0].host: no PCI device 0000:07:00.0 on this host" in run_refused(cfg, outdir, host_tree)

@@ -306,3 +306,39 @@ def test_plan_of_64_devices_is_fast(tmp_path: pathlib.Path) -> None:
     elapsed = time.perf_counter() - start
     assert p.problems == () and len(p.fds) == 67 and p.fds[-3].fd == 67
     assert elapsed < 0.5, f"planning 64 devices took {elapsed:.3f} s"
+
+
+def test_uefi_without_firmware_descriptors(tmp_path: pathlib.Path) -> None:
+    root = fakehost.build(tmp_path / "h", fakehost.FakeHost())
+    data = {"vm": {"name": "t", "memory": "1G", "firmware": "uefi"}}
+    assert problems(plan_for(make(tmp_path, data), root)) == ["vm.firmware: no UEFI firmware descriptor found"]
+
+
+def test_uefi_skips_secure_boot_builds(tmp_path: pathlib.Path, standard_host: pathlib.Path) -> None:
+    p = plan_for(make(tmp_path, {"vm": {"name": "t", "memory": "1G", "firmware": "uefi"}}), standard_host)
+    code, vars_ = (f for f in p.fds if f.kind == "file")
+    assert (code.path, code.flags) == ("/usr/share/OVMF/OVMF_CODE_4M.fd", "O_RDONLY")
+    assert vars_.template == "/usr/share/OVMF/OVMF_VARS_4M.fd" and vars_.path is not None
+    assert vars_.path.endswith("/t/OVMF_VARS.fd") and vars_.flags == "O_RDWR"
+
+
+def test_disk_format_must_match_the_image(tmp_path: pathlib.Path, standard_host: pathlib.Path) -> None:
+    qcow2 = REPO / "tests" / "golden" / "images" / "overlay.qcow2"
+    raw = REPO / "tests" / "golden" / "images" / "data.raw"
+    data = {
+        "vm": {"name": "t", "memory": "1G"},
+        "disk": [{"id": "a", "path": str(qcow2)}, {"id": "b", "path": str(raw), "format": "qcow2"}],
+    }
+    assert problems(plan_for(make(tmp_path, data), standard_host)) == [
+        f"disk[0].format: {qcow2} is qcow2, not raw",
+        f"disk[1].format: {raw} is raw, not qcow2",
+    ]
+
+
+def test_tap_needs_the_interface_and_tun(tmp_path: pathlib.Path) -> None:
+    root = fakehost.build(tmp_path / "h", fakehost.FakeHost())
+    data = {"vm": {"name": "t", "memory": "1G"}, "net": [{"id": "n0", "type": "tap", "ifname": "tap7"}]}
+    assert problems(plan_for(make(tmp_path, data), root)) == [
+        "net[0]: /dev/net/tun does not exist",
+        "net[0].ifname: no network interface tap7 on this host",
+    ]
