@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import struct
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -341,4 +342,27 @@ def test_tap_needs_the_interface_and_tun(tmp_path: pathlib.Path) -> None:
     assert problems(plan_for(make(tmp_path, data), root)) == [
         "net[0]: /dev/net/tun does not exist",
         "net[0].ifname: no network interface tap7 on this host",
+    ]
+
+
+def qcow2_header(path: pathlib.Path, backing: str | None) -> None:
+    name = (backing or "").encode()
+    header = (b"QFI\xfb" + struct.pack(">IQI", 3, 104 if backing else 0, len(name))).ljust(104, b"\0")
+    path.write_bytes(header + name)
+
+
+def test_backing_chain_problems(tmp_path: pathlib.Path, standard_host: pathlib.Path) -> None:
+    qcow2_header(tmp_path / "top.qcow2", "gone.qcow2")
+    qcow2_header(tmp_path / "a.qcow2", "b.qcow2")
+    qcow2_header(tmp_path / "b.qcow2", "a.qcow2")
+    data = {
+        "vm": {"name": "t", "memory": "1G"},
+        "disk": [
+            {"id": "d0", "path": str(tmp_path / "top.qcow2"), "format": "qcow2"},
+            {"id": "d1", "path": str(tmp_path / "a.qcow2"), "format": "qcow2"},
+        ],
+    }
+    assert problems(plan_for(make(tmp_path, data), standard_host)) == [
+        f"disk[0].path: {tmp_path}/top.qcow2: backing file {tmp_path}/gone.qcow2: No such file or directory",
+        f"disk[1].path: {tmp_path}/a.qcow2: the backing chain loops at {tmp_path}/a.qcow2",
     ]

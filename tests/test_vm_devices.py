@@ -142,6 +142,38 @@ def test_disk_passed_as_fd_to_a_deprivileged_qemu(
         assert (root_only_image.stat().st_mode & 0o777, root_only_image.stat().st_uid) == (0o600, 0)
 
 
+@pytest.mark.skipif(not is_root(), reason="needs root to run QEMU as nobody")
+def test_backing_chain_passed_as_fds_to_a_deprivileged_qemu(
+    tmp_path: pathlib.Path, state: pathlib.Path, root_only_image: pathlib.Path
+) -> None:
+    # raw base <- qcow2 middle <- qcow2 top, all root 0600: QEMU as nobody can open none of
+    # them by the paths in the headers, so every layer must arrive as an fd.
+    d = root_only_image.parent
+    steps = [
+        ["create", "-f", "qcow2", "-b", "secret.raw", "-F", "raw", "mid.qcow2"],
+        ["create", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2"],
+    ]
+    for step in steps:
+        subprocess.run(["qemu-img", *step], cwd=d, check=True, capture_output=True)
+    for name in ("mid.qcow2", "top.qcow2"):
+        (d / name).chmod(0o600)
+    cfg = write(
+        tmp_path,
+        {"user": "nobody", "args": ["-S"]},
+        disk=[{"id": "root", "path": str(d / "top.qcow2"), "format": "qcow2"}],
+    )
+    with running(cfg, state, "dev") as (proc, qmp):
+        nodes = {n["node-name"]: n for n in qmp.run("query-named-block-nodes")}
+        assert (nodes["root-fmt"]["drv"], nodes["root-b1-fmt"]["drv"], nodes["root-b2-fmt"]["drv"]) == (
+            "qcow2",
+            "qcow2",
+            "raw",
+        )
+        assert nodes["root-b1-fmt"]["ro"] and nodes["root-b2-fmt"]["ro"] and not nodes["root-fmt"]["ro"]
+        assert nodes["root-fmt"]["backing_file_depth"] == 2
+        assert psutil.Process(proc.pid).uids().real == 65534
+
+
 def test_user_network_forwards_a_port(tmp_path: pathlib.Path, state: pathlib.Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -85,10 +85,17 @@ class Firmware:
 
 
 @attrs.frozen
+class Layer:
+    path: str
+    format: str  # qcow2 or raw
+
+
+@attrs.frozen
 class ImageFacts:
     exists: bool
     detected_format: str | None = None  # from the first bytes: qcow2, or raw for anything else
-    backing_file: str | None = None  # qcow2 only
+    backing: tuple[Layer, ...] = ()  # the qcow2 backing chain, nearest first
+    backing_problem: str | None = None  # a chain that cannot be followed: missing, a loop, too deep
 
 
 @attrs.frozen
@@ -208,23 +215,63 @@ def find_uefi(host: Host) -> Firmware | None:
     return None
 
 
+QCOW2_BACKING_FORMAT_EXT = 0xE2792ACA
+MAX_BACKING_DEPTH = 16
+
+
+def read_header(path: pathlib.Path) -> tuple[str, str | None, str | None]:
+    """(format, backing file name, backing format from the header extension) of an image."""
+    with open(path, "rb") as f:
+        header = f.read(104)
+        if header[:4] != QCOW2_MAGIC or len(header) < 72:
+            return "raw", None, None
+        version = int.from_bytes(header[4:8], "big")
+        offset = int.from_bytes(header[8:16], "big")
+        size = int.from_bytes(header[16:20], "big")
+        backing = None
+        if offset and 0 < size < 4096:
+            f.seek(offset)
+            backing = f.read(size).decode("utf-8", "replace")
+        # Header extensions follow the header: type, length, data padded to 8 bytes.
+        ext_at = int.from_bytes(header[100:104], "big") if version >= 3 and len(header) >= 104 else 72
+        backing_format = None
+        f.seek(ext_at)
+        for _ in range(64):
+            head = f.read(8)
+            if len(head) < 8 or head[:4] == b"\0\0\0\0":
+                break
+            kind, length = int.from_bytes(head[:4], "big"), int.from_bytes(head[4:8], "big")
+            data = f.read((length + 7) // 8 * 8)[:length]
+            if kind == QCOW2_BACKING_FORMAT_EXT:
+                backing_format = data.decode("ascii", "replace")
+        return "qcow2", backing, backing_format
+
+
 def image_facts(path: pathlib.Path) -> ImageFacts:
     try:
-        with open(path, "rb") as f:
-            header = f.read(20)
-            if header[:4] != QCOW2_MAGIC:
-                return ImageFacts(True, "raw")
-            offset = int.from_bytes(header[8:16], "big")
-            size = int.from_bytes(header[16:20], "big")
-            backing = None
-            if offset and 0 < size < 4096:
-                f.seek(offset)
-                backing = f.read(size).decode("utf-8", "replace")
-            return ImageFacts(True, "qcow2", backing)
+        fmt, name, name_format = read_header(path)
     except FileNotFoundError:
         return ImageFacts(False)
     except OSError:
         return ImageFacts(True)  # exists but unreadable for vmrun: the launch will say so
+    chain: list[Layer] = []
+    seen = {os.path.realpath(path)}
+    here = path.parent
+    while name is not None:
+        layer = pathlib.Path(name) if os.path.isabs(name) else here / name
+        if len(chain) == MAX_BACKING_DEPTH:
+            return ImageFacts(True, fmt, tuple(chain), f"the backing chain is deeper than {MAX_BACKING_DEPTH}")
+        if os.path.realpath(layer) in seen:
+            return ImageFacts(True, fmt, tuple(chain), f"the backing chain loops at {layer}")
+        seen.add(os.path.realpath(layer))
+        try:
+            layer_fmt, next_name, next_format = read_header(layer)
+        except OSError as e:
+            return ImageFacts(True, fmt, tuple(chain), f"backing file {layer}: {e.strerror}")
+        # The header's backing format wins over probing, as it does for QEMU.
+        chain.append(Layer(str(layer), name_format if name_format in ("qcow2", "raw") else layer_fmt))
+        name, name_format, here = next_name, next_format, layer.parent
+    return ImageFacts(True, fmt, tuple(chain))
 
 
 def lookup_user(name: str) -> User | None:

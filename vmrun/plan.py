@@ -275,27 +275,34 @@ class Planner:
                     f"{disk.path} is {facts.detected_format}, not {disk.format}",
                     f'set format = "{facts.detected_format}"',
                 )
-            elif facts.backing_file:
-                self.note(
-                    f"{path}.path",
-                    f"{disk.path} has the backing file {facts.backing_file}, which QEMU opens by path itself",
-                    "vm.user must be able to read it; or flatten the image (qemu-img convert)",
-                )
+            elif facts.backing_problem:
+                self.problem(f"{path}.path", f"{disk.path}: {facts.backing_problem}", "fix or flatten the image chain")
+            elif facts.backing:
+                self.ok(f"{path}.path", f"{disk.path} is a {disk.format} image on {len(facts.backing)} backing layers")
             else:
                 self.ok(f"{path}.path", f"{disk.path} is a {disk.format} image")
-        fd = self.numbers.allocate()
-        mode = "O_RDONLY" if disk.readonly else "O_RDWR"
-        self.fds.append(FdSpec(fd, str(disk.path), f"disk {disk.id}", mode, kind="file"))
-        add, fdset = self.fdset(fd, disk.id)
         cache = [("cache.direct", disk.cache == "none"), ("cache.no-flush", disk.cache == "unsafe")]
-        common = [("read-only", disk.readonly), *cache]
-        file_node = qemu_args.keyval(
-            [("driver", "file"), ("node-name", f"{disk.id}-file"), ("filename", fdset), *common]
-        )
-        fmt_node = qemu_args.keyval(
-            [("driver", disk.format), ("node-name", f"{disk.id}-fmt"), ("file", f"{disk.id}-file"), *common]
-        )
-        opts: list[tuple[str, ...]] = [add, ("-blockdev", file_node), ("-blockdev", fmt_node)]
+        layers = [(disk.id, str(disk.path), disk.format, disk.readonly)]
+        # Backing files go as fds too: QEMU would open them by the path in the header,
+        # which a de-privileged QEMU may not read. Read-only, as QEMU opens them.
+        layers += [(f"{disk.id}-b{k}", b.path, b.format, True) for k, b in enumerate(facts.backing if facts else (), 1)]
+        nodes: list[tuple[str, ...]] = []
+        for k, (name, file, fmt, readonly) in enumerate(layers):
+            fd = self.numbers.allocate()
+            purpose = f"disk {disk.id}" if k == 0 else f"disk {disk.id} backing layer {k}"
+            self.fds.append(FdSpec(fd, file, purpose, "O_RDONLY" if readonly else "O_RDWR", kind="file"))
+            add, fdset = self.fdset(fd, name)
+            common = [("read-only", readonly), *cache]
+            below = f"{layers[k + 1][0]}-fmt" if k + 1 < len(layers) else None
+            file_node = qemu_args.keyval(
+                [("driver", "file"), ("node-name", f"{name}-file"), ("filename", fdset), *common]
+            )
+            fmt_node = qemu_args.keyval(
+                [("driver", fmt), ("node-name", f"{name}-fmt"), ("file", f"{name}-file"), ("backing", below), *common]
+            )
+            # A node must exist before the one that names it as backing: lowest layer first.
+            nodes[:0] = [add, ("-blockdev", file_node), ("-blockdev", fmt_node)]
+        opts: list[tuple[str, ...]] = nodes
         drive = f"{disk.id}-fmt"
         if disk.interface == "virtio-blk":
             device = qemu_args.option("virtio-blk-pci", [("id", disk.id), ("drive", drive), ("serial", disk.serial)])
