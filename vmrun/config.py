@@ -277,7 +277,7 @@ VM_KEYS = (
         string(USER_RE, "a user name such as nobody"),
         "run QEMU as this user (vmrun as root)",
     ),
-    Key("cpu", cpu_model, "CPU model (default: QEMU's)"),
+    Key("cpu", cpu_model, "CPU model (default: host under kvm, QEMU's under tcg)"),
     Key("console", choice("stdio", "socket", "none"), "serial console: stdio (default), socket or none"),
     Key("display", choice("none", "vnc", "gtk", "sdl"), "display: none (default), vnc, gtk or sdl"),
     Key("firmware", choice("bios", "uefi"), "bios (default) or uefi (OVMF)"),

@@ -155,8 +155,11 @@ class Planner:
             ("-machine", ",".join(machine)),
             ("-accel", vm.accel),
         ]
-        if vm.cpu is not None:
-            options.append(("-cpu", vm.cpu))
+        # Under KVM the guest should see the host's CPU (QEMU's default is a 2007-era model);
+        # TCG cannot emulate "host", so there QEMU's default stays.
+        cpu = vm.cpu or ("host" if vm.accel == "kvm" else None)
+        if cpu is not None:
+            options.append(("-cpu", cpu))
         options += [
             ("-m", format_size(vm.memory)),
             ("-smp", str(vm.cpus)),
