@@ -8,7 +8,8 @@ import attrs
 
 from vmrun.errors import Problem
 from vmrun.launch import trial_per_process_accounting
-from vmrun.plan import Finding, Plan
+from vmrun.plan import Plan
+from vmrun.requirements import Finding
 
 
 @attrs.frozen
