@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 
 import attrs
@@ -60,10 +59,7 @@ class Binder:
                 f"{address} has no IOMMU group",
                 "enable the IOMMU (intel_iommu=on or amd_iommu=on on the kernel command line)",
             )
-        try:
-            return sorted(os.listdir(self.host.under(f"/sys/kernel/iommu_groups/{group}/devices")))
-        except OSError:
-            return [address]
+        return self.host.group_members(group) or [address]
 
     def state_file(self, address: str) -> str:
         return f"{STATE_DIR}/{address}.json"
@@ -110,14 +106,9 @@ class Binder:
     def wait_for_cdev(self, address: str) -> str:
         deadline = time.monotonic() + CDEV_WAIT
         while True:
-            try:
-                names = [
-                    n for n in os.listdir(self.host.under(f"{self.sysfs(address)}/vfio-dev")) if n.startswith("vfio")
-                ]
-            except OSError:
-                names = []
-            if names and self.host.under(f"/dev/vfio/devices/{names[0]}").exists():
-                return f"/dev/vfio/devices/{names[0]}"
+            cdev = self.host.cdev(self.sysfs(address))
+            if cdev is not None and self.host.under(cdev).exists():
+                return cdev
             if time.monotonic() > deadline:
                 raise BindError(
                     f"{address} is bound to vfio-pci but no VFIO cdev appeared",
@@ -142,11 +133,7 @@ class Binder:
         return Change(address, "bound", f"was {current or 'unbound'}; {cdev}")
 
     def cdev_of(self, address: str) -> str:
-        try:
-            names = sorted(n for n in os.listdir(self.host.under(f"{self.sysfs(address)}/vfio-dev")))
-        except OSError:
-            return "no cdev"
-        return f"/dev/vfio/devices/{names[0]}" if names else "no cdev"
+        return self.host.cdev(self.sysfs(address)) or "no cdev"
 
     def unbind_one(self, address: str) -> Change:
         known, original = self.recall(address)

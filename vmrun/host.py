@@ -146,6 +146,21 @@ class Host:
         except OSError:
             return None
 
+    def cdev(self, sysfs: str) -> str | None:
+        """The VFIO cdev of the device at `sysfs` (from its vfio-dev/vfioN), None if it has none."""
+        try:
+            names = sorted(n for n in os.listdir(self.under(f"{sysfs}/vfio-dev")) if n.startswith("vfio"))
+        except OSError:
+            return None
+        return f"/dev/vfio/devices/{names[0]}" if names else None
+
+    def group_members(self, group: str) -> list[str]:
+        """The addresses of the devices in IOMMU group `group`."""
+        try:
+            return sorted(os.listdir(self.under(f"/sys/kernel/iommu_groups/{group}/devices")))
+        except OSError:
+            return []
+
     def device(self, dev: Vfio) -> DeviceFacts:
         if dev.host is not None:
             sysfs = f"/sys/bus/pci/devices/{dev.host}"
@@ -158,19 +173,11 @@ class Host:
         group = self.link_name(f"{sysfs}/iommu_group")
         members: list[tuple[str, str | None]] = []
         if group is not None:
-            group_dir = self.under(f"/sys/kernel/iommu_groups/{group}/devices")
-            try:
-                names = sorted(os.listdir(group_dir))
-            except OSError:
-                names = []
-            members = [(n, self.link_name(f"/sys/kernel/iommu_groups/{group}/devices/{n}/driver")) for n in names]
-        cdev = None
-        try:
-            cdevs = sorted(n for n in os.listdir(self.under(f"{sysfs}/vfio-dev")) if n.startswith("vfio"))
-        except OSError:
-            cdevs = []
-        if cdevs:
-            cdev = f"/dev/vfio/devices/{cdevs[0]}"
+            members = [
+                (n, self.link_name(f"/sys/kernel/iommu_groups/{group}/devices/{n}/driver"))
+                for n in self.group_members(group)
+            ]
+        cdev = self.cdev(sysfs)
         return DeviceFacts(
             sysfs=sysfs,
             driver=self.link_name(f"{sysfs}/driver"),

@@ -82,10 +82,6 @@ def list_devices(host: Host) -> list[PciDevice]:
         vendor = hexid(host.read(f"{sysfs}/vendor"), 4)
         device = hexid(host.read(f"{sysfs}/device"), 4)
         class_code = hexid(host.read(f"{sysfs}/class"), 6)
-        try:
-            cdevs = sorted(n for n in os.listdir(host.under(f"{sysfs}/vfio-dev")) if n.startswith("vfio"))
-        except OSError:
-            cdevs = []
         out.append(
             PciDevice(
                 address=address,
@@ -94,7 +90,7 @@ def list_devices(host: Host) -> list[PciDevice]:
                 class_code=class_code,
                 driver=host.link_name(f"{sysfs}/driver"),
                 iommu_group=host.link_name(f"{sysfs}/iommu_group"),
-                cdev=f"/dev/vfio/devices/{cdevs[0]}" if cdevs else None,
+                cdev=host.cdev(sysfs),
                 vendor_name=ids.vendors.get(vendor),
                 device_name=ids.devices.get((vendor, device)),
                 class_name=ids.class_name(class_code),

@@ -17,12 +17,11 @@ from typing import Any, Literal
 
 import attrs
 
-from vmrun import host
+from vmrun import config, host
 from vmrun.errors import Failure
 
 State = Literal["running", "starting", "stopped"]
 # A name becomes a directory under the state base: never "." or "..", never a path.
-NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 # The pid in state.json is QEMU's only if that process started before vmrun wrote the file;
 # a process started later reuses the number. Allow for the clock ticks /proc rounds to.
 START_SLACK = 1.0
@@ -97,7 +96,7 @@ def base() -> str:
 
 
 def check_name(name: str) -> str:
-    if not name or name in (".", "..") or not set(name) <= NAME_CHARS:
+    if not config.NAME_RE.match(name):
         raise BadName(f"{name!r} is not a VM name (letters, digits, '-', '.' and '_', as vm.name in a config)")
     return name
 
