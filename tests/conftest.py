@@ -2,12 +2,16 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
+import tempfile
+from collections.abc import Iterator
 
 import pytest
 
 from tests import fakehost
 from vmrun import config, host
 from vmrun.host import Launcher
+from vmrun.opener import Opener
 from vmrun.plan import Plan, plan
 from vmrun.qemu_caps import QemuCaps
 from vmrun.sizes import MiB
@@ -33,12 +37,27 @@ def plan_for(
     launcher: Launcher = ROOT,
 ) -> Plan:
     cfg = config.load(path)
-    return plan(cfg, host.gather(cfg, root, qemu_caps=lambda _: caps, launcher=launcher))
+    # Files are opened as the caller, not the VM user: a plan must not depend on whether
+    # the checkout is readable for nobody (a clone under a 0700 home is not).
+    with Opener(None) as opener:
+        return plan(cfg, host.gather(cfg, root, qemu_caps=lambda _: caps, launcher=launcher, opener=opener))
 
 
 @pytest.fixture(scope="session")
 def standard_host(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return fakehost.build(tmp_path_factory.mktemp("host"), fakehost.STANDARD)
+
+
+@pytest.fixture(scope="session")
+def fake_qemu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]:
+    """The QEMU stand-in where nobody can run it: vmrun probes QEMU as the VM user, and a
+    checkout under a 0700 home directory is out of that user's reach."""
+    d = pathlib.Path(tempfile.mkdtemp(prefix="vmrun-fake-qemu-"))
+    d.chmod(0o755)
+    shutil.copy(REPO / "tests" / "fake-qemu", d / "fake-qemu")
+    (d / "fake-qemu").chmod(0o755)
+    yield d / "fake-qemu"
+    shutil.rmtree(d)
 
 
 @pytest.fixture(autouse=True)
@@ -47,6 +66,9 @@ def private_dirs(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Non
     # into the user's home or into /run/vmrun.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("VMRUN_STATE_DIR", str(tmp_path / "state"))
+    # What QEMU keeps of the caller's environment, the same on every machine.
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    monkeypatch.delenv("TZ", raising=False)
 
 
 def is_root() -> bool:

@@ -77,18 +77,28 @@ def test_json_has_the_documented_fields(tmp_path: pathlib.Path, standard_host: p
         "purpose": "iommufd iommufd0",
         "per_process_accounting": False,
         "kind": "device",
+        "as_user": False,
+    }
+    assert data["env"] == {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/nonexistent",
+        "USER": "nobody",
+        "LOGNAME": "nobody",
+        "LANG": "C.UTF-8",
     }
     assert data["memlock_bytes"] == 1 * GiB + MARGIN
     assert data["run_as"]["user"] == "nobody"
     assert data["argv"][0] == "qemu-system-x86_64"
 
 
-def test_cli_plan_json(tmp_path: pathlib.Path, standard_host: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
-    vm = {"name": "t", "memory": "1G", "memlock": "4M", "qemu": str(REPO / "tests" / "fake-qemu")}
+def test_cli_plan_json(
+    tmp_path: pathlib.Path, standard_host: pathlib.Path, fake_qemu: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    vm = {"name": "t", "memory": "1G", "memlock": "4M", "qemu": str(fake_qemu)}
     data = {**SHARED, "vm": vm}
     assert cli.main(["plan", str(make(tmp_path, data)), "--json", "--host-root", str(standard_host)]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["argv"][0] == str(REPO / "tests" / "fake-qemu")
+    assert out["argv"][0] == str(fake_qemu)
     assert [(f["fd"], f["kind"]) for f in out["fds"]] == [
         (3, "device"),
         (4, "device"),
@@ -317,8 +327,10 @@ def test_uefi_without_firmware_descriptors(tmp_path: pathlib.Path) -> None:
 
 def test_uefi_skips_secure_boot_builds(tmp_path: pathlib.Path, standard_host: pathlib.Path) -> None:
     p = plan_for(make(tmp_path, {"vm": {"name": "t", "memory": "1G", "firmware": "uefi"}}), standard_host)
-    code, vars_ = (f for f in p.fds if f.kind == "file")
-    assert (code.path, code.flags) == ("/usr/share/OVMF/OVMF_CODE_4M.fd", "O_RDONLY")
+    code, vars_ = (f for f in p.fds if f.kind in ("file", "data"))
+    assert (code.path, code.flags, code.kind, code.as_user) == ("/usr/share/OVMF/OVMF_CODE_4M.fd", "O_RDONLY", "file", True)
+    # The default store is vmrun's own file, kept in its data directory.
+    assert vars_.kind == "data"
     assert vars_.template == "/usr/share/OVMF/OVMF_VARS_4M.fd" and vars_.path is not None
     assert vars_.path.endswith("/t/OVMF_VARS.fd") and vars_.flags == "O_RDWR"
 
@@ -363,6 +375,6 @@ def test_backing_chain_problems(tmp_path: pathlib.Path, standard_host: pathlib.P
         ],
     }
     assert problems(plan_for(make(tmp_path, data), standard_host)) == [
-        f"disk[0].path: {tmp_path}/top.qcow2: backing file {tmp_path}/gone.qcow2: No such file or directory",
+        f"disk[0].path: {tmp_path}/top.qcow2: backing file {tmp_path}/gone.qcow2: does not exist",
         f"disk[1].path: {tmp_path}/a.qcow2: the backing chain loops at {tmp_path}/a.qcow2",
     ]

@@ -6,6 +6,8 @@ opens a device, writes, or changes the process. The plan consumes a HostFacts va
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import grp
 import json
 import os
@@ -18,6 +20,7 @@ from collections.abc import Callable
 import attrs
 
 from vmrun.model import Config, Vfio
+from vmrun.opener import Opener, describe_type
 from vmrun.qemu_caps import QemuCaps, probe
 
 CAP_IPC_LOCK = 14
@@ -62,6 +65,7 @@ class User:
     uid: int
     gid: int
     groups: tuple[int, ...]
+    home: str = "/"
 
 
 @attrs.frozen
@@ -95,7 +99,8 @@ class ImageFacts:
     exists: bool
     detected_format: str | None = None  # from the first bytes: qcow2, or raw for anything else
     backing: tuple[Layer, ...] = ()  # the qcow2 backing chain, nearest first
-    backing_problem: str | None = None  # a chain that cannot be followed: missing, a loop, too deep
+    backing_problem: str | None = None  # a chain that cannot be followed: unreadable, a loop, too deep
+    open_problem: str | None = None  # the image itself cannot be opened as the VM user (or is no file)
 
 
 @attrs.frozen
@@ -108,13 +113,16 @@ class HostFacts:
     devices: dict[str, DeviceFacts]  # by device id
     run_as: User | None  # None when the config names no user, or the user does not exist
     launcher: Launcher
-    missing_files: tuple[str, ...] = ()
+    # vm.kernel / vm.initrd -> why QEMU's user cannot read it; QEMU opens them by path itself
+    unreadable: dict[str, str] = attrs.field(factory=dict)
     state_base: str = "/run/vmrun"
     data_base: str = "/var/lib/vmrun"
     uefi: Firmware | None = None
     images: dict[str, ImageFacts] = attrs.field(factory=dict)  # by disk id
     dev_tun: Node | None = None
     net_interfaces: frozenset[str] = frozenset()
+    caller: User | None = None  # who runs vmrun: QEMU's identity when the config names no user
+    locale: tuple[tuple[str, str], ...] = ()  # the caller's LANG and TZ, all QEMU keeps of its environment
 
 
 class Host:
@@ -223,62 +231,142 @@ def find_uefi(host: Host) -> Firmware | None:
 
 
 QCOW2_BACKING_FORMAT_EXT = 0xE2792ACA
+QCOW2_DATA_FILE_EXT = 0x44415441
+QCOW2_INCOMPAT_DATA_FILE = 1 << 2
 MAX_BACKING_DEPTH = 16
 
 
-def read_header(path: pathlib.Path) -> tuple[str, str | None, str | None]:
-    """(format, backing file name, backing format from the header extension) of an image."""
-    with open(path, "rb") as f:
-        header = f.read(104)
-        if header[:4] != QCOW2_MAGIC or len(header) < 72:
-            return "raw", None, None
-        version = int.from_bytes(header[4:8], "big")
-        offset = int.from_bytes(header[8:16], "big")
-        size = int.from_bytes(header[16:20], "big")
-        backing = None
-        if offset and 0 < size < 4096:
-            f.seek(offset)
-            backing = f.read(size).decode("utf-8", "replace")
-        # Header extensions follow the header: type, length, data padded to 8 bytes.
-        ext_at = int.from_bytes(header[100:104], "big") if version >= 3 and len(header) >= 104 else 72
-        backing_format = None
-        f.seek(ext_at)
-        for _ in range(64):
-            head = f.read(8)
-            if len(head) < 8 or head[:4] == b"\0\0\0\0":
-                break
-            kind, length = int.from_bytes(head[:4], "big"), int.from_bytes(head[4:8], "big")
-            data = f.read((length + 7) // 8 * 8)[:length]
-            if kind == QCOW2_BACKING_FORMAT_EXT:
-                backing_format = data.decode("ascii", "replace")
-        return "qcow2", backing, backing_format
+@attrs.frozen
+class Header:
+    format: str  # qcow2, or raw for anything else
+    backing: str | None = None  # the backing file name as the header says it
+    backing_format: str | None = None  # from the header extension
+    data_file: str | None = None  # a qcow2 external data file's name ("" when the header names none)
 
 
-def image_facts(path: pathlib.Path) -> ImageFacts:
+def read_header(fd: int) -> Header:
+    """What an image's first bytes say about it, read from an open fd."""
+    header = os.pread(fd, 112, 0)
+    if header[:4] != QCOW2_MAGIC or len(header) < 72:
+        return Header("raw")
+    version = int.from_bytes(header[4:8], "big")
+    offset = int.from_bytes(header[8:16], "big")
+    size = int.from_bytes(header[16:20], "big")
+    backing = None
+    if offset and 0 < size < 4096:
+        backing = os.pread(fd, size, offset).decode("utf-8", "replace")
+    v3 = version >= 3 and len(header) >= 104
+    incompatible = int.from_bytes(header[72:80], "big") if v3 else 0
+    data_file = "" if incompatible & QCOW2_INCOMPAT_DATA_FILE else None
+    # Header extensions follow the header: type, length, data padded to 8 bytes.
+    at = int.from_bytes(header[100:104], "big") if v3 else 72
+    backing_format = None
+    for _ in range(64):
+        head = os.pread(fd, 8, at)
+        if len(head) < 8 or head[:4] == b"\0\0\0\0":
+            break
+        kind, length = int.from_bytes(head[:4], "big"), int.from_bytes(head[4:8], "big")
+        data = os.pread(fd, min(length, 4096), at + 8)
+        at += 8 + (length + 7) // 8 * 8
+        if kind == QCOW2_BACKING_FORMAT_EXT:
+            backing_format = data.decode("ascii", "replace")
+        elif kind == QCOW2_DATA_FILE_EXT:
+            data_file = data.decode("utf-8", "replace")
+    return Header("qcow2", backing, backing_format, data_file)
+
+
+def has_protocol(name: str) -> bool:
+    """QEMU's own rule (path_has_protocol): a ':' before any '/' names a protocol or json: options."""
+    head = name.split("/", 1)[0]
+    return ":" in head
+
+
+def open_image(opener: Opener, path: str, flags: int) -> tuple[int | None, str | None]:
+    """(fd, None) for an image file or block device opened as the opener's user, or (None, why not)."""
     try:
-        fmt, name, name_format = read_header(path)
+        fd = opener.open(path, flags)
     except FileNotFoundError:
+        return None, "does not exist"
+    except OSError as e:
+        return None, f"{opener.who} may not open it: {e.strerror}"
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        os.close(fd)
+        return None, f"it is {describe_type(mode)}, not an image file or block device"
+    return fd, None
+
+
+def image_facts(path: pathlib.Path, opener: Opener, writable: bool = False) -> ImageFacts:
+    """The image at `path` and its backing chain, each layer opened as QEMU would get it.
+
+    The chain comes from the headers, so every file in it is opened with the opener's rights
+    (the VM user's, unless the disk is trusted): an image cannot name a file its user may not read.
+    """
+    if not path.exists() and not path.is_symlink():
         return ImageFacts(False)
-    except OSError:
-        return ImageFacts(True)  # exists but unreadable for vmrun: the launch will say so
+    fd, why = open_image(opener, str(path), os.O_RDWR if writable else os.O_RDONLY)
+    if fd is None:
+        return ImageFacts(True, open_problem=why)
     chain: list[Layer] = []
-    seen = {os.path.realpath(path)}
+    try:
+        header = read_header(fd)
+        seen = {(os.fstat(fd).st_dev, os.fstat(fd).st_ino)}
+    finally:
+        os.close(fd)
+    top_format = header.format
     here = path.parent
-    while name is not None:
-        layer = pathlib.Path(name) if os.path.isabs(name) else here / name
+    while True:
+        if header.data_file is not None:
+            named = f" {header.data_file!r}" if header.data_file else ""
+            return ImageFacts(
+                True,
+                top_format,
+                tuple(chain),
+                f"{chain[-1].path if chain else path} has an external data file{named}, which vmrun does not pass",
+            )
+        name = header.backing
+        if name is None:
+            return ImageFacts(True, top_format, tuple(chain))
         if len(chain) == MAX_BACKING_DEPTH:
-            return ImageFacts(True, fmt, tuple(chain), f"the backing chain is deeper than {MAX_BACKING_DEPTH}")
-        if os.path.realpath(layer) in seen:
-            return ImageFacts(True, fmt, tuple(chain), f"the backing chain loops at {layer}")
-        seen.add(os.path.realpath(layer))
+            return ImageFacts(True, top_format, tuple(chain), f"the backing chain is deeper than {MAX_BACKING_DEPTH}")
+        if has_protocol(name):
+            return ImageFacts(
+                True,
+                top_format,
+                tuple(chain),
+                f"the backing file {name!r} is a protocol or json: name; vmrun passes only local files",
+            )
+        layer = pathlib.Path(name) if os.path.isabs(name) else here / name
+        fd, why = open_image(opener, str(layer), os.O_RDONLY)
+        if fd is None:
+            return ImageFacts(True, top_format, tuple(chain), f"backing file {layer}: {why}")
         try:
-            layer_fmt, next_name, next_format = read_header(layer)
-        except OSError as e:
-            return ImageFacts(True, fmt, tuple(chain), f"backing file {layer}: {e.strerror}")
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in seen:
+                return ImageFacts(True, top_format, tuple(chain), f"the backing chain loops at {layer}")
+            seen.add((st.st_dev, st.st_ino))
+            below = read_header(fd)
+        finally:
+            os.close(fd)
         # The header's backing format wins over probing, as it does for QEMU.
-        chain.append(Layer(str(layer), name_format if name_format in ("qcow2", "raw") else layer_fmt))
-        name, name_format, here = next_name, next_format, layer.parent
-    return ImageFacts(True, fmt, tuple(chain))
+        fmt = header.backing_format if header.backing_format in ("qcow2", "raw") else below.format
+        chain.append(Layer(str(layer), fmt))
+        header, here = below, layer.parent
+
+
+def readable_as(opener: Opener, path: pathlib.Path, flags: int = os.O_RDONLY) -> str | None:
+    """None when the opener's user may open the regular file `path` so, else why not."""
+    try:
+        fd = opener.open(str(path), flags)
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as e:
+        return f"{opener.who} may not {'read' if flags == os.O_RDONLY else 'open'} it: {e.strerror}"
+    try:
+        mode = os.fstat(fd).st_mode
+    finally:
+        os.close(fd)
+    return None if stat.S_ISREG(mode) else f"it is {describe_type(mode)}"
 
 
 def lookup_user(name: str) -> User | None:
@@ -287,7 +375,14 @@ def lookup_user(name: str) -> User | None:
     except KeyError:
         return None
     groups = {pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if name in g.gr_mem}
-    return User(name, pw.pw_uid, pw.pw_gid, tuple(sorted(groups)))
+    return User(name, pw.pw_uid, pw.pw_gid, tuple(sorted(groups)), pw.pw_dir or "/")
+
+
+def user_by_uid(uid: int) -> User | None:
+    try:
+        return lookup_user(pwd.getpwuid(uid).pw_name)
+    except KeyError:
+        return None
 
 
 def current_launcher() -> Launcher:
@@ -328,21 +423,50 @@ def data_base(uid: int) -> str:
     return f"{data}/vmrun"
 
 
+LOCALE_VARS = ("LANG", "TZ")
+
+
 def gather(
     config: Config,
     root: str | os.PathLike[str] = "/",
-    qemu_caps: Callable[[str], QemuCaps | None] = probe,
+    qemu_caps: Callable[[str], QemuCaps | None] | None = None,
     launcher: Launcher | None = None,
+    opener: Opener | None = None,
 ) -> HostFacts:
-    """Everything the plan needs to know about this host for `config`."""
+    """Everything the plan needs to know about this host for `config`.
+
+    Files QEMU will get are opened as the VM user (through `opener`, made here when not
+    given), so the facts say what that user may open, not what root may.
+    """
     host = Host(root)
-    caps = qemu_caps(config.vm.qemu)
     launcher = launcher or current_launcher()
-    missing = tuple(str(p) for p in (config.vm.kernel, config.vm.initrd) if p is not None and not p.is_file())
+    run_as = lookup_user(config.vm.user) if config.vm.user else None
+    if qemu_caps is None:
+        # The probe runs the binary: never as root, with QEMU's own environment.
+        prober = run_as or (lookup_user("nobody") if launcher.uid == 0 else None)
+        qemu_caps = functools.partial(probe, as_user=prober)
+    caps = qemu_caps(config.vm.qemu)
     try:
         interfaces = frozenset(os.listdir(host.under("/sys/class/net")))
     except OSError:
         interfaces = frozenset()
+    with contextlib.ExitStack() as stack:
+        as_user = opener if opener is not None else stack.enter_context(Opener(run_as))
+        as_vmrun = stack.enter_context(Opener(None))
+        unreadable = {
+            key: why
+            for key, path in (("vm.kernel", config.vm.kernel), ("vm.initrd", config.vm.initrd))
+            if path is not None and (why := readable_as(as_user, path)) is not None
+        }
+        # A variable store the config names is the VM user's, made at launch when missing.
+        store = config.vm.uefi_vars
+        if store is not None and os.path.lexists(store):
+            why = readable_as(as_user, store, os.O_RDWR)
+            if why is not None:
+                unreadable["vm.uefi_vars"] = why
+        images = {
+            d.id: image_facts(d.path, as_vmrun if d.trusted else as_user, writable=not d.readonly) for d in config.disk
+        }
     return HostFacts(
         root=str(root),
         qemu=caps,
@@ -350,13 +474,15 @@ def gather(
         dev_iommu=host.node("/dev/iommu"),
         vfio_container=host.node("/dev/vfio/vfio"),
         devices={d.id: host.device(d) for d in config.vfio},
-        run_as=lookup_user(config.vm.user) if config.vm.user else None,
+        run_as=run_as,
         launcher=launcher,
-        missing_files=missing,
+        unreadable=unreadable,
         state_base=state_base(launcher.uid),
         data_base=data_base(launcher.uid),
         uefi=find_uefi(host) if config.vm.firmware == "uefi" else None,
-        images={d.id: image_facts(d.path) for d in config.disk},
+        images=images,
         dev_tun=host.node("/dev/net/tun") if any(n.type == "tap" for n in config.net) else None,
         net_interfaces=interfaces,
+        caller=user_by_uid(launcher.uid),
+        locale=tuple((k, os.environ[k]) for k in LOCALE_VARS if os.environ.get(k)),
     )

@@ -38,6 +38,8 @@ class Vm:
     initrd: pathlib.Path | None = None
     append: str | None = None
     args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()  # added to QEMU's minimal environment
+    sandbox: bool = True  # QEMU's seccomp sandbox
 
 
 @attrs.frozen
@@ -75,6 +77,7 @@ class Disk:
     readonly: bool = False
     cache: str = "writeback"  # writeback | none | unsafe
     serial: str | None = None
+    trusted: bool = False  # opened with vmrun's rights instead of the VM user's
 
 
 @attrs.frozen

@@ -16,6 +16,7 @@ from vmrun.errors import Problem
 from vmrun.host import DeviceFacts, HostFacts, User
 from vmrun.memlock import MemlockPlan, memlock_plan
 from vmrun.model import Config
+from vmrun.qemu_caps import MINIMAL_PATH
 from vmrun.requirements import Finding, Requirements, Status
 from vmrun.sizes import format_size
 
@@ -33,12 +34,23 @@ class FdSpec:
     # tap: /dev/net/tun attached to `ifname`; lock: flock'ed for QEMU's life;
     # qmp, console: listening unix sockets; inherited: from the caller
     kind: FdKind = "device"
-    template: str | None = None  # file: copied to `path` first when `path` is missing
+    template: str | None = None  # file, data: copied to `path` first when `path` is missing
     ifname: str | None = None  # tap: the interface to attach to
+    # file: opened with the VM user's rights (False: with vmrun's, for a trusted disk)
+    as_user: bool = False
 
 
-FdKind = Literal["device", "file", "tap", "inherited", "lock", "qmp", "console"]
+# device: a host node under the host root, opened by vmrun (the config names it explicitly);
+# file: an image or firmware file, opened as the VM user unless trusted;
+# data: a file of vmrun's own under its data directory (the default UEFI variable store);
+# tap: /dev/net/tun attached to `ifname`; lock: flock'ed for QEMU's life;
+# qmp, console: listening unix sockets; vncdir: a directory the VM user may create its VNC
+# socket in, reached only through this fd; inherited: from the caller
+FdKind = Literal["device", "file", "data", "tap", "inherited", "lock", "qmp", "console", "vncdir"]
 QMP_CHARDEV = "vmrun-qmp"
+# struct sockaddr_un's sun_path: a socket path that long cannot be connected to.
+SUN_PATH_MAX = 108
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 @attrs.frozen
@@ -62,6 +74,7 @@ class Plan:
     memlock: MemlockPlan
     run_as: User | None  # None: QEMU runs as the caller
     passthrough: tuple[Passthrough, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()  # QEMU's whole environment
     # Everything checked, in order: "ok" found right, "warn" worth knowing,
     # "fail" stops `run` before anything is opened.
     findings: tuple[Finding, ...] = ()
@@ -124,10 +137,14 @@ class Planner:
         for key, path in (("vm.kernel", vm.kernel), ("vm.initrd", vm.initrd)):
             if path is None:
                 continue
-            if str(path) in self.facts.missing_files:
+            why = self.facts.unreadable.get(key)
+            if why == "does not exist":
                 self.problem(key, f"{path} does not exist", "fix the path; relative paths start at the config file")
+            elif why is not None:
+                # QEMU opens these by path itself, as its own user.
+                self.problem(key, f"{path}: {why}", f"QEMU opens it as {self.qemu_user}: make it readable for that user")
             else:
-                self.ok(key, f"{path} exists")
+                self.ok(key, f"{path} is readable for {self.qemu_user}")
         # Parts are planned in fd order (devices first, sockets last), then laid out in argv
         # in the order a reader expects: machine, firmware, devices, backends.
         iommufd_opts = [("-object", self.iommufd_object(i)) for i in range(len(self.config.iommufd))]
@@ -156,6 +173,7 @@ class Planner:
             ("-smp", str(vm.cpus)),
             ("-nodefaults",),
             ("-no-user-config",),
+            *self.sandbox(),
             *self.display(),
             *console_opts,
         ]
@@ -183,8 +201,46 @@ class Planner:
             memlock=memlock,
             run_as=self.facts.run_as if vm.user else None,
             passthrough=tuple(Passthrough(d.id, d.driver, d.source, d.iommufd or "legacy") for d in self.config.vfio),
+            env=self.environment(),
             findings=tuple(self.checks.findings),
         )
+
+    @property
+    def qemu_user(self) -> str:
+        """Who QEMU runs as, for messages."""
+        user = self.facts.run_as if self.config.vm.user else self.facts.caller
+        return user.name if user else f"uid {self.facts.launcher.uid}"
+
+    def environment(self) -> tuple[tuple[str, str], ...]:
+        """QEMU's whole environment: nothing of the caller's but its locale and time zone.
+
+        Root's environment holds tokens and keys, and any process of the VM user could read
+        QEMU's through /proc.
+        """
+        user = self.facts.run_as if self.config.vm.user else self.facts.caller
+        env = {
+            "PATH": MINIMAL_PATH,
+            "HOME": user.home if user else "/",
+            "USER": user.name if user else "",
+            "LOGNAME": user.name if user else "",
+            **dict(self.facts.locale),
+        }
+        env.update(self.config.vm.env)
+        return tuple((k, v) for k, v in env.items() if v)
+
+    def sandbox(self) -> list[tuple[str, ...]]:
+        if not self.config.vm.sandbox:
+            self.note("vm.sandbox", "QEMU runs without its seccomp sandbox", "drop sandbox = false to turn it on")
+            return []
+        caps = self.facts.qemu
+        if caps is not None and not caps.has_sandbox:
+            self.problem(
+                "vm.sandbox",
+                f"QEMU {caps.version_text} at {caps.path} was built without seccomp (no -sandbox)",
+                "install a QEMU built with seccomp (Debian's is), or set sandbox = false",
+            )
+            return []
+        return [("-sandbox", SANDBOX)]
 
     def display(self) -> list[tuple[str, ...]]:
         kind = self.config.vm.display
@@ -193,7 +249,12 @@ class Planner:
         # -nodefaults leaves the guest without a video card: add one to show.
         video = ("-device", "VGA,id=video0")
         if kind == "vnc":
-            return [video, ("-display", "none"), ("-vnc", "127.0.0.1:0,to=99")]
+            # A unix socket in the VM's state directory, never TCP: VNC has no password here.
+            # QEMU creates it through a directory fd, so QEMU needs no path into the state dir.
+            fd = self.numbers.allocate()
+            path = f"{self.state_dir}/vnc"
+            self.fds.append(FdSpec(fd, path, "directory of the VNC socket vnc.sock", "O_DIRECTORY", kind="vncdir"))
+            return [video, ("-display", "none"), ("-vnc", f"unix:/proc/self/fd/{fd}/vnc.sock")]
         return [video, ("-display", kind)]
 
     def console(self) -> list[tuple[str, ...]]:
@@ -223,7 +284,18 @@ class Planner:
             self.problem("vm.firmware", "no UEFI firmware descriptor found", "install ovmf (Debian: apt install ovmf)")
             return [], []
         self.ok("vm.firmware", f"UEFI {fw.code} ({fw.descriptor})")
+        # The default variable store is vmrun's own file in its data directory; one the
+        # config names is the user's, opened (and created from the template) as the VM user.
+        own_vars = vm.uefi_vars is None
         vars_path = str(vm.uefi_vars or f"{self.facts.data_base}/{vm.name}/OVMF_VARS.fd")
+        why = self.facts.unreadable.get("vm.uefi_vars")
+        if why is not None:
+            self.problem(
+                "vm.uefi_vars",
+                f"{vars_path}: {why}",
+                f"QEMU writes it as {self.qemu_user}: give that user read and write access, or drop uefi_vars "
+                "to use vmrun's own copy",
+            )
         opts: list[tuple[str, ...]] = []
         for node, path, mode, template in (
             ("fw-code", fw.code, "O_RDONLY", None),
@@ -231,7 +303,8 @@ class Planner:
         ):
             fd = self.numbers.allocate()
             purpose = "UEFI code" if template is None else "UEFI variables of this VM"
-            self.fds.append(FdSpec(fd, path, purpose, mode, kind="file", template=template))
+            kind: FdKind = "data" if template is not None and own_vars else "file"
+            self.fds.append(FdSpec(fd, path, purpose, mode, kind=kind, template=template, as_user=kind == "file"))
             add, fdset = self.fdset(fd, node)
             readonly = template is None
             opts += [
@@ -260,8 +333,22 @@ class Planner:
         disk = self.config.disk[i]
         path = f"disk[{i}]"
         facts = self.facts.images.get(disk.id)
+        who = "vmrun (trusted)" if disk.trusted else self.qemu_user
+        if disk.trusted:
+            self.note(
+                f"{path}.trusted",
+                f"{disk.path} and its backing files are opened with vmrun's rights, not {self.qemu_user}'s",
+                "only for images you control; drop trusted to open them as the VM user",
+            )
         if facts is not None and not facts.exists:
             self.problem(f"{path}.path", f"{disk.path} does not exist", "create it (qemu-img create) or fix the path")
+        elif facts is not None and facts.open_problem is not None:
+            self.problem(
+                f"{path}.path",
+                f"{disk.path}: {facts.open_problem}",
+                f"vmrun opens disks with the rights of the user QEMU runs as ({self.qemu_user}): give that user "
+                "access, or set trusted = true on this disk if root should open it",
+            )
         elif facts is not None and facts.detected_format is not None:
             if facts.detected_format != disk.format:
                 self.problem(
@@ -270,11 +357,19 @@ class Planner:
                     f'set format = "{facts.detected_format}"',
                 )
             elif facts.backing_problem:
-                self.problem(f"{path}.path", f"{disk.path}: {facts.backing_problem}", "fix or flatten the image chain")
+                self.problem(
+                    f"{path}.path",
+                    f"{disk.path}: {facts.backing_problem}",
+                    f"files an image header names are opened as {who}; fix or flatten the chain "
+                    "(qemu-img convert -O qcow2 IMAGE FLAT.qcow2)",
+                )
             elif facts.backing:
-                self.ok(f"{path}.path", f"{disk.path} is a {disk.format} image on {len(facts.backing)} backing layers")
+                self.ok(
+                    f"{path}.path",
+                    f"{disk.path} is a {disk.format} image on {len(facts.backing)} backing layers, opened as {who}",
+                )
             else:
-                self.ok(f"{path}.path", f"{disk.path} is a {disk.format} image")
+                self.ok(f"{path}.path", f"{disk.path} is a {disk.format} image, opened as {who}")
         cache = [("cache.direct", disk.cache == "none"), ("cache.no-flush", disk.cache == "unsafe")]
         layers = [(disk.id, str(disk.path), disk.format, disk.readonly)]
         # Backing files go as fds too: QEMU would open them by the path in the header,
@@ -284,7 +379,9 @@ class Planner:
         for k, (name, file, fmt, readonly) in enumerate(layers):
             fd = self.numbers.allocate()
             purpose = f"disk {disk.id}" if k == 0 else f"disk {disk.id} backing layer {k}"
-            self.fds.append(FdSpec(fd, file, purpose, "O_RDONLY" if readonly else "O_RDWR", kind="file"))
+            self.fds.append(
+                FdSpec(fd, file, purpose, "O_RDONLY" if readonly else "O_RDWR", kind="file", as_user=not disk.trusted)
+            )
             add, fdset = self.fdset(fd, name)
             common = [("read-only", readonly), *cache]
             below = f"{layers[k + 1][0]}-fmt" if k + 1 < len(layers) else None
@@ -345,13 +442,22 @@ class Planner:
         the same name fails and a crashed VM leaves no stale lock; the QMP socket is made
         by vmrun so a de-privileged QEMU needs no writable directory.
         """
+        qmp_path = f"{self.state_dir}/qmp.sock"
+        longest = max(len(qmp_path), len(f"{self.state_dir}/console.sock"))
+        if longest >= SUN_PATH_MAX:
+            self.problem(
+                "vm.name",
+                f"the VM's socket paths under {self.state_dir} are {longest} bytes, over the {SUN_PATH_MAX - 1} "
+                "a unix socket path may have",
+                "use a shorter vm.name or a shorter state directory (VMRUN_STATE_DIR)",
+            )
         lock = self.numbers.allocate()
         self.fds.append(
             FdSpec(lock, f"{self.state_dir}/lock", "lock on the VM name", "O_RDWR|O_CREAT, flock", kind="lock")
         )
         qmp = self.numbers.allocate()
         self.fds.append(
-            FdSpec(qmp, f"{self.state_dir}/qmp.sock", "QMP socket for vmrun", "unix, listening", kind="qmp")
+            FdSpec(qmp, qmp_path, "QMP socket for vmrun", "unix, listening", kind="qmp")
         )
         chardev = qemu_args.option("socket", [("id", QMP_CHARDEV), ("fd", qmp), ("server", True), ("wait", False)])
         return [("-chardev", chardev), ("-mon", f"chardev={QMP_CHARDEV},mode=control")]

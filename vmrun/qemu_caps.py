@@ -4,6 +4,8 @@ The plan must know, before anything is opened, whether the binary has the iommuf
 backend and which properties its vfio devices take: the backend is chosen by the config,
 not guessed by QEMU (there is no iommufd=auto). Probing spawns `qemu ... ,help`, which
 starts no VM; the answer is cached per binary (path, size, mtime) under the user's cache.
+The probes run as the VM's user (or nobody, when vmrun is root) with the minimal
+environment QEMU itself gets: a binary named by a config never runs as root.
 """
 
 from __future__ import annotations
@@ -14,13 +16,18 @@ import pathlib
 import re
 import shutil
 import subprocess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
+if TYPE_CHECKING:
+    from vmrun.host import User
+
+# The PATH QEMU and its probes get, and where a bare vm.qemu name is looked up.
+MINIMAL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PROBED_DEVICES = ("vfio-pci", "vfio-platform", "vfio-ap", "vfio-ccw")
 IOMMUFD_SINCE = (9, 0)
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 @attrs.frozen
@@ -30,6 +37,7 @@ class QemuCaps:
     has_iommufd: bool
     # device type -> its property names; a type this binary lacks is absent
     device_props: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
+    has_sandbox: bool = True  # built with seccomp: -sandbox is in its -help
 
     @property
     def version_text(self) -> str:
@@ -44,17 +52,24 @@ def cache_file() -> pathlib.Path:
 def resolve(binary: str) -> str | None:
     if "/" in binary:
         return os.path.abspath(binary) if os.access(binary, os.X_OK) else None
-    return shutil.which(binary)
+    return shutil.which(binary, path=MINIMAL_PATH)
 
 
-def run_help(path: str, *args: str) -> subprocess.Popen[str]:
+def run_help(path: str, *args: str, as_user: User | None = None) -> subprocess.Popen[str]:
+    switch: dict[str, Any] = {}
+    env = {"PATH": MINIMAL_PATH, "LC_ALL": "C", "HOME": "/"}
+    if as_user is not None and as_user.uid != os.geteuid():
+        switch = {"user": as_user.uid, "group": as_user.gid, "extra_groups": list(as_user.groups)}
+        env["HOME"] = as_user.home
     return subprocess.Popen(
         [path, *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, "LC_ALL": "C"},
+        env=env,
+        cwd="/",
+        **switch,
     )
 
 
@@ -69,12 +84,14 @@ def parse_props(text: str) -> tuple[str, ...]:
     return tuple(sorted({m[1] for m in re.finditer(r"^\s+([A-Za-z0-9_.-]+)=", text, re.M)}))
 
 
-def probe_uncached(path: str) -> QemuCaps:
+def probe_uncached(path: str, as_user: User | None = None) -> QemuCaps:
     # All probes at once: each is a short-lived process, so the wall time is one of them.
-    version = run_help(path, "-version")
-    iommufd = run_help(path, "-machine", "none", "-object", "iommufd,help")
-    devices = {d: run_help(path, "-machine", "none", "-device", f"{d},help") for d in PROBED_DEVICES}
+    version = run_help(path, "-version", as_user=as_user)
+    usage = run_help(path, "-help", as_user=as_user)
+    iommufd = run_help(path, "-machine", "none", "-object", "iommufd,help", as_user=as_user)
+    devices = {d: run_help(path, "-machine", "none", "-device", f"{d},help", as_user=as_user) for d in PROBED_DEVICES}
     version_out = version.communicate()[0]
+    usage_out = usage.communicate()[0]
     iommufd.communicate()
     props: dict[str, tuple[str, ...]] = {}
     for name, proc in devices.items():
@@ -87,6 +104,7 @@ def probe_uncached(path: str) -> QemuCaps:
         version=parse_version(version_out),
         has_iommufd=iommufd.returncode == 0,
         device_props=props,
+        has_sandbox=re.search(r"^-sandbox ", usage_out, re.M) is not None,
     )
 
 
@@ -96,6 +114,7 @@ def to_json(caps: QemuCaps) -> dict[str, Any]:
         "version": list(caps.version),
         "has_iommufd": caps.has_iommufd,
         "device_props": {k: list(v) for k, v in caps.device_props.items()},
+        "has_sandbox": caps.has_sandbox,
     }
 
 
@@ -106,11 +125,15 @@ def from_json(data: dict[str, Any]) -> QemuCaps:
         version=(int(v[0]), int(v[1]), int(v[2])),
         has_iommufd=bool(data["has_iommufd"]),
         device_props={k: tuple(p) for k, p in data["device_props"].items()},
+        has_sandbox=bool(data["has_sandbox"]),
     )
 
 
-def probe(binary: str) -> QemuCaps | None:
-    """The capabilities of `binary` (a name on PATH or a path); None when it is not there."""
+def probe(binary: str, as_user: User | None = None) -> QemuCaps | None:
+    """The capabilities of `binary` (a name on PATH or a path); None when it is not there.
+
+    `as_user`: who runs the probes (vmrun's own user when None).
+    """
     path = resolve(binary)
     if path is None:
         return None
@@ -128,7 +151,10 @@ def probe(binary: str) -> QemuCaps | None:
             return attrs.evolve(from_json(cache[key]), path=path)
         except (KeyError, TypeError, ValueError, IndexError):
             pass  # an entry from an older vmrun or a damaged file: probe again
-    caps = probe_uncached(path)
+    try:
+        caps = probe_uncached(path, as_user)
+    except PermissionError:
+        return None  # the probing user may not run it; QEMU could not run as that user either
     cache[key] = to_json(caps)
     try:
         file.parent.mkdir(parents=True, exist_ok=True)

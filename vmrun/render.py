@@ -30,8 +30,11 @@ def fd_table(plan: Plan) -> list[str]:
     # where a config lives, and golden files must not.
     flags_width = max([len(f.flags) for f in plan.fds] + [0])
     rows = []
+    user = plan.run_as.name if plan.run_as else "the caller"
     for f in plan.fds:
         extra = " [per-process accounting]" if f.per_process_accounting else ""
+        if f.kind == "file":
+            extra += f" [opened as {user}]" if f.as_user else " [trusted: opened by vmrun]"
         rows.append(f"{f.fd:>3}  {f.path or '(inherited)':<30}  {f.flags:<{flags_width}}  {f.purpose}{extra}")
     return rows
 
@@ -51,6 +54,7 @@ def text(plan: Plan, show_problems: bool = True) -> str:
     else:
         u = plan.run_as
         out.append(f"# run as: {u.name} (uid {u.uid}, gid {u.gid}, groups {','.join(map(str, u.groups))})")
+    out.append("# env: " + " ".join(shlex.quote(f"{k}={v}") for k, v in plan.env))
     out += [f"# note: {n.render()}" for n in plan.notes]
     if show_problems:
         out += [f"# problem: {p.render(plan.config)}" for p in plan.problems]
@@ -72,6 +76,7 @@ def to_json(plan: Plan) -> dict[str, Any]:
                 "purpose": f.purpose,
                 "per_process_accounting": f.per_process_accounting,
                 "kind": f.kind,
+                "as_user": f.as_user,
             }
             for f in plan.fds
         ],
@@ -88,6 +93,7 @@ def to_json(plan: Plan) -> dict[str, Any]:
             "gid": plan.run_as.gid,
             "groups": list(plan.run_as.groups),
         },
+        "env": dict(plan.env),
         "notes": [n.render() for n in plan.notes],
         "problems": [p.render(plan.config) for p in plan.problems],
     }
