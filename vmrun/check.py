@@ -38,8 +38,39 @@ def trials(plan: Plan) -> list[Finding]:
     return out
 
 
+def shared_user(plan: Plan) -> list[Finding]:
+    """Other running VMs whose QEMU runs as the same user.
+
+    Processes of one uid can read each other's /proc/PID/environ and take each other's fds
+    (pidfd_getfd, ptrace): one VM's QEMU could reach another's disks and devices.
+    """
+    if plan.run_as is None:
+        return []
+    from vmrun import state  # psutil, only for this check
+
+    try:
+        others = [vm for vm in state.all_vms() if vm.running and vm.name != plan.name]
+    except state.VmError:
+        return []
+    same = [vm for vm in others if vm.run_as == plan.run_as.name]
+    if not same:
+        return [Finding("ok", Problem("vm.user", f"no other running VM runs as {plan.run_as.name}"))]
+    names = ", ".join(f"{vm.name} (pid {vm.pid})" for vm in same)
+    return [
+        Finding(
+            "warn",
+            Problem(
+                "vm.user",
+                f"{names} also run{'s' if len(same) == 1 else ''} as {plan.run_as.name}: processes of one user can "
+                "read each other's environment and take each other's fds",
+                f"give each VM a user of its own (useradd --system --no-create-home vm-{plan.name})",
+            ),
+        )
+    ]
+
+
 def check(plan: Plan) -> Report:
-    return Report(plan.config, (*plan.findings, *trials(plan)))
+    return Report(plan.config, (*plan.findings, *shared_user(plan), *trials(plan)))
 
 
 def text(report: Report) -> str:

@@ -1437,6 +1437,7 @@ FAKE_QEMU = """#!/bin/sh
 echo "$*" >>"$0.log"
 case "$*" in
     -version) echo "QEMU emulator version 7.2.0 (Debian 1:7.2+dfsg-7+deb12u7)"; exit 0 ;;
+    -help) echo "-sandbox on[,obsolete=allow|deny][,elevateprivileges=allow|deny|children]"; exit 0 ;;
     *iommufd,help*) echo "qemu-system-x86_64: invalid object type: iommufd" >&2; exit 1 ;;
     *vfio-pci,help*) printf 'vfio-pci options:\\n  host=<str>\\n  sysfsdev=<str>\\n'; exit 0 ;;
     *,help*) echo "qemu-system-x86_64: -device ${4%,help}: Device not found" >&2; exit 1 ;;
@@ -1465,8 +1466,9 @@ def vmrun_host_problems(bed: Bed) -> dict[str, Any]:
         finally:
             os.rename(IOMMU_AWAY, "/dev/iommu")
 
-        # (c) a QEMU without iommufd. The fresh cache makes vmrun probe this very binary.
-        fake = work.path / "qemu-7.2"
+        # (c) a QEMU without iommufd. The fresh cache makes vmrun probe this very binary, as
+        # the VM user: so the fake and its log live in a directory that user owns.
+        fake = private_dir("qemu-7.2-", USER) / "qemu-7.2"
         fake.write_text(FAKE_QEMU)
         fake.chmod(0o755)
         fake_cfg = work.config(f"{name}-qemu", vmrun_config(name, vfio=[device_cfg], qemu=str(fake)))
@@ -1475,11 +1477,12 @@ def vmrun_host_problems(bed: Bed) -> dict[str, Any]:
         )
         calls = Path(f"{fake}.log").read_text().splitlines() if Path(f"{fake}.log").exists() else []
         check(bool(calls), f"vmrun never ran the fake QEMU {fake}: it did not probe it")
-        launched = [c for c in calls if c != "-version" and not c.endswith(",help")]
+        launched = [c for c in calls if c not in ("-version", "-help") and not c.endswith(",help")]
         check(not launched, f"vmrun ran the fake QEMU beyond probing it: {launched}")
         cached = work.caps_cache.read_text() if work.caps_cache.exists() else ""
         check(str(fake) in cached, f"the capability cache {work.caps_cache} has no entry for {fake}:\n{cached}")
         out["fake_qemu_calls"] = calls
+        shutil.rmtree(fake.parent, ignore_errors=True)
     return out
 
 
