@@ -3,6 +3,7 @@ records what it inherited, or real QEMU (TCG) booting the demo guest."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pathlib
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -45,10 +47,13 @@ def vmrun(*args: str, redirects: str = "", env: dict[str, str] | None = None) ->
 
 @pytest.fixture
 def outdir() -> Iterator[pathlib.Path]:
-    # QEMU may run as nobody: the record must land where nobody can reach and write,
-    # which pytest's own temporary directories (mode 0700) are not.
+    # QEMU may run as nobody: its stand-in and its record must be where nobody can reach,
+    # which neither pytest's temporary directories (mode 0700) nor a checkout under a
+    # 0700 home directory are.
     d = pathlib.Path(tempfile.mkdtemp(prefix="vmrun-test-"))
     d.chmod(0o777)
+    shutil.copy(FAKE_QEMU, d / "fake-qemu")
+    (d / "fake-qemu").chmod(0o755)
     yield d
     shutil.rmtree(d)
 
@@ -64,9 +69,12 @@ def host_tree(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return fakehost.build(tmp_path_factory.mktemp("host"), spec)
 
 
-def config(tmp_path: pathlib.Path, vm: dict[str, Any], **sections: Any) -> pathlib.Path:
-    path = tmp_path / "vm.toml"
-    path.write_text(tomli_w.dumps({"vm": {"name": "t", "memory": "64M", "qemu": str(FAKE_QEMU), **vm}, **sections}))
+def config(outdir: pathlib.Path, vm: dict[str, Any], **sections: Any) -> pathlib.Path:
+    """A config whose QEMU is the stand-in in `outdir`; it records into outdir/record.json."""
+    path = outdir / "vm.toml"
+    env = {"VMRUN_FAKE_QEMU_OUT": str(outdir / "record.json"), **vm.pop("env", {})}
+    settings = {"name": "t", "memory": "64M", "qemu": str(outdir / "fake-qemu"), "env": env, **vm}
+    path.write_text(tomli_w.dumps({"vm": settings, **sections}))
     return path
 
 
@@ -74,9 +82,8 @@ def run_recorded(
     cfg: pathlib.Path, outdir: pathlib.Path, *extra: str, redirects: str = ""
 ) -> tuple[dict[str, Any], float]:
     out = outdir / "record.json"
-    env = {**os.environ, "VMRUN_FAKE_QEMU_OUT": str(out)}
     start = time.time()
-    proc = vmrun("run", str(cfg), *extra, redirects=redirects, env=env)
+    proc = vmrun("run", str(cfg), *extra, redirects=redirects)
     assert proc.returncode == 0, proc.stderr
     record: dict[str, Any] = json.loads(out.read_text())
     return record, record["time"] - start
@@ -85,8 +92,7 @@ def run_recorded(
 def run_refused(cfg: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path) -> str:
     """Run a launch that must fail before exec: exit 1, no traceback, QEMU never started."""
     out = outdir / "record.json"
-    env = {**os.environ, "VMRUN_FAKE_QEMU_OUT": str(out)}
-    proc = vmrun("run", str(cfg), "--host-root", str(host_tree), env=env)
+    proc = vmrun("run", str(cfg), "--host-root", str(host_tree))
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists(), "QEMU ran although the launch should have stopped before exec"
@@ -106,7 +112,7 @@ TWO_DEVICES = {
 def test_child_gets_exactly_the_planned_fds_limit_and_identity(
     tmp_path: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path
 ) -> None:
-    cfg = config(tmp_path, {"user": "nobody", "memlock": "6M"}, **TWO_DEVICES)
+    cfg = config(outdir, {"user": "nobody", "memlock": "6M"}, **TWO_DEVICES)
     # Junk the launcher holds without CLOEXEC, on the planned numbers and above them:
     # none of it may reach QEMU, and the planned files must win the numbers.
     junk = "3</dev/null 4</dev/null 5</dev/null 9</dev/null"
@@ -152,7 +158,7 @@ def test_caller_fds_pass_through_at_their_numbers(
             {"id": "dev1", "host": "0000:02:00.0", "iommufd": "iommufd0"},
         ],
     }
-    cfg = config(tmp_path, {"memlock": "off"}, **sections)
+    cfg = config(outdir, {"memlock": "off"}, **sections)
     mine = tmp_path / "caller-iommu"
     mine.write_text("")
     redirects = f"7<>{shlex.quote(str(mine))} 8<>{shlex.quote(str(mine))}"
@@ -165,7 +171,7 @@ def test_caller_fds_pass_through_at_their_numbers(
 def test_caller_fd_not_open_is_reported_before_exec(
     tmp_path: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path
 ) -> None:
-    cfg = config(tmp_path, {"memlock": "off"}, iommufd=[{"id": "iommufd0", "fd": 40}], vfio=[])
+    cfg = config(outdir, {"memlock": "off"}, iommufd=[{"id": "iommufd0", "fd": 40}], vfio=[])
     stderr = run_refused(cfg, outdir, host_tree)
     assert "vmrun: fd 40 (iommufd iommufd0 (from the caller)) is not open in vmrun's process" in stderr
 
@@ -173,7 +179,7 @@ def test_caller_fd_not_open_is_reported_before_exec(
 def test_unopenable_device_is_reported_before_exec(
     tmp_path: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path
 ) -> None:
-    cfg = config(tmp_path, {"memlock": "off"}, **TWO_DEVICES)
+    cfg = config(outdir, {"memlock": "off"}, **TWO_DEVICES)
     # The plan sees the node; opening it fails (as a busy or vanished device would).
     victim = host_tree / "dev" / "vfio" / "devices" / "vfio1"
     victim.unlink()
@@ -191,30 +197,29 @@ def test_unopenable_disk_is_reported_before_exec(
     tmp_path: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path
 ) -> None:
     image = tmp_path / "image.raw"
-    image.mkdir()  # seen by the plan, refused by open()
-    cfg = config(tmp_path, {"memlock": "off"}, disk=[{"id": "d0", "path": str(image)}])
+    image.mkdir()  # the plan opens it as the launch would, and says why it cannot
+    cfg = config(outdir, {"memlock": "off"}, disk=[{"id": "d0", "path": str(image)}])
     stderr = run_refused(cfg, outdir, host_tree)
-    assert f"vmrun: cannot open {image} for disk d0: Is a directory" in stderr
-    assert "hint: vmrun opens it and passes the fd, so only vmrun's user needs access" in stderr
+    assert f"disk[0].path: {image}: it is a directory, not an image file or block device" in stderr
 
 
 def test_tap_that_cannot_be_attached_is_reported_before_exec(tmp_path: pathlib.Path, outdir: pathlib.Path) -> None:
     # The fake tree's /dev/net/tun is a plain file: TUNSETIFF fails on it as on a real
     # tap owned by another user.
     root = fakehost.build(tmp_path / "host", fakehost.FakeHost(taps=("tap0",)))
-    cfg = config(tmp_path, {"memlock": "off"}, net=[{"id": "n0", "type": "tap", "ifname": "tap0"}])
+    cfg = config(outdir, {"memlock": "off"}, net=[{"id": "n0", "type": "tap", "ifname": "tap0"}])
     stderr = run_refused(cfg, outdir, root)
     assert "vmrun: cannot attach to tap tap0: Inappropriate ioctl for device" in stderr
     assert "ip tuntap add tap0 mode tap user USER" in stderr
 
 
 def test_plan_problems_stop_the_launch(tmp_path: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
-    cfg = config(tmp_path, {}, vfio=[{"id": "dev0", "host": "0000:07:00.0"}])
+    cfg = config(outdir, {}, vfio=[{"id": "dev0", "host": "0000:07:00.0"}])
     assert "vfio[0].host: no PCI device 0000:07:00.0 on this host" in run_refused(cfg, outdir, host_tree)
 
 
 def test_run_to_exec_time(tmp_path: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
-    cfg = config(tmp_path, {"memlock": "off"}, **TWO_DEVICES)
+    cfg = config(outdir, {"memlock": "off"}, **TWO_DEVICES)
     vmrun("plan", str(cfg), "--host-root", str(host_tree))  # warm the capability cache
     times = sorted(run_recorded(cfg, outdir, "--host-root", str(host_tree))[1] for _ in range(5))
     print(f"vmrun run -> exec of QEMU (incl. python start of both): median {times[2] * 1000:.0f} ms")
@@ -284,3 +289,148 @@ def test_demo_boots_and_prints_its_line() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "vmrun-demo: guest up" in proc.stdout, proc.stdout + proc.stderr
     print(f"demo boot to power-off under TCG: {elapsed:.1f} s")
+
+
+@needs_root
+def test_qemu_gets_a_minimal_environment_no_capabilities_and_no_new_privileges(
+    outdir: pathlib.Path, host_tree: pathlib.Path
+) -> None:
+    cfg = config(outdir, {"user": "nobody", "memlock": "6M", "env": {"GREETING": "hi, there"}}, **TWO_DEVICES)
+    os.environ["VMRUN_TEST_SECRET"] = "root's token"
+    try:
+        record, _ = run_recorded(cfg, outdir, "--host-root", str(host_tree))
+    finally:
+        del os.environ["VMRUN_TEST_SECRET"]
+    assert record["env"] == {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": pwd.getpwnam("nobody").pw_dir,
+        "USER": "nobody",
+        "LOGNAME": "nobody",
+        "LANG": "C.UTF-8",
+        "VMRUN_FAKE_QEMU_OUT": str(outdir / "record.json"),
+        "GREETING": "hi, there",
+    }
+    zero = "0000000000000000"
+    assert (record["cap_eff"], record["cap_prm"], record["cap_bnd"], record["cap_amb"]) == (zero, zero, zero, zero)
+    assert record["no_new_privs"] == "1"
+    sandbox = record["argv"].index("-sandbox")
+    assert record["argv"][sandbox + 1] == "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+def test_sandbox_can_be_turned_off(outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
+    cfg = config(outdir, {"memlock": "off", "sandbox": False})
+    record, _ = run_recorded(cfg, outdir, "--host-root", str(host_tree))
+    assert "-sandbox" not in record["argv"]
+
+
+@needs_root
+def test_qemu_is_probed_as_the_vm_user_with_a_minimal_environment(
+    outdir: pathlib.Path, host_tree: pathlib.Path
+) -> None:
+    for user in ("nobody", None):
+        (outdir / "probes.log").unlink(missing_ok=True)
+        vm: dict[str, Any] = {"memlock": "off", "name": f"probe-{user}"}
+        if user:
+            vm["user"] = user
+        cfg = config(outdir, vm)
+        # A fresh cache, so the probes really run.
+        env = {**os.environ, "XDG_CACHE_HOME": str(outdir / f"cache-{user}"), "VMRUN_TEST_SECRET": "x"}
+        proc = vmrun("plan", str(cfg), "--host-root", str(host_tree), env=env)
+        assert proc.returncode == 0, proc.stderr
+        probes = [json.loads(line) for line in (outdir / "probes.log").read_text().splitlines()]
+        assert len(probes) >= 3
+        # vmrun is root; with no vm.user the probes still run as nobody, never as root.
+        assert {p["uid"] for p in probes} == {pwd.getpwnam("nobody").pw_uid}
+        assert all(set(p["env"]) <= {"PATH", "LC_ALL", "HOME"} for p in probes), probes
+
+
+def run_on_terminal(argv: list[str], leader: bool) -> None:
+    """Run argv with a new pseudo-terminal as its controlling terminal, as a login shell has.
+
+    leader: argv itself leads the session; otherwise a shell leads it and argv is its child.
+    """
+    master, slave = os.openpty()
+
+    def take_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    command = argv if leader else ["/bin/sh", "-c", shlex.join(argv) + "; exit $?"]
+    try:
+        proc = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, preexec_fn=take_terminal, cwd=REPO)
+        os.close(slave)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break  # EIO: every process let go of the terminal
+            if not chunk:
+                break
+            output += chunk
+        assert proc.wait(timeout=60) == 0, output.decode(errors="replace")
+    finally:
+        os.close(master)
+
+
+@needs_root
+@pytest.mark.parametrize("leader", [True, False], ids=["vmrun-leads-the-session", "shell-leads-the-session"])
+def test_qemu_cannot_push_keystrokes_into_roots_terminal(
+    outdir: pathlib.Path, host_tree: pathlib.Path, leader: bool
+) -> None:
+    cfg = config(outdir, {"user": "nobody", "memlock": "off", "console": "stdio"})
+    run_on_terminal([sys.executable, "-m", "vmrun.cli", "run", str(cfg), "--host-root", str(host_tree)], leader)
+    record = json.loads((outdir / "record.json").read_text())
+    assert record["tty_nr"] == 0, "QEMU kept root's terminal as its controlling terminal"
+    assert record["tiocsti"] is not None and record["tiocsti"] != "ok", "TIOCSTI went through"
+
+
+@needs_root
+def test_vnc_listens_on_a_unix_socket_only_root_can_reach(outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
+    cfg = config(outdir, {"user": "nobody", "memlock": "off", "display": "vnc"})
+    record, _ = run_recorded(cfg, outdir, "--host-root", str(host_tree))
+    vnc = record["argv"][record["argv"].index("-vnc") + 1]
+    assert vnc.startswith("unix:/proc/self/fd/") and vnc.endswith("/vnc.sock")
+    fd = vnc.split("/")[4]
+    state = pathlib.Path(os.environ["VMRUN_STATE_DIR"]) / "t"
+    assert record["fds"][fd] == str(state / "vnc")
+    st = (state / "vnc").stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (pwd.getpwnam("nobody").pw_uid, 0o700)
+    assert state.stat().st_mode & 0o077 == 0, "the state directory stays root's alone"
+    assert not any(a.startswith("127.0.0.1:") or "to=99" in a for a in record["argv"])
+
+
+@needs_root
+def test_disk_as_the_vm_user_and_a_trusted_one(outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
+    secret = outdir / "secret.raw"
+    secret.write_text("root's secret")
+    secret.chmod(0o600)
+    (outdir / "link.raw").symlink_to(secret)
+    # The symlink to a root-only file is refused before anything is opened.
+    cfg = config(outdir, {"user": "nobody", "memlock": "off"}, disk=[{"id": "d0", "path": str(outdir / "link.raw")}])
+    stderr = run_refused(cfg, outdir, host_tree)
+    assert f"disk[0].path: {outdir}/link.raw: nobody may not open it: Permission denied" in stderr
+    # The config says explicitly that root may open it: QEMU gets the fd, and only that.
+    cfg = config(
+        outdir,
+        {"user": "nobody", "memlock": "off", "env": {"VMRUN_FAKE_QEMU_READ": str(secret)}},
+        disk=[{"id": "d0", "path": str(secret), "trusted": True}],
+    )
+    record, _ = run_recorded(cfg, outdir, "--host-root", str(host_tree))
+    assert str(secret) in record["fds"].values()
+    assert record["read"] == "errno 13", "QEMU itself still may not open the file by path"
+
+
+@needs_root
+def test_named_uefi_vars_are_made_as_the_vm_user(outdir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    root = fakehost.build(tmp_path / "host", fakehost.FakeHost(uefi=True))
+    template = pathlib.Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+    if not template.exists():
+        pytest.fail("ovmf is missing: scripts/install installs it")
+    store = outdir / "vars" / "VARS.fd"
+    store.parent.mkdir()
+    shutil.chown(store.parent, "nobody")
+    cfg = config(outdir, {"user": "nobody", "memlock": "off", "firmware": "uefi", "uefi_vars": str(store)})
+    run_recorded(cfg, outdir, "--host-root", str(root))
+    assert store.stat().st_uid == pwd.getpwnam("nobody").pw_uid
+    assert store.read_bytes() == template.read_bytes()

@@ -211,6 +211,32 @@ def sysfs_path(value: object, ctx: Context) -> str:
     return text.rstrip("/")
 
 
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Set by vmrun from the user QEMU runs as.
+ENV_RESERVED = frozenset({"HOME", "USER", "LOGNAME"})
+
+
+def environment(value: object, ctx: Context) -> tuple[tuple[str, str], ...]:
+    table: dict[str, object] = expect(value, dict, 'a table of environment variables, e.g. { RUST_LOG = "info" }')
+    out: list[tuple[str, str]] = []
+    errors: list[Invalid] = []
+    for name, item in table.items():
+        sub = f".{name}" if ENV_NAME_RE.fullmatch(name) else f".{json.dumps(name)}"
+        if not ENV_NAME_RE.fullmatch(name):
+            errors.append(Invalid("is not an environment variable name", "letters, digits and '_'", sub))
+        elif name in ENV_RESERVED:
+            errors.append(Invalid("is set by vmrun from vm.user", "drop it", sub))
+        elif not isinstance(item, str):
+            errors.append(Invalid(f"is {toml_type(item)} {shown(item)}, expected a string", sub=sub))
+        elif "\0" in item:
+            errors.append(Invalid("contains a NUL character", sub=sub))
+        else:
+            out.append((name, item))
+    if errors:
+        raise InvalidMany(errors)
+    return tuple(out)
+
+
 caller_fd = integer(FIRST_FREE_FD, 65535, "fds 0-2 are stdin, stdout and stderr; pass the device on 3 or above")
 
 
@@ -288,6 +314,8 @@ VM_KEYS = (
     Key("initrd", file_path, "initial ramdisk for direct boot"),
     Key("append", string(), "kernel command line for direct boot"),
     Key("args", string_list, "raw QEMU arguments appended last (escape hatch)"),
+    Key("env", environment, "environment variables added to QEMU's minimal environment"),
+    Key("sandbox", boolean, "QEMU's seccomp sandbox (default true)"),
 )
 IOMMUFD_KEYS = (
     Key("id", string(ID_RE, ID_HINT), "id of the iommufd object", required=True),
@@ -314,6 +342,7 @@ DISK_KEYS = (
     Key("readonly", boolean, "attach read-only (default false)"),
     Key("cache", choice("writeback", "none", "unsafe"), "host cache: writeback (default), none (O_DIRECT), unsafe"),
     Key("serial", string(SERIAL_RE, "letters, digits, '-', '_', '.', at most 20"), "serial number the guest sees"),
+    Key("trusted", boolean, "vmrun opens the image and its backing files as root, not as vm.user (default false)"),
 )
 NET_KEYS = (
     Key("id", string(ID_RE, ID_HINT), "id of the network device", required=True),

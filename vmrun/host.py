@@ -287,6 +287,8 @@ def open_image(opener: Opener, path: str, flags: int) -> tuple[int | None, str |
         fd = opener.open(path, flags)
     except FileNotFoundError:
         return None, "does not exist"
+    except IsADirectoryError:
+        return None, "it is a directory, not an image file or block device"
     except OSError as e:
         return None, f"{opener.who} may not open it: {e.strerror}"
     mode = os.fstat(fd).st_mode

@@ -9,14 +9,17 @@ every other fd is closed, and QEMU replaces this process.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import json
 import os
 import resource
-import shutil
+import signal
 import socket
+import stat
 import struct
+import termios
 import time
 from collections.abc import Callable
 from typing import NoReturn
@@ -25,6 +28,7 @@ import attrs
 
 from vmrun.errors import LaunchError
 from vmrun.memlock import UNLIMITED
+from vmrun.opener import Opener, become, describe_type, no_new_privs
 from vmrun.plan import FdSpec, Plan
 from vmrun.sizes import format_mib
 
@@ -121,26 +125,83 @@ def read_pid(state_dir: str) -> int | None:
         return None
 
 
-def open_file(spec: FdSpec) -> int:
-    """An image or firmware file; a missing per-VM copy is made from its template first."""
+def copy_template(template: str, fd: int) -> None:
+    """Fill a new variable store from the firmware's template (a system file QEMU's descriptors name)."""
+    with open(template, "rb") as src:
+        while chunk := src.read(1 << 20):
+            os.write(fd, chunk)
+    os.lseek(fd, 0, os.SEEK_SET)
+
+
+def open_file(spec: FdSpec, as_user: Opener) -> int:
+    """An image or firmware file, opened with the VM user's rights unless the config trusts it.
+
+    A variable store the config names is created from the template when missing, by the VM
+    user too: it is that user's file.
+    """
     assert spec.path is not None
-    if spec.template is not None and not os.path.exists(spec.path):
-        try:
-            os.makedirs(os.path.dirname(spec.path), mode=0o700, exist_ok=True)
-            tmp = f"{spec.path}.{os.getpid()}.tmp"
-            shutil.copyfile(spec.template, tmp)
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, spec.path)
-        except OSError as e:
-            raise LaunchError(f"cannot make {spec.path} from {spec.template}: {e.strerror}") from None
+    opener = as_user if spec.as_user else Opener(None)
     flags = os.O_RDONLY if spec.flags == "O_RDONLY" else os.O_RDWR
     try:
-        return os.open(spec.path, flags | os.O_CLOEXEC)
+        if spec.template is not None:
+            try:
+                fd = opener.open(spec.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                try:
+                    copy_template(spec.template, fd)
+                except OSError as e:
+                    os.close(fd)
+                    raise LaunchError(f"cannot make {spec.path} from {spec.template}: {e.strerror}") from None
+                return fd
+        fd = opener.open(spec.path, flags)
     except OSError as e:
         raise LaunchError(
-            f"cannot open {spec.path} for {spec.purpose}: {e.strerror}",
-            "vmrun opens it and passes the fd, so only vmrun's user needs access",
+            f"cannot open {spec.path} for {spec.purpose} as {opener.who}: {e.strerror}",
+            f"vmrun opens it with the rights of the user QEMU runs as; give {opener.who} access to it",
         ) from None
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        os.close(fd)
+        raise LaunchError(f"{spec.path} ({spec.purpose}) is {describe_type(mode)}, not an image file or block device")
+    return fd
+
+
+def open_data(plan: Plan, spec: FdSpec) -> int:
+    """vmrun's own per-VM file (the default UEFI variable store), made from its template when missing."""
+    assert spec.path is not None and spec.template is not None
+    from vmrun import statedir
+
+    vm_dir = os.path.dirname(spec.path)
+    try:
+        return statedir.open_data_copy(os.path.dirname(vm_dir), plan.name, os.path.basename(spec.path), spec.template)
+    except OSError as e:
+        raise LaunchError(f"cannot make or open {spec.path} ({spec.purpose}): {e.strerror}") from None
+
+
+def open_vnc_dir(plan: Plan, spec: FdSpec) -> int:
+    """A directory in the VM's state directory that QEMU's user owns, passed as an fd.
+
+    QEMU creates its VNC socket there through /proc/self/fd/N: the state directory stays
+    root's alone, so only root can reach the socket by its path.
+    """
+    assert spec.path is not None
+    owner = plan.run_as
+    parent = os.open(os.path.dirname(spec.path), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    name = os.path.basename(spec.path)
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=parent)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+    except OSError as e:
+        raise LaunchError(f"cannot make the directory {spec.path} ({spec.purpose}): {e.strerror}") from None
+    finally:
+        os.close(parent)
+    if owner is not None:
+        os.fchown(fd, owner.uid, owner.gid)
+    os.fchmod(fd, 0o700)
+    return fd
 
 
 # <linux/if_tun.h>
@@ -201,6 +262,11 @@ def write_state(plan: Plan) -> None:
 def open_planned(plan: Plan) -> dict[int, int]:
     """Open every planned file; returns {planned number: fd as opened}. All or nothing."""
     opened: dict[int, int] = {}
+    with Opener(plan.run_as) as as_user:
+        return open_each(plan, opened, as_user)
+
+
+def open_each(plan: Plan, opened: dict[int, int], as_user: Opener) -> dict[int, int]:
     try:
         # The lock first: a second launch of a running VM must say so, not fail on a busy device.
         for spec in sorted(plan.fds, key=lambda f: f.kind != "lock"):
@@ -211,7 +277,13 @@ def open_planned(plan: Plan) -> dict[int, int]:
                 opened[spec.fd] = listen_unix(spec)
                 continue
             if spec.kind == "file":
-                opened[spec.fd] = open_file(spec)
+                opened[spec.fd] = open_file(spec, as_user)
+                continue
+            if spec.kind == "data":
+                opened[spec.fd] = open_data(plan, spec)
+                continue
+            if spec.kind == "vncdir":
+                opened[spec.fd] = open_vnc_dir(plan, spec)
                 continue
             if spec.kind == "tap":
                 opened[spec.fd] = open_tap(plan, spec)
@@ -285,32 +357,90 @@ def set_memlock(limit: int | None) -> None:
         ) from None
 
 
-def drop_privileges(plan: Plan, env: dict[str, str]) -> None:
-    user = plan.run_as
-    if user is None:
-        return
-    if os.geteuid() != 0:
-        if os.geteuid() == user.uid:
-            return
-        raise LaunchError(
-            f"vmrun runs as uid {os.geteuid()} and cannot switch to {user.name}",
-            "run vmrun as root",
-        )
+def leave_terminal() -> None:
+    """Give up the controlling terminal, keeping stdio and the process group.
+
+    A de-privileged QEMU that kept root's terminal as its controlling one could push
+    keystrokes into root's shell (TIOCSTI) or open /dev/tty. TIOCNOTTY drops it for this
+    process alone; Ctrl-C still reaches QEMU through its process group.
+    """
     try:
-        os.setgroups(list(user.groups))
-        os.setgid(user.gid)
-        os.setuid(user.uid)
+        tty = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return  # no controlling terminal
+    leader = os.getsid(0) == os.getpid()
+    # A session leader giving up its terminal hangs up its foreground group: that is us.
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN) if leader else None
+    try:
+        fcntl.ioctl(tty, termios.TIOCNOTTY)
     except OSError as e:
-        raise LaunchError(f"cannot switch to user {user.name}: {e.strerror}") from None
-    if user.uid != 0:
+        raise LaunchError(f"cannot give up the controlling terminal: {e.strerror}") from None
+    finally:
+        os.close(tty)
+        if old is not None:
+            signal.signal(signal.SIGHUP, old)
+
+
+def cap_last() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 63
+
+
+def capability_sets() -> dict[str, int]:
+    """This process's capability sets as /proc/self/status shows them."""
+    with open("/proc/self/status") as f:
+        return {
+            name: int(value, 16)
+            for name, _, value in (line.partition(":\t") for line in f.read().splitlines())
+            if name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+        }
+
+
+def prctl(option: int, *args: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, *args, *[0] * (4 - len(args))) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+
+def drop_privileges(plan: Plan) -> None:
+    """Become the VM user for good: no capabilities in any set, no way to gain any by exec."""
+    user = plan.run_as
+    if user is not None and os.geteuid() != user.uid:
+        if os.geteuid() != 0:
+            raise LaunchError(f"vmrun runs as uid {os.geteuid()} and cannot switch to {user.name}", "run vmrun as root")
+        leave_terminal()
         try:
-            os.setuid(0)
-        except PermissionError:
-            pass
-        else:
-            raise LaunchError(f"dropping to {user.name} did not stick: the process could become root again")
-    home = os.path.expanduser(f"~{user.name}")
-    env.update(USER=user.name, LOGNAME=user.name, HOME=home if home != f"~{user.name}" else "/")
+            # Emptied while vmrun still has CAP_SETPCAP: then no exec can bring a capability back.
+            for cap in range(cap_last() + 1):
+                prctl(PR_CAPBSET_DROP, cap)
+            prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+            become(user)
+        except OSError as e:
+            raise LaunchError(f"cannot switch to user {user.name}: {e.strerror}") from None
+        if user.uid != 0:
+            try:
+                os.setuid(0)
+            except PermissionError:
+                pass
+            else:
+                raise LaunchError(f"dropping to {user.name} did not stick: the process could become root again")
+            left = {k: v for k, v in capability_sets().items() if v}
+            if left:
+                sets = ", ".join(f"{k} {v:#x}" for k, v in left.items())
+                raise LaunchError(f"dropping to {user.name} left capabilities: {sets}")
+    try:
+        no_new_privs()
+    except OSError as e:
+        raise LaunchError(f"cannot set no_new_privs: {e.strerror}") from None
 
 
 def close_other_fds(keep: set[int]) -> None:
@@ -323,14 +453,13 @@ def close_other_fds(keep: set[int]) -> None:
     os.closerange(start, highest)
 
 
-def launch(plan: Plan, env: dict[str, str] | None = None, execve: Exec = os.execve) -> NoReturn:
+def launch(plan: Plan, execve: Exec = os.execve) -> NoReturn:
     """Carry out `plan` and exec QEMU. Raises LaunchError before exec when a step fails."""
     if plan.problems:
         raise LaunchError(
             "the plan has problems:\n" + "\n".join(f"  {p.render(plan.config)}" for p in plan.problems),
             "fix them, then run again; `vmrun plan` shows the whole plan",
         )
-    env = dict(os.environ if env is None else env)
     ensure_stdio()
     check_caller_fds(plan)
     opened = open_planned(plan)
@@ -338,10 +467,10 @@ def launch(plan: Plan, env: dict[str, str] | None = None, execve: Exec = os.exec
     place_fds(opened, caller)
     write_state(plan)
     set_memlock(plan.memlock.limit)
-    drop_privileges(plan, env)
+    drop_privileges(plan)
     close_other_fds({0, 1, 2, *(f.fd for f in plan.fds)})
     argv = plan.argv
     try:
-        execve(argv[0], argv, env)
+        execve(argv[0], argv, dict(plan.env))
     except OSError as e:
         raise LaunchError(f"cannot execute {argv[0]}: {e.strerror}", "check vm.qemu") from None
