@@ -328,7 +328,12 @@ def test_uefi_without_firmware_descriptors(tmp_path: pathlib.Path) -> None:
 def test_uefi_skips_secure_boot_builds(tmp_path: pathlib.Path, standard_host: pathlib.Path) -> None:
     p = plan_for(make(tmp_path, {"vm": {"name": "t", "memory": "1G", "firmware": "uefi"}}), standard_host)
     code, vars_ = (f for f in p.fds if f.kind in ("file", "data"))
-    assert (code.path, code.flags, code.kind, code.as_user) == ("/usr/share/OVMF/OVMF_CODE_4M.fd", "O_RDONLY", "file", True)
+    assert (code.path, code.flags, code.kind, code.as_user) == (
+        "/usr/share/OVMF/OVMF_CODE_4M.fd",
+        "O_RDONLY",
+        "file",
+        True,
+    )
     # The default store is vmrun's own file, kept in its data directory.
     assert vars_.kind == "data"
     assert vars_.template == "/usr/share/OVMF/OVMF_VARS_4M.fd" and vars_.path is not None

@@ -142,7 +142,9 @@ class Planner:
                 self.problem(key, f"{path} does not exist", "fix the path; relative paths start at the config file")
             elif why is not None:
                 # QEMU opens these by path itself, as its own user.
-                self.problem(key, f"{path}: {why}", f"QEMU opens it as {self.qemu_user}: make it readable for that user")
+                self.problem(
+                    key, f"{path}: {why}", f"QEMU opens it as {self.qemu_user}: make it readable for that user"
+                )
             else:
                 self.ok(key, f"{path} is readable for {self.qemu_user}")
         # Parts are planned in fd order (devices first, sockets last), then laid out in argv
@@ -456,9 +458,7 @@ class Planner:
             FdSpec(lock, f"{self.state_dir}/lock", "lock on the VM name", "O_RDWR|O_CREAT, flock", kind="lock")
         )
         qmp = self.numbers.allocate()
-        self.fds.append(
-            FdSpec(qmp, qmp_path, "QMP socket for vmrun", "unix, listening", kind="qmp")
-        )
+        self.fds.append(FdSpec(qmp, qmp_path, "QMP socket for vmrun", "unix, listening", kind="qmp"))
         chardev = qemu_args.option("socket", [("id", QMP_CHARDEV), ("fd", qmp), ("server", True), ("wait", False)])
         return [("-chardev", chardev), ("-mon", f"chardev={QMP_CHARDEV},mode=control")]
 
