@@ -21,7 +21,7 @@ import tomli_w
 
 from tests.conftest import FAKE_CAPS, ROOT, is_root
 from tests.test_plan import qcow2_header
-from vmrun import config, host
+from vmrun import cli, config, host
 from vmrun.host import image_facts, lookup_user
 from vmrun.opener import Opener
 from vmrun.plan import Plan, plan
@@ -180,3 +180,15 @@ def test_opener_reports_errno_of_the_user(world: pathlib.Path) -> None:
     with Opener(NOBODY) as opener, pytest.raises(OSError) as e:
         opener.open(str(directory), os.O_RDWR)
     assert e.value.errno == errno.EISDIR
+
+
+def test_check_reports_files_the_vm_user_cannot_read(
+    world: pathlib.Path, standard_host: pathlib.Path, fake_qemu: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    vm = {"name": "t", "memory": "64M", "user": "nobody", "qemu": str(fake_qemu), "kernel": str(world / "secret")}
+    path = world / "vm.toml"
+    path.write_text(tomli_w.dumps({"vm": vm, "disk": [{"id": "d0", "path": str(world / "secret")}]}))
+    assert cli.main(["check", str(path), "--host-root", str(standard_host)]) == 1
+    out = capsys.readouterr().out
+    assert f"fail  vm.kernel     {world}/secret: nobody may not read it: Permission denied" in out
+    assert f"fail  disk[0].path  {world}/secret: nobody may not open it: Permission denied" in out
