@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
 import subprocess
 import sys
@@ -132,3 +133,51 @@ def test_any_vm_table_gives_a_config_or_located_errors(vm: dict[str, object]) ->
     except ConfigError as e:
         assert e.problems
         assert all(line.startswith("fuzz.toml: vm") for line in e.lines())
+
+
+def validate(path: pathlib.Path | str) -> subprocess.CompletedProcess[str]:
+    """`vmrun validate` in its own process, so a hang is a timeout and not a stuck suite."""
+    return subprocess.run(
+        [sys.executable, "-m", "vmrun.cli", "validate", str(path)], cwd=REPO, capture_output=True, text=True, timeout=20
+    )
+
+
+def test_only_regular_files_of_bounded_size_are_read(tmp_path: pathlib.Path) -> None:
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)  # nobody writes it: reading it would block forever
+    big = tmp_path / "big.toml"
+    big.write_text("# padding\n" * 210_000)
+    cases = {
+        fifo: f"{fifo}: is a FIFO (a config is a regular TOML file)",
+        pathlib.Path("/dev/zero"): "/dev/zero: is a character device (a config is a regular TOML file)",
+        tmp_path: f"{tmp_path}: is a directory (a config is a regular TOML file)",
+        big: f"{big}: is larger than 1024 KiB (a VM config is far smaller)",
+    }
+    for path, message in cases.items():
+        proc = validate(path)
+        assert (proc.returncode, proc.stderr) == (2, message + "\n"), path
+
+
+def test_deep_nesting_is_a_config_error(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "deep.toml"
+    path.write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    proc = validate(path)
+    assert (proc.returncode, proc.stderr) == (
+        2,
+        f"{path}: arrays or tables are nested too deeply (a VM config needs a few levels)\n",
+    )
+
+
+def test_sizes_are_exact_and_bounded() -> None:
+    assert parse_size("1.5G") == 1536 * MiB
+    assert parse_size("0.001953125K") == 2
+    with pytest.raises(ValueError):
+        parse_size("1e3M")
+    with pytest.raises(ValueError):
+        parse_size("1" * 21 + "T")
+    ctx = config.Context(base=pathlib.Path("."))
+    with pytest.raises(config.Invalid, match=r"out of range 1M\.\.16T"):
+        config.memory_size("99999999999999999999T", ctx)
+    with pytest.raises(config.Invalid, match="not a whole number of 1MiB"):
+        config.memory_size("1025K", ctx)
+    assert config.memory_size("16T", ctx) == 16 * 1024 * GiB

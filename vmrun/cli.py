@@ -270,7 +270,7 @@ def config_addresses(file: str) -> list[str]:
     for dev in cfg.vfio:
         if dev.host is not None:
             out.append(dev.host)
-        elif dev.sysfsdev is not None and config.PCI_RE.match(os.path.basename(dev.sysfsdev)):
+        elif dev.sysfsdev is not None and config.PCI_RE.fullmatch(os.path.basename(dev.sysfsdev)):
             out.append(os.path.basename(dev.sysfsdev))
     return out
 

@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,19 +20,35 @@ import attrs
 
 from vmrun.errors import ConfigError, Problem
 from vmrun.model import Config, Disk, Forward, Iommufd, Memlock, Net, Vfio, Vm
-from vmrun.sizes import parse_size
+from vmrun.sizes import KiB, MiB, TiB, format_size, parse_size
 
+# Every pattern is applied with fullmatch: `$` would let a trailing newline through.
 # QEMU accepts ids that start with a letter and go on with letters, digits, '-', '.', '_'.
-ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
-# Not "." or "..": the name is a directory under the state base.
-NAME_RE = re.compile(r"^(?!\.\.?$)[A-Za-z0-9_.-]+$")
-USER_RE = re.compile(r"^[a-z_][a-z0-9_-]*\$?$")
-SERIAL_RE = re.compile(r"^[A-Za-z0-9_.-]{1,20}$")
-IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-MACHINE_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-PCI_RE = re.compile(
-    r"^(?:(?P<domain>[0-9a-fA-F]{4}):)?(?P<bus>[0-9a-fA-F]{2}):(?P<dev>[0-1][0-9a-fA-F])\.(?P<fn>[0-7])$"
-)
+ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+ID_MAX = 63
+# vmrun names a disk's block nodes ID-file, ID-fmt and ID-bNN-file for backing layers;
+# QEMU's node names have at most 31 characters.
+DISK_ID_MAX = 31 - len("-b16-file")
+# Names vmrun gives its own devices and block nodes (vmrun/plan.py): a config must not take them.
+RESERVED_IDS = {
+    "scsi0": "the SCSI controller of scsi disks",
+    "viommu0": "the vIOMMU",
+    "video0": "the video card of a display",
+    "fw-code": "the UEFI code's block node",
+    "fw-vars": "the UEFI variable store's block node",
+    "console": "the serial console's chardev",
+    "vmrun-qmp": "vmrun's QMP chardev",
+}
+BACKING_NODE_RE = re.compile(r".*-b[0-9]+")
+# A letter or digit first: the name is a directory under the state base, never "." or
+# ".."; at most 64 characters, so every socket path under it fits sun_path.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+NAME_MAX = 64
+USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}\$?")
+SERIAL_RE = re.compile(r"[A-Za-z0-9_.-]{1,20}")
+IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+MACHINE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+PCI_RE = re.compile(r"(?:(?P<domain>[0-9a-fA-F]{4}):)?(?P<bus>[0-9a-fA-F]{2}):(?P<dev>[0-1][0-9a-fA-F])\.(?P<fn>[0-7])")
 ACCELS = ("kvm", "tcg")
 DRIVERS = ("vfio-pci", "vfio-platform", "vfio-ap", "vfio-ccw")
 # Device properties that vmrun sets itself from the config's own keys.
@@ -60,10 +77,15 @@ def toml_type(value: object) -> str:
     return names.get(type(value), "date-time")
 
 
+SHOWN_MAX = 60
+
+
 def shown(value: object) -> str:
+    """A value as TOML writes it, escaped (a newline shows as \\n), long ones cut short."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    return f'"{value}"' if isinstance(value, str) else repr(value)
+    text = json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
+    return text if len(text) <= SHOWN_MAX else text[: SHOWN_MAX - 5] + "[...]"
 
 
 def expect(value: object, kind: type, what: str) -> Any:
@@ -73,12 +95,37 @@ def expect(value: object, kind: type, what: str) -> Any:
     return value
 
 
-def string(pattern: re.Pattern[str] | None = None, hint: str | None = None) -> Parser:
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def no_nul(text: str, sub: str = "") -> str:
+    """A string that can become an argument or environment entry: a NUL would end it early."""
+    if "\0" in text:
+        raise Invalid("contains a NUL character", "remove it", sub)
+    return text
+
+
+def vm_name(value: object, ctx: Context) -> str:
+    text: str = string()(value, ctx)
+    if len(text) > NAME_MAX:
+        raise Invalid(
+            f"is {len(text)} characters long, at most {NAME_MAX}",
+            "the name becomes a state directory and part of socket paths; pick a shorter one",
+        )
+    return str(string(NAME_RE, "start with a letter or digit; then letters, digits, '-', '.' and '_'")(text, ctx))
+
+
+def string(pattern: re.Pattern[str] | None = None, hint: str | None = None, controls: bool = True) -> Parser:
+    """A non-empty string, matching `pattern` whole; never a NUL, and with controls=False no
+    control character at all (paths, where a newline or escape is never meant)."""
+
     def parse(value: object, ctx: Context) -> str:
-        text: str = expect(value, str, "a string")
+        text: str = no_nul(expect(value, str, "a string"))
         if not text:
             raise Invalid("must not be empty", hint)
-        if pattern is not None and not pattern.match(text):
+        if not controls and CONTROL_RE.search(text):
+            raise Invalid(f"{json.dumps(text)} contains a control character", "remove it")
+        if pattern is not None and not pattern.fullmatch(text):
             raise Invalid(f"{shown(text)} is not allowed here", hint)
         return text
 
@@ -105,52 +152,75 @@ def choice(*options: str) -> Parser:
     return parse
 
 
-def size(value: object, ctx: Context) -> int:
-    text: str = expect(value, str, 'a size string such as "512M" or "8G"')
-    try:
-        n = parse_size(text)
-    except ValueError:
-        raise Invalid(f"{shown(text)} is not a size", 'write a number with K, M, G or T, e.g. "512M" or "8G"') from None
-    if n == 0:
-        raise Invalid("must be greater than zero")
-    return n
+def size(unit: int, low: int, high: int) -> Parser:
+    """A size in bytes, a whole number of `unit`, between `low` and `high`."""
+
+    def parse(value: object, ctx: Context) -> int:
+        text: str = expect(value, str, 'a size string such as "512M" or "8G"')
+        try:
+            n = parse_size(text)
+        except ValueError:
+            raise Invalid(
+                f"{shown(text)} is not a size", 'write a number with K, M, G or T, e.g. "512M" or "8G"'
+            ) from None
+        if n % unit:
+            raise Invalid(
+                f"{shown(text)} is not a whole number of {format_size(unit)}iB",
+                f"round it to a multiple of {format_size(unit)}",
+            )
+        if not low <= n <= high:
+            raise Invalid(f"{shown(text)} is out of range {format_size(low)}..{format_size(high)}")
+        return n
+
+    return parse
+
+
+memory_size = size(MiB, MiB, 16 * TiB)
+memlock_size = size(KiB, KiB, 64 * TiB)
 
 
 def memlock(value: object, ctx: Context) -> Memlock:
     if isinstance(value, str) and value in ("auto", "unlimited", "off"):
         return Memlock(mode=value)  # type: ignore[arg-type]
+    hint = 'use "auto", "unlimited", "off" or a size such as "9G"'
+    if not isinstance(value, str):
+        raise Invalid(f"{shown(value)} is not a memlock setting", hint)
     try:
-        return Memlock(mode="size", size=size(value, ctx))
-    except Invalid:
-        raise Invalid(
-            f"{shown(value)} is not a memlock setting",
-            'use "auto", "unlimited", "off" or a size such as "9G"',
-        ) from None
+        parse_size(value)
+    except ValueError:
+        raise Invalid(f"{shown(value)} is not a memlock setting", hint) from None
+    return Memlock(mode="size", size=memlock_size(value, ctx))
 
 
 def file_path(value: object, ctx: Context) -> pathlib.Path:
-    text = string()(value, ctx)
+    text = string(controls=False)(value, ctx)
     path = pathlib.Path(text).expanduser()
     # Relative paths are relative to the config file, so a checked-in config works from any cwd.
     return pathlib.Path(os.path.normpath(path if path.is_absolute() else ctx.base / path))
 
 
 def qemu_binary(value: object, ctx: Context) -> str:
-    text = string()(value, ctx)
+    text = string(controls=False)(value, ctx)
     return str(file_path(text, ctx)) if "/" in text else text
 
 
 def string_list(value: object, ctx: Context) -> tuple[str, ...]:
+    """Every bad item is its own problem, at `key[i]`."""
     items: list[object] = expect(value, list, "an array of strings")
+    errors: list[Invalid] = []
     for i, item in enumerate(items):
         if not isinstance(item, str):
-            raise Invalid(f"item {i} is {toml_type(item)} {shown(item)}, expected a string")
+            errors.append(Invalid(f"is {toml_type(item)} {shown(item)}, expected a string", sub=f"[{i}]"))
+        elif "\0" in item:
+            errors.append(Invalid("contains a NUL character", "remove it", f"[{i}]"))
+    if errors:
+        raise InvalidMany(errors)
     return tuple(str(i) for i in items)
 
 
 def pci_address(value: object, ctx: Context) -> str:
     text: str = expect(value, str, "a PCI address string")
-    m = PCI_RE.match(text)
+    m = PCI_RE.fullmatch(text)
     if not m:
         raise Invalid(
             f"{shown(text)} is not a PCI address",
@@ -172,29 +242,38 @@ def boolean(value: object, ctx: Context) -> bool:
     return flag
 
 
-FORWARD_RE = re.compile(r"^(?:(tcp|udp):)?(?:(\d{1,3}(?:\.\d{1,3}){3}):)?(\d+):(\d+)$")
+FORWARD_RE = re.compile(r"(?:(tcp|udp):)?(?:(\d{1,3}(?:\.\d{1,3}){3}):)?(\d{1,5}):(\d{1,5})")
 
 
 def forwards(value: object, ctx: Context) -> tuple[Forward, ...]:
     out = []
+    errors: list[Invalid] = []
     for i, item in enumerate(string_list(value, ctx)):
-        m = FORWARD_RE.match(item)
+        m = FORWARD_RE.fullmatch(item)
         ports = [int(m[3]), int(m[4])] if m else []
+        if m and m[2] and not all(int(octet) < 256 for octet in m[2].split(".")):
+            m = None
         if not m or not all(0 < p < 65536 for p in ports):
-            raise Invalid(
-                f"item {i}: {shown(item)} is not a port forward",
-                'write [PROTO:][HOSTADDR:]HOSTPORT:GUESTPORT, e.g. "tcp:2222:22" or "udp:0.0.0.0:5353:53"',
+            errors.append(
+                Invalid(
+                    f"{shown(item)} is not a port forward",
+                    'write [PROTO:][HOSTADDR:]HOSTPORT:GUESTPORT, e.g. "tcp:2222:22" or "udp:0.0.0.0:5353:53"',
+                    f"[{i}]",
+                )
             )
+            continue
         out.append(Forward(m[1] or "tcp", m[2] or "127.0.0.1", ports[0], ports[1]))
+    if errors:
+        raise InvalidMany(errors)
     return tuple(out)
 
 
-MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}$")
+MAC_RE = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
 
 
 def mac_address(value: object, ctx: Context) -> str:
     text: str = expect(value, str, "a MAC address string")
-    if not MAC_RE.match(text):
+    if not MAC_RE.fullmatch(text):
         raise Invalid(f"{shown(text)} is not a MAC address", 'write six hex pairs, e.g. "52:54:00:12:34:56"')
     if int(text[:2], 16) & 1:
         raise Invalid(f"{shown(text)} is a multicast address", "the first byte of a NIC's address must be even")
@@ -245,10 +324,10 @@ def props(value: object, ctx: Context) -> tuple[tuple[str, str | int | bool], ..
     out: list[tuple[str, str | int | bool]] = []
     errors: list[Invalid] = []
     for key, item in table.items():
-        sub = f".{key}" if ID_RE.match(key) else f".{json.dumps(key)}"
+        sub = f".{key}" if ID_RE.fullmatch(key) else f".{json.dumps(key)}"
         if key in PLANNED_PROPS:
             errors.append(Invalid("is set by vmrun", f"use the device's own `{key}` key instead", sub))
-        elif not ID_RE.match(key):
+        elif not ID_RE.fullmatch(key):
             errors.append(Invalid("is not a property name", ID_HINT, sub))
         elif not isinstance(item, str | int | bool):
             errors.append(
@@ -257,6 +336,8 @@ def props(value: object, ctx: Context) -> tuple[tuple[str, str | int | bool], ..
                     sub=sub,
                 )
             )
+        elif isinstance(item, str) and "\0" in item:
+            errors.append(Invalid("contains a NUL character", "remove it", sub))
         else:
             out.append((key, item))
     if errors:
@@ -283,13 +364,8 @@ class Key:
 ID_HINT = "start with a letter; then letters, digits, '-', '.' or '_'"
 
 VM_KEYS = (
-    Key(
-        "name",
-        string(NAME_RE, "use letters, digits, '-', '.' and '_'"),
-        "unique name of the VM",
-        required=True,
-    ),
-    Key("memory", size, 'guest RAM, e.g. "8G"', required=True),
+    Key("name", vm_name, "unique name of the VM", required=True),
+    Key("memory", memory_size, 'guest RAM in whole MiB, e.g. "8G"', required=True),
     Key("cpus", integer(1, 1024), "number of vCPUs (default 1)"),
     Key(
         "machine",
@@ -409,14 +485,38 @@ class Entry:
     values: dict[str, Any]
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def read_text(path: pathlib.Path) -> str:
+    """The text of a config: a regular file of at most MAX_CONFIG_BYTES, read without hanging
+    on a FIFO or a device (O_NONBLOCK) and never more than the cap."""
     try:
-        return path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
         raise ConfigError(
             str(path),
             [Problem("", f"cannot read: {e.strerror}", "check the path and its permissions")],
         ) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            what = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device"}
+            kind = what.get(stat.S_IFMT(mode), "not a regular file")
+            raise ConfigError(str(path), [Problem("", f"is {kind}", "a config is a regular TOML file")])
+        data = b""
+        while len(data) <= MAX_CONFIG_BYTES and (chunk := os.read(fd, MAX_CONFIG_BYTES + 1 - len(data))):
+            data += chunk
+    except OSError as e:
+        raise ConfigError(str(path), [Problem("", f"cannot read: {e.strerror}")]) from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            str(path), [Problem("", f"is larger than {MAX_CONFIG_BYTES // 1024} KiB", "a VM config is far smaller")]
+        )
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(str(path), [Problem("", f"not UTF-8 text: {e.reason} at byte {e.start}")]) from None
 
@@ -432,6 +532,10 @@ def parse(text: str, path: pathlib.Path) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), [toml_syntax_problem(e)]) from None
+    except RecursionError:
+        raise ConfigError(
+            str(path), [Problem("", "arrays or tables are nested too deeply", "a VM config needs a few levels")]
+        ) from None
     reader = Reader(Context(base=path.absolute().parent))
     for name in raw:
         if name not in SECTIONS:
@@ -516,6 +620,19 @@ def cross_check(r: Reader, vm: dict[str, Any], object_entries: list[Entry], devi
             )
 
 
+def id_problem(section: str, ident: str) -> tuple[str, str] | None:
+    """(message, hint) when `ident` cannot be an id of a `section` entry."""
+    limit = DISK_ID_MAX if section == "disk" else ID_MAX
+    if len(ident) > limit:
+        why = " (vmrun makes QEMU block node names of at most 31 characters from it)" if section == "disk" else ""
+        return f"is {len(ident)} characters long, at most {limit}{why}", "pick a shorter id"
+    if ident in RESERVED_IDS:
+        return f"{shown(ident)} is the id of {RESERVED_IDS[ident]}, which vmrun adds", "pick another id"
+    if section == "disk" and BACKING_NODE_RE.fullmatch(ident):
+        return f"{shown(ident)} ends like the names vmrun gives backing layers (ID-b1, ID-b2, ...)", "pick another id"
+    return None
+
+
 def check_ids(r: Reader, sections: dict[str, list[Entry]]) -> None:
     """One id namespace across objects and devices, as QEMU has; caller fds used once."""
     seen_ids: dict[str, str] = {}
@@ -523,7 +640,9 @@ def check_ids(r: Reader, sections: dict[str, list[Entry]]) -> None:
     for section, entries in sections.items():
         for i, entry in enumerate(entries):
             path, parsed = f"{section}[{i}]", entry.values
-            if "id" in parsed:
+            if "id" in parsed and (bad := id_problem(section, parsed["id"])) is not None:
+                r.problem(f"{path}.id", *bad)
+            elif "id" in parsed:
                 if parsed["id"] in seen_ids:
                     r.problem(
                         f"{path}.id",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -10,17 +11,18 @@ GiB = 1024 * MiB
 TiB = 1024 * GiB
 
 _UNITS = {"K": KiB, "M": MiB, "G": GiB, "T": TiB}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT])(?:i?B)?\s*$", re.IGNORECASE)
+# At most 20 digits in all: more than any real size, few enough that no arithmetic overflows.
+_SIZE = re.compile(r" *([0-9]{1,20}(?:\.[0-9]{1,9})?) *([KMGT])(?:i?B)? *", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
-    """Bytes in `text`; raises ValueError with the accepted forms."""
-    m = _SIZE.match(text)
+    """Bytes in `text`, computed exactly (no float); raises ValueError with the accepted forms."""
+    m = _SIZE.fullmatch(text)
     if not m:
         raise ValueError(f"{text!r} is not a size")
     number, unit = m.groups()
-    value = float(number) * _UNITS[unit.upper()]
-    if value != int(value):
+    value = Fraction(number) * _UNITS[unit.upper()]
+    if value.denominator != 1:
         raise ValueError(f"{text!r} is not a whole number of bytes")
     return int(value)
 

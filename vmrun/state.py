@@ -96,7 +96,7 @@ def base() -> str:
 
 
 def check_name(name: str) -> str:
-    if not config.NAME_RE.match(name):
+    if not config.NAME_RE.fullmatch(name):
         raise BadName(f"{name!r} is not a VM name (letters, digits, '-', '.' and '_', as vm.name in a config)")
     return name
 
