@@ -15,7 +15,7 @@ import tomli_w
 
 from tests import fakehost
 from tests.conftest import FAKE_CAPS, REPO, ROOT, UNPRIVILEGED, is_root, plan_for
-from vmrun import cli, render
+from vmrun import cli, host, qemu_caps, render
 from vmrun.host import Launcher
 from vmrun.memlock import MARGIN
 from vmrun.plan import Plan
@@ -383,3 +383,26 @@ def test_backing_chain_problems(tmp_path: pathlib.Path, standard_host: pathlib.P
         f"disk[0].path: {tmp_path}/top.qcow2: backing file {tmp_path}/gone.qcow2: does not exist",
         f"disk[1].path: {tmp_path}/a.qcow2: the backing chain loops at {tmp_path}/a.qcow2",
     ]
+
+
+def test_sandbox_needs_a_qemu_and_kernel_that_can(tmp_path: pathlib.Path, standard_host: pathlib.Path) -> None:
+    no_seccomp = attrs.evolve(FAKE_CAPS, has_sandbox=False)
+    cfg = make(tmp_path, {"vm": {"name": "t", "memory": "1G"}})
+    p = plan_for(cfg, standard_host, caps=no_seccomp)
+    assert problems(p) == ["vm.sandbox: QEMU 10.0.2 at qemu-system-x86_64 cannot use its seccomp sandbox here"]
+    assert "a kernel with SECCOMP_FILTER; or set sandbox = false" in (p.problems[0].hint or "")
+    off = plan_for(
+        make(tmp_path, {"vm": {"name": "t", "memory": "1G", "sandbox": False}}), standard_host, caps=no_seccomp
+    )
+    assert problems(off) == [] and "-sandbox" not in off.argv
+    assert "vm.sandbox: QEMU runs without its seccomp sandbox" in [n.render().split(" (")[0] for n in off.notes]
+    on = plan_for(make(tmp_path, {"vm": {"name": "t", "memory": "1G"}}), standard_host)
+    assert (
+        on.argv[on.argv.index("-sandbox") + 1]
+        == "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    )
+
+
+def test_real_qemu_probe_finds_the_sandbox() -> None:
+    caps = qemu_caps.probe("qemu-system-x86_64", as_user=host.lookup_user("nobody"))
+    assert caps is not None and caps.has_iommufd and caps.has_sandbox

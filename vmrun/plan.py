@@ -238,8 +238,9 @@ class Planner:
         if caps is not None and not caps.has_sandbox:
             self.problem(
                 "vm.sandbox",
-                f"QEMU {caps.version_text} at {caps.path} was built without seccomp (no -sandbox)",
-                "install a QEMU built with seccomp (Debian's is), or set sandbox = false",
+                f"QEMU {caps.version_text} at {caps.path} cannot use its seccomp sandbox here",
+                "it needs a QEMU built with seccomp (Debian's is) and a kernel with SECCOMP_FILTER;"
+                " or set sandbox = false",
             )
             return []
         return [("-sandbox", SANDBOX)]

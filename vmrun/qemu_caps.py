@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 MINIMAL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PROBED_DEVICES = ("vfio-pci", "vfio-platform", "vfio-ap", "vfio-ccw")
 IOMMUFD_SINCE = (9, 0)
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 @attrs.frozen
@@ -37,7 +37,9 @@ class QemuCaps:
     has_iommufd: bool
     # device type -> its property names; a type this binary lacks is absent
     device_props: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
-    has_sandbox: bool = True  # built with seccomp: -sandbox is in its -help
+    # -sandbox works: QEMU registers the option only when built with seccomp AND the
+    # kernel has SECCOMP_FILTER (with TSYNC); its -help lists it either way.
+    has_sandbox: bool = True
 
     @property
     def version_text(self) -> str:
@@ -87,11 +89,12 @@ def parse_props(text: str) -> tuple[str, ...]:
 def probe_uncached(path: str, as_user: User | None = None) -> QemuCaps:
     # All probes at once: each is a short-lived process, so the wall time is one of them.
     version = run_help(path, "-version", as_user=as_user)
-    usage = run_help(path, "-help", as_user=as_user)
+    # Options are taken in order: -version exits 0 only after -sandbox was accepted.
+    sandbox = run_help(path, "-sandbox", "on", "-version", as_user=as_user)
     iommufd = run_help(path, "-machine", "none", "-object", "iommufd,help", as_user=as_user)
     devices = {d: run_help(path, "-machine", "none", "-device", f"{d},help", as_user=as_user) for d in PROBED_DEVICES}
     version_out = version.communicate()[0]
-    usage_out = usage.communicate()[0]
+    sandbox.communicate()
     iommufd.communicate()
     props: dict[str, tuple[str, ...]] = {}
     for name, proc in devices.items():
@@ -104,7 +107,7 @@ def probe_uncached(path: str, as_user: User | None = None) -> QemuCaps:
         version=parse_version(version_out),
         has_iommufd=iommufd.returncode == 0,
         device_props=props,
-        has_sandbox=re.search(r"^-sandbox ", usage_out, re.M) is not None,
+        has_sandbox=sandbox.returncode == 0,
     )
 
 
