@@ -6,21 +6,24 @@ parsing, the did-you-mean for unknown keys and the documentation cannot drift ap
 
 from __future__ import annotations
 
+import datetime
 import difflib
+import ipaddress
 import json
 import os
 import pathlib
 import re
 import stat
+import sys
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import attrs
 
 from vmrun.errors import ConfigError, Problem
 from vmrun.model import Config, Disk, Forward, Iommufd, Memlock, Net, Vfio, Vm
-from vmrun.sizes import KiB, MiB, TiB, format_size, parse_size
+from vmrun.sizes import KiB, MiB, SizeError, TiB, format_size, is_size_shaped, parse_size
 
 # Every pattern is applied with fullmatch: `$` would let a trailing newline through.
 # QEMU accepts ids that start with a letter and go on with letters, digits, '-', '.', '_'.
@@ -78,14 +81,76 @@ def toml_type(value: object) -> str:
 
 
 SHOWN_MAX = 60
+# TOML's bare keys: any other key is shown quoted in a key path.
+BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def quoted(text: str) -> str:
+    """`text` as a TOML string in printable ASCII: no character of it can act on a terminal
+    (a control, an escape sequence, a bidi override), and a lookalike (the Kelvin sign for
+    K, another script's digits) shows as what it is, the likely reason it was refused."""
+    return (
+        '"'
+        + "".join(c if " " <= c <= "~" else escaped_char(c) for c in json.dumps(text, ensure_ascii=False)[1:-1])
+        + '"'
+    )
+
+
+def escaped_char(c: str) -> str:
+    return f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
+
+
+def key_part(name: str) -> str:
+    """A table key as it joins a key path: `.memory`, or `."bad key"` when not bare."""
+    return f".{name}" if BARE_KEY_RE.fullmatch(name) else f".{quoted(name)}"
 
 
 def shown(value: object) -> str:
     """A value as TOML writes it, escaped (a newline shows as \\n), long ones cut short."""
+    text = render(value, SHOWN_MAX)
+    if len(text) <= SHOWN_MAX:
+        return text
+    cut = text[: SHOWN_MAX - 6]
+    return cut + '[...]"' if isinstance(value, str) else cut + "[...]"
+
+
+def render(value: object, budget: int) -> str:
+    """TOML text of `value`, stopping once it is longer than `budget`: a config's value may be
+    nested hundreds deep or be an integer of thousands of digits, which repr() cannot show."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    text = json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
-    return text if len(text) <= SHOWN_MAX else text[: SHOWN_MAX - 5] + "[...]"
+    if isinstance(value, str):
+        return quoted(value[: budget + 1])
+    if isinstance(value, int):
+        try:
+            return str(value)[: budget + 1]
+        except ValueError:  # more decimal digits than Python prints; hex has no limit
+            return hex(value)[: budget + 1]
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, list | dict) and budget <= 0:
+        return "..."
+    # Each level down has less room, so the recursion stops within SHOWN_MAX levels.
+    if isinstance(value, list):
+        return "[" + items((render(item, budget - 2) for item in value), budget) + "]"
+    if isinstance(value, dict):
+        pairs = (f"{key_part(key[:budget])[1:]} = {render(item, budget - 2)}" for key, item in value.items())
+        return "{ " + items(pairs, budget) + " }" if value else "{}"
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    return repr(value)
+
+
+def items(texts: Iterator[str], budget: int) -> str:
+    """Comma-separated, taking no more once `budget` characters are reached."""
+    out: list[str] = []
+    length = 0
+    for text in texts:
+        out.append(text)
+        length += len(text) + 2
+        if length > budget:
+            break
+    return ", ".join(out)
 
 
 def expect(value: object, kind: type, what: str) -> Any:
@@ -124,7 +189,7 @@ def string(pattern: re.Pattern[str] | None = None, hint: str | None = None, cont
         if not text:
             raise Invalid("must not be empty", hint)
         if not controls and CONTROL_RE.search(text):
-            raise Invalid(f"{json.dumps(text)} contains a control character", "remove it")
+            raise Invalid(f"{shown(text)} contains a control character", "remove it")
         if pattern is not None and not pattern.fullmatch(text):
             raise Invalid(f"{shown(text)} is not allowed here", hint)
         return text
@@ -136,7 +201,7 @@ def integer(low: int, high: int, hint: str | None = None) -> Parser:
     def parse(value: object, ctx: Context) -> int:
         number: int = expect(value, int, "an integer")
         if not low <= number <= high:
-            raise Invalid(f"{number} is out of range {low}..{high}", hint)
+            raise Invalid(f"{shown(number)} is out of range {low}..{high}", hint)
         return number
 
     return parse
@@ -152,21 +217,22 @@ def choice(*options: str) -> Parser:
     return parse
 
 
-def size(unit: int, low: int, high: int) -> Parser:
+def size(unit: int, unit_name: str, low: int, high: int) -> Parser:
     """A size in bytes, a whole number of `unit`, between `low` and `high`."""
 
     def parse(value: object, ctx: Context) -> int:
         text: str = expect(value, str, 'a size string such as "512M" or "8G"')
         try:
             n = parse_size(text)
-        except ValueError:
+        except SizeError as e:
             raise Invalid(
-                f"{shown(text)} is not a size", 'write a number with K, M, G or T, e.g. "512M" or "8G"'
+                f"{shown(text)} {e.reason}", 'write a number with K, M, G or T, e.g. "512M" or "8G"'
             ) from None
         if n % unit:
+            whole = [k * unit for k in (n // unit, n // unit + 1) if low <= k * unit <= high]
             raise Invalid(
-                f"{shown(text)} is not a whole number of {format_size(unit)}iB",
-                f"round it to a multiple of {format_size(unit)}",
+                f"{shown(text)} is {n} bytes, not a whole number of {unit_name}",
+                f"round it to whole {unit_name}: " + " or ".join(f'"{format_size(k)}"' for k in whole),
             )
         if not low <= n <= high:
             raise Invalid(f"{shown(text)} is out of range {format_size(low)}..{format_size(high)}")
@@ -175,26 +241,28 @@ def size(unit: int, low: int, high: int) -> Parser:
     return parse
 
 
-memory_size = size(MiB, MiB, 16 * TiB)
-memlock_size = size(KiB, KiB, 64 * TiB)
+# QEMU takes guest RAM in MiB; 16T is beyond any host vmrun passes devices through on.
+memory_size = size(MiB, "MiB", MiB, 16 * TiB)
+# setrlimit counts bytes but the kernel pins pages: KiB is the finest grain worth writing.
+memlock_size = size(KiB, "KiB", KiB, 64 * TiB)
 
 
 def memlock(value: object, ctx: Context) -> Memlock:
     if isinstance(value, str) and value in ("auto", "unlimited", "off"):
         return Memlock(mode=value)  # type: ignore[arg-type]
-    hint = 'use "auto", "unlimited", "off" or a size such as "9G"'
-    if not isinstance(value, str):
-        raise Invalid(f"{shown(value)} is not a memlock setting", hint)
-    try:
-        parse_size(value)
-    except ValueError:
-        raise Invalid(f"{shown(value)} is not a memlock setting", hint) from None
+    if not isinstance(value, str) or not is_size_shaped(value):
+        raise Invalid(
+            f"{shown(value)} is not a memlock setting", 'use "auto", "unlimited", "off" or a size such as "9G"'
+        )
     return Memlock(mode="size", size=memlock_size(value, ctx))
 
 
 def file_path(value: object, ctx: Context) -> pathlib.Path:
     text = string(controls=False)(value, ctx)
-    path = pathlib.Path(text).expanduser()
+    try:
+        path = pathlib.Path(text).expanduser()
+    except RuntimeError:  # ~user of a user this host does not have
+        raise Invalid(f"{shown(text)}: no home directory for {text.split('/')[0]}", "write the path in full") from None
     # Relative paths are relative to the config file, so a checked-in config works from any cwd.
     return pathlib.Path(os.path.normpath(path if path.is_absolute() else ctx.base / path))
 
@@ -232,7 +300,7 @@ def pci_address(value: object, ctx: Context) -> str:
 
 def cpu_model(value: object, ctx: Context) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
-        raise Invalid(f"is the CPU model, a string, not {value}", "the number of vCPUs is `cpus`")
+        raise Invalid(f"is the CPU model, a string, not {shown(value)}", "the number of vCPUs is `cpus`")
     model: str = string(MACHINE_RE, "a QEMU CPU model such as max or host")(value, ctx)
     return model
 
@@ -242,30 +310,42 @@ def boolean(value: object, ctx: Context) -> bool:
     return flag
 
 
-FORWARD_RE = re.compile(r"(?:(tcp|udp):)?(?:(\d{1,3}(?:\.\d{1,3}){3}):)?(\d{1,5}):(\d{1,5})")
+# [0-9], not \d: \d takes any script's digits, which int() reads but QEMU does not.
+FORWARD_RE = re.compile(r"(?:(tcp|udp):)?(?:([0-9.]{7,15}):)?([0-9]{1,5}):([0-9]{1,5})")
+FORWARD_HINT = 'write [PROTO:][HOSTADDR:]HOSTPORT:GUESTPORT, e.g. "tcp:2222:22" or "udp:0.0.0.0:5353:53"'
 
 
 def forwards(value: object, ctx: Context) -> tuple[Forward, ...]:
+    """Every bad item is its own problem, at `forwards[i]`."""
+    items: list[object] = expect(value, list, 'an array of port forwards, e.g. ["tcp:2222:22"]')
     out = []
     errors: list[Invalid] = []
-    for i, item in enumerate(string_list(value, ctx)):
-        m = FORWARD_RE.fullmatch(item)
-        ports = [int(m[3]), int(m[4])] if m else []
-        if m and m[2] and not all(int(octet) < 256 for octet in m[2].split(".")):
-            m = None
-        if not m or not all(0 < p < 65536 for p in ports):
-            errors.append(
-                Invalid(
-                    f"{shown(item)} is not a port forward",
-                    'write [PROTO:][HOSTADDR:]HOSTPORT:GUESTPORT, e.g. "tcp:2222:22" or "udp:0.0.0.0:5353:53"',
-                    f"[{i}]",
-                )
-            )
-            continue
-        out.append(Forward(m[1] or "tcp", m[2] or "127.0.0.1", ports[0], ports[1]))
+    for i, item in enumerate(items):
+        try:
+            out.append(forward(item))
+        except Invalid as e:
+            errors.append(Invalid(e.message, e.hint, f"[{i}]"))
     if errors:
         raise InvalidMany(errors)
     return tuple(out)
+
+
+def forward(item: object) -> Forward:
+    if not isinstance(item, str):
+        raise Invalid(f"is {toml_type(item)} {shown(item)}, expected a string", FORWARD_HINT)
+    m = FORWARD_RE.fullmatch(item)
+    if not m or not all(0 < int(port) < 65536 for port in (m[3], m[4])):
+        raise Invalid(f"{shown(item)} is not a port forward", FORWARD_HINT)
+    address = "127.0.0.1"
+    if m[2]:
+        try:
+            # Python's parser refuses leading zeros; QEMU's inet_aton would read 010 as octal 8.
+            address = str(ipaddress.IPv4Address(m[2]))
+        except ValueError:
+            raise Invalid(
+                f"{shown(item)}: {m[2]} is not an IPv4 address", "four numbers 0-255 without leading zeros"
+            ) from None
+    return Forward(m[1] or "tcp", address, int(m[3]), int(m[4]))
 
 
 MAC_RE = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
@@ -281,13 +361,15 @@ def mac_address(value: object, ctx: Context) -> str:
 
 
 def sysfs_path(value: object, ctx: Context) -> str:
-    text: str = string()(value, ctx)
-    if not text.startswith("/sys/"):
-        raise Invalid(
-            f"{shown(text)} is not a sysfs path",
-            'give the device\'s directory under /sys, e.g. "/sys/bus/pci/devices/0000:01:00.0"',
-        )
-    return text.rstrip("/")
+    text: str = string(controls=False)(value, ctx)
+    hint = 'give the device\'s directory under /sys, e.g. "/sys/bus/pci/devices/0000:01:00.0"'
+    # vmrun reads the device's links under it as root: '..' must not lead out of /sys.
+    if ".." in text.split("/"):
+        raise Invalid(f"{shown(text)} has a '..' component", hint)
+    path = os.path.normpath(text)
+    if not path.startswith("/sys/"):
+        raise Invalid(f"{shown(text)} is not a sysfs path", hint)
+    return path
 
 
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -300,7 +382,7 @@ def environment(value: object, ctx: Context) -> tuple[tuple[str, str], ...]:
     out: list[tuple[str, str]] = []
     errors: list[Invalid] = []
     for name, item in table.items():
-        sub = f".{name}" if ENV_NAME_RE.fullmatch(name) else f".{json.dumps(name)}"
+        sub = key_part(name)
         if not ENV_NAME_RE.fullmatch(name):
             errors.append(Invalid("is not an environment variable name", "letters, digits and '_'", sub))
         elif name in ENV_RESERVED:
@@ -308,7 +390,7 @@ def environment(value: object, ctx: Context) -> tuple[tuple[str, str], ...]:
         elif not isinstance(item, str):
             errors.append(Invalid(f"is {toml_type(item)} {shown(item)}, expected a string", sub=sub))
         elif "\0" in item:
-            errors.append(Invalid("contains a NUL character", sub=sub))
+            errors.append(Invalid("contains a NUL character", "remove it", sub))
         else:
             out.append((name, item))
     if errors:
@@ -316,6 +398,8 @@ def environment(value: object, ctx: Context) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+# QEMU's integer properties are int64 or uint64.
+PROP_INT_MIN, PROP_INT_MAX = -(2**63), 2**64 - 1
 caller_fd = integer(FIRST_FREE_FD, 65535, "fds 0-2 are stdin, stdout and stderr; pass the device on 3 or above")
 
 
@@ -324,7 +408,7 @@ def props(value: object, ctx: Context) -> tuple[tuple[str, str | int | bool], ..
     out: list[tuple[str, str | int | bool]] = []
     errors: list[Invalid] = []
     for key, item in table.items():
-        sub = f".{key}" if ID_RE.fullmatch(key) else f".{json.dumps(key)}"
+        sub = key_part(key)
         if key in PLANNED_PROPS:
             errors.append(Invalid("is set by vmrun", f"use the device's own `{key}` key instead", sub))
         elif not ID_RE.fullmatch(key):
@@ -338,6 +422,8 @@ def props(value: object, ctx: Context) -> tuple[tuple[str, str | int | bool], ..
             )
         elif isinstance(item, str) and "\0" in item:
             errors.append(Invalid("contains a NUL character", "remove it", sub))
+        elif isinstance(item, int) and not isinstance(item, bool) and not PROP_INT_MIN <= item <= PROP_INT_MAX:
+            errors.append(Invalid(f"{shown(item)} does not fit in 64 bits, as QEMU's integer properties do", sub=sub))
         else:
             out.append((key, item))
     if errors:
@@ -455,7 +541,7 @@ class Reader:
                 hint = did_you_mean(name, known) or f"known keys: {', '.join(known)}"
                 if name.lower() in known:
                     hint = f"did you mean {name.lower()!r}? keys are lower case"
-                self.problem(f"{path}.{name}", "unknown key", hint)
+                self.problem(f"{path}{key_part(name)}", "unknown key", hint)
                 continue
             try:
                 values[name] = key.parse(value, self.ctx)
@@ -486,37 +572,57 @@ class Entry:
 
 
 MAX_CONFIG_BYTES = 1 << 20
+FILE_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def not_regular(path: pathlib.Path, mode: int) -> ConfigError | None:
+    if stat.S_ISREG(mode):
+        return None
+    kind = FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+    return ConfigError(str(path), [Problem("", f"is {kind}", "a config is a regular TOML file")])
+
+
+def cannot_read(path: pathlib.Path, e: OSError) -> ConfigError:
+    return ConfigError(str(path), [Problem("", f"cannot read: {e.strerror}", "check the path and its permissions")])
 
 
 def read_text(path: pathlib.Path) -> str:
     """The text of a config: a regular file of at most MAX_CONFIG_BYTES, read without hanging
-    on a FIFO or a device (O_NONBLOCK) and never more than the cap."""
+    on a FIFO or a device and never more than the cap."""
     try:
+        # Looked at before it is opened: opening a device can act by itself (a watchdog
+        # starts counting, a tape rewinds), and vmrun runs as root.
+        if (error := not_regular(path, os.stat(path).st_mode)) is not None:
+            raise error
+        # O_NONBLOCK: should the path become a FIFO after the stat, open and read return
+        # at once instead of waiting for a writer; fstat below then refuses it.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
-        raise ConfigError(
-            str(path),
-            [Problem("", f"cannot read: {e.strerror}", "check the path and its permissions")],
-        ) from None
+        raise cannot_read(path, e) from None
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            what = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device"}
-            kind = what.get(stat.S_IFMT(mode), "not a regular file")
-            raise ConfigError(str(path), [Problem("", f"is {kind}", "a config is a regular TOML file")])
-        data = b""
-        while len(data) <= MAX_CONFIG_BYTES and (chunk := os.read(fd, MAX_CONFIG_BYTES + 1 - len(data))):
-            data += chunk
+        if (error := not_regular(path, os.fstat(fd).st_mode)) is not None:
+            raise error
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_CONFIG_BYTES and (chunk := os.read(fd, MAX_CONFIG_BYTES + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
     except OSError as e:
-        raise ConfigError(str(path), [Problem("", f"cannot read: {e.strerror}")]) from None
+        raise cannot_read(path, e) from None
     finally:
         os.close(fd)
-    if len(data) > MAX_CONFIG_BYTES:
+    if size > MAX_CONFIG_BYTES:
         raise ConfigError(
             str(path), [Problem("", f"is larger than {MAX_CONFIG_BYTES // 1024} KiB", "a VM config is far smaller")]
         )
     try:
-        return data.decode("utf-8")
+        return b"".join(chunks).decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(str(path), [Problem("", f"not UTF-8 text: {e.reason} at byte {e.start}")]) from None
 
@@ -536,11 +642,23 @@ def parse(text: str, path: pathlib.Path) -> Config:
         raise ConfigError(
             str(path), [Problem("", "arrays or tables are nested too deeply", "a VM config needs a few levels")]
         ) from None
+    except ValueError:
+        # Not a syntax error: Python refuses to convert a decimal integer this long.
+        raise ConfigError(
+            str(path),
+            [
+                Problem(
+                    "",
+                    f"a number has more than {sys.get_int_max_str_digits()} digits",
+                    "numbers in a VM config have a few digits",
+                )
+            ],
+        ) from None
     reader = Reader(Context(base=path.absolute().parent))
     for name in raw:
         if name not in SECTIONS:
             hint = did_you_mean(name, SECTIONS) or "sections are [vm], [[iommufd]], [[vfio]], [[disk]] and [[net]]"
-            reader.problem(name, "unknown section", hint)
+            reader.problem(key_part(name)[1:], "unknown section", hint)
     vm_raw = raw.get("vm")
     if not isinstance(vm_raw, dict):
         if vm_raw is None:
@@ -571,7 +689,7 @@ def parse(text: str, path: pathlib.Path) -> Config:
 
 def toml_syntax_problem(e: tomllib.TOMLDecodeError) -> Problem:
     # tomllib puts the position in the message: "Expected '=' ... (at line 3, column 7)".
-    m = re.match(r"^(.*) \(at (line \d+, column \d+|end of document)\)$", str(e))
+    m = re.fullmatch(r"(.*) \(at (line \d+, column \d+|end of document)\)", str(e), re.DOTALL)
     message, where = (m.group(1), m.group(2)) if m else (str(e), "")
     return Problem(where, f"TOML syntax error: {message}", "fix the TOML syntax at that position")
 
@@ -624,7 +742,7 @@ def id_problem(section: str, ident: str) -> tuple[str, str] | None:
     """(message, hint) when `ident` cannot be an id of a `section` entry."""
     limit = DISK_ID_MAX if section == "disk" else ID_MAX
     if len(ident) > limit:
-        why = " (vmrun makes QEMU block node names of at most 31 characters from it)" if section == "disk" else ""
+        why = ": vmrun makes QEMU block node names (at most 31 characters) from it" if section == "disk" else ""
         return f"is {len(ident)} characters long, at most {limit}{why}", "pick a shorter id"
     if ident in RESERVED_IDS:
         return f"{shown(ident)} is the id of {RESERVED_IDS[ident]}, which vmrun adds", "pick another id"

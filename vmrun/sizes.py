@@ -11,19 +11,40 @@ GiB = 1024 * MiB
 TiB = 1024 * GiB
 
 _UNITS = {"K": KiB, "M": MiB, "G": GiB, "T": TiB}
-# At most 20 digits in all: more than any real size, few enough that no arithmetic overflows.
-_SIZE = re.compile(r" *([0-9]{1,20}(?:\.[0-9]{1,9})?) *([KMGT])(?:i?B)? *", re.IGNORECASE)
+# ASCII only: under IGNORECASE alone, [KMGT] also matches the Kelvin sign (U+212A) and
+# [iI] a dotted capital I, which are not units.
+_SIZE = re.compile(r" *([0-9]+(?:\.[0-9]+)?) *([KMGT])(?:i?B)? *", re.IGNORECASE | re.ASCII)
+# More digits than any real size (16T is 14 digits in bytes), few enough that the exact
+# arithmetic below stays cheap whatever a config says.
+MAX_DIGITS = 24
+
+
+class SizeError(ValueError):
+    """Why `text` is not a size; `reason` reads after the text: '"8 gigs" is not a size'."""
+
+    def __init__(self, text: str, reason: str) -> None:
+        super().__init__(f"{text!r} {reason}")
+        self.text = text
+        self.reason = reason
+
+
+def is_size_shaped(text: str) -> bool:
+    """Whether `text` is written as a size (a number and a unit), whatever its value."""
+    return _SIZE.fullmatch(text) is not None
 
 
 def parse_size(text: str) -> int:
-    """Bytes in `text`, computed exactly (no float); raises ValueError with the accepted forms."""
+    """Bytes in `text`, computed exactly (no float); raises SizeError (a ValueError)."""
     m = _SIZE.fullmatch(text)
     if not m:
-        raise ValueError(f"{text!r} is not a size")
+        raise SizeError(text, "is not a size")
     number, unit = m.groups()
+    digits = len(number) - ("." in number)
+    if digits > MAX_DIGITS:
+        raise SizeError(text, f"has {digits} digits, at most {MAX_DIGITS}")
     value = Fraction(number) * _UNITS[unit.upper()]
     if value.denominator != 1:
-        raise ValueError(f"{text!r} is not a whole number of bytes")
+        raise SizeError(text, "is not a whole number of bytes")
     return int(value)
 
 
