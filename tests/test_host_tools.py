@@ -118,6 +118,7 @@ def test_check_report_names_each_problem_and_fix(tree: pathlib.Path, tmp_path: p
         "                  fix: vmrun bind 0000:02:00.0",
         "fail  vfio[2]     host=0000:05:00.0 is bound to no driver, not vfio-pci",
         "                  fix: vmrun bind 0000:05:00.0",
+        "ok    vm.user     no other running VM runs as nobody",
         "# cannot launch: 2 failed, 0 warnings",
     ]
 

@@ -178,13 +178,31 @@ def test_qmp_errors_are_clear(launch: Callable[..., Running]) -> None:
         assert message in proc.stderr, (args, proc.stderr)
 
 
+def own_record(vm_dir: pathlib.Path, lock: int, **changes: object) -> None:
+    """A state.json that identifies this very process as the VM's QEMU, holding `lock`."""
+    st = os.fstat(lock)
+    cmdline = pathlib.Path("/proc/self/cmdline").read_bytes().split(b"\0")[:-1]
+    stat = pathlib.Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    record = {
+        "name": vm_dir.name,
+        "pid": os.getpid(),
+        "start_ticks": int(stat[19]),
+        "exe": os.path.realpath("/proc/self/exe"),
+        "argv": [a.decode() for a in cmdline],
+        "lock": [st.st_dev, st.st_ino],
+        "started": time.time(),
+        **changes,
+    }
+    (vm_dir / "state.json").write_text(json.dumps(record))
+
+
 def test_qmp_socket_that_refuses_is_reported(tmp_path: pathlib.Path) -> None:
-    # A VM whose lock is held and whose pid lives, but nothing listens on its socket.
+    # A VM whose lock is held by its proven process, but nothing listens on its socket.
     vm_dir = pathlib.Path(os.environ["VMRUN_STATE_DIR"]) / "delta"
-    vm_dir.mkdir(parents=True)
-    (vm_dir / "state.json").write_text(json.dumps({"name": "delta", "pid": os.getpid(), "started": time.time()}))
+    vm_dir.mkdir(parents=True, mode=0o700)
     lock = os.open(vm_dir / "lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(lock, fcntl.LOCK_EX)
+    own_record(vm_dir, lock)
     dead = socket.socket(socket.AF_UNIX)
     dead.bind(str(vm_dir / "qmp.sock"))
     dead.close()
@@ -199,18 +217,24 @@ def test_qmp_socket_that_refuses_is_reported(tmp_path: pathlib.Path) -> None:
     assert vmrun("ps", "--quiet").stdout == "" and "delta" in vmrun("ps", "--all").stdout
 
 
-def test_lock_held_with_a_reused_pid_is_starting_not_running(tmp_path: pathlib.Path) -> None:
+def test_lock_held_with_a_reused_pid_is_stale_and_not_signalled(tmp_path: pathlib.Path) -> None:
     vm_dir = pathlib.Path(os.environ["VMRUN_STATE_DIR"]) / "epsilon"
-    vm_dir.mkdir(parents=True)
-    # This process started long before "started": the recorded pid names another process now.
-    (vm_dir / "state.json").write_text(json.dumps({"pid": os.getpid(), "started": time.time() - 3600 * 24 * 365}))
+    vm_dir.mkdir(parents=True, mode=0o700)
     lock = os.open(vm_dir / "lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(lock, fcntl.LOCK_EX)
+    # The recorded start time is not this process's: the pid was reused by a later process.
+    own_record(vm_dir, lock, start_ticks=1)
     try:
         vm = state.load("epsilon")
-        assert vm is not None and vm.state == "starting" and vm.process is None
+        assert vm is not None and vm.state == "stale" and vm.process is None
+        own_record(vm_dir, lock, start_ticks=1)
         proc = vmrun("stop", "epsilon")
-        assert proc.returncode == 1 and "VM epsilon is starting" in proc.stderr
+        assert proc.returncode == 1
+        assert proc.stderr.startswith(
+            f"vmrun stop: VM epsilon is not running (stale state: pid {os.getpid()} is a later process than the one"
+            " vmrun started); nothing was signalled"
+        )
+        assert not (vm_dir / "state.json").exists(), "the stale record is removed"
     finally:
         os.close(lock)
 

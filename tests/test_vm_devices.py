@@ -127,9 +127,16 @@ def test_disk_passed_as_fd_to_a_deprivileged_qemu(
     cfg = write(
         tmp_path,
         {"user": "nobody", "args": ["-S"]},
+        # Root-only images reach QEMU only because the config says so (trusted).
         disk=[
-            {"id": "secret", "path": str(root_only_image)},
-            {"id": "ro", "path": str(root_only_image.with_name("other.raw")), "interface": "nvme", "readonly": True},
+            {"id": "secret", "path": str(root_only_image), "trusted": True},
+            {
+                "id": "ro",
+                "path": str(root_only_image.with_name("other.raw")),
+                "interface": "nvme",
+                "readonly": True,
+                "trusted": True,
+            },
         ],
     )
     with running(cfg, state, "dev") as (proc, qmp):
@@ -160,7 +167,7 @@ def test_backing_chain_passed_as_fds_to_a_deprivileged_qemu(
     cfg = write(
         tmp_path,
         {"user": "nobody", "args": ["-S"]},
-        disk=[{"id": "root", "path": str(d / "top.qcow2"), "format": "qcow2"}],
+        disk=[{"id": "root", "path": str(d / "top.qcow2"), "format": "qcow2", "trusted": True}],
     )
     with running(cfg, state, "dev") as (proc, qmp):
         nodes = {n["node-name"]: n for n in qmp.run("query-named-block-nodes")}

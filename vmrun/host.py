@@ -115,7 +115,7 @@ class HostFacts:
     launcher: Launcher
     # vm.kernel / vm.initrd -> why QEMU's user cannot read it; QEMU opens them by path itself
     unreadable: dict[str, str] = attrs.field(factory=dict)
-    state_base: str = "/run/vmrun"
+    state_base: str | None = "/run/vmrun"  # None: no safe place (see state_base())
     data_base: str = "/var/lib/vmrun"
     uefi: Firmware | None = None
     images: dict[str, ImageFacts] = attrs.field(factory=dict)  # by disk id
@@ -405,14 +405,18 @@ def current_launcher() -> Launcher:
     )
 
 
-def state_base(uid: int) -> str:
-    """Where running VMs keep pid, lock and QMP socket: one directory per VM name."""
+def state_base(uid: int) -> str | None:
+    """Where running VMs keep pid, lock and QMP socket: one directory per VM name.
+
+    None for a user without a runtime directory: a predictable path in a shared /tmp could
+    be made first by someone else.
+    """
     if os.environ.get("VMRUN_STATE_DIR"):
         return os.environ["VMRUN_STATE_DIR"]
     if uid == 0:
         return "/run/vmrun"
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return f"{runtime}/vmrun" if runtime else f"/tmp/vmrun-{uid}"
+    return f"{runtime}/vmrun" if runtime else None
 
 
 def data_base(uid: int) -> str:

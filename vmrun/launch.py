@@ -16,7 +16,6 @@ import json
 import os
 import resource
 import signal
-import socket
 import stat
 import struct
 import termios
@@ -26,6 +25,7 @@ from typing import NoReturn
 
 import attrs
 
+from vmrun import statedir
 from vmrun.errors import LaunchError
 from vmrun.memlock import UNLIMITED
 from vmrun.opener import Opener, become, describe_type, no_new_privs
@@ -96,33 +96,118 @@ def open_error(spec: FdSpec, path: str, e: OSError) -> LaunchError:
     return LaunchError(what + (f" ({path})" if path != spec.path else ""), hints.get(e.errno or 0))
 
 
-def take_lock(plan: Plan, spec: FdSpec) -> int:
-    """Lock the VM's name; the fd goes to QEMU, which so holds the lock until it exits."""
-    assert spec.path is not None
-    try:
-        os.makedirs(plan.state_dir, mode=0o700, exist_ok=True)
-        fd = os.open(spec.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        raise LaunchError(
-            f"cannot create {spec.path}: {e.strerror}", "set VMRUN_STATE_DIR to a writable directory"
-        ) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        pid = read_pid(plan.state_dir)
-        raise LaunchError(
-            f"VM {plan.name} is already running" + (f" (pid {pid})" if pid else ""),
-            f"stop it first (vmrun stop {plan.name}), or give this config another vm.name",
-        ) from None
-    return fd
+class StateDir:
+    """The running VM's directory under the state base, held open as an fd for the launch.
+
+    Everything vmrun makes there (lock, sockets, pid, state.json, the VNC directory) is made
+    through this fd: see statedir for why nothing there is reached through a path.
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.path = plan.state_dir
+        base = os.path.dirname(self.path)
+        try:
+            base_fd = statedir.open_dir(base, create=True, mode=0o755 if os.geteuid() == 0 else 0o700)
+            try:
+                self.fd = statedir.open_subdir(base_fd, base, plan.name, create=True)
+            finally:
+                os.close(base_fd)
+        except statedir.UnsafeDirectory as e:
+            raise LaunchError(e.what, e.hint) from None
+        except OSError as e:
+            raise LaunchError(
+                f"cannot make {self.path}: {e.strerror}", "set VMRUN_STATE_DIR to a writable directory"
+            ) from None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def take_lock(self) -> int:
+        """Lock the VM's name; the fd goes to QEMU, which so holds the lock until it exits."""
+        try:
+            fd = statedir.open_file(self.fd, self.path, "lock", os.O_RDWR | os.O_CREAT)
+        except statedir.UnsafeDirectory as e:
+            raise LaunchError(e.what, e.hint) from None
+        except OSError as e:
+            raise LaunchError(f"cannot create {self.path}/lock: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = self.read_pid()
+            raise LaunchError(
+                f"VM {self.plan.name} is already running" + (f" (pid {pid})" if pid else ""),
+                f"stop it first (vmrun stop {self.plan.name}), or give this config another vm.name",
+            ) from None
+        # Ours now: what the last run left is history. Record this launch before anything
+        # else, so `ps`/`stop` can tell it from a process that only holds the lock.
+        for name in ("pid", "state.json"):
+            statedir.remove(self.fd, name)
+        st = os.fstat(fd)
+        self.lock_id = (st.st_dev, st.st_ino)
+        self.write_state("starting")
+        return fd
+
+    def read_pid(self) -> int | None:
+        try:
+            data = statedir.read_file(self.fd, self.path, "pid", limit=32)
+            return int(data) if data else None
+        except (OSError, ValueError, statedir.UnsafeDirectory):
+            return None
+
+    def listen(self, spec: FdSpec) -> int:
+        assert spec.path is not None
+        try:
+            return statedir.listen_unix(self.fd, self.path, os.path.basename(spec.path))
+        except statedir.UnsafeDirectory as e:
+            raise LaunchError(e.what, e.hint) from None
+        except OSError as e:
+            raise LaunchError(f"cannot create the socket {spec.path} ({spec.purpose}): {e.strerror}") from None
+
+    def vnc_dir(self, spec: FdSpec) -> int:
+        """A directory QEMU's user owns, passed as an fd; QEMU creates its VNC socket there
+        through /proc/self/fd/N. The state directory stays root's alone, so only root can
+        reach the socket by its path."""
+        assert spec.path is not None
+        name = os.path.basename(spec.path)
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=self.fd)
+            fd = os.open(name, statedir.DIR_FLAGS, dir_fd=self.fd)
+        except OSError as e:
+            raise LaunchError(f"cannot make the directory {spec.path} ({spec.purpose}): {e.strerror}") from None
+        owner = self.plan.run_as
+        if owner is not None:
+            os.fchown(fd, owner.uid, owner.gid)
+        os.fchmod(fd, 0o700)
+        return fd
+
+    def write_state(self, phase: str) -> None:
+        """What `vmrun ps` and `vmrun stop` read. The pid is QEMU's, as exec keeps it, and so is
+        the start time in clock ticks: together with the lock they prove which process is the VM."""
+        plan = self.plan
+        state = {
+            "name": plan.name,
+            "config": os.path.abspath(plan.config),
+            "phase": phase,
+            "pid": os.getpid(),
+            "start_ticks": own_start_ticks(),
+            "exe": os.path.realpath(plan.argv[0]),
+            "lock": list(self.lock_id),
+            "started": time.time(),
+            "run_as": plan.run_as.name if plan.run_as else None,
+            "devices": [attrs.asdict(d) for d in plan.passthrough],
+            "argv": plan.argv,
+        }
+        statedir.write_file(self.fd, "pid", f"{os.getpid()}\n".encode())
+        statedir.write_file(self.fd, "state.json", (json.dumps(state, indent=1) + "\n").encode())
 
 
-def read_pid(state_dir: str) -> int | None:
-    try:
-        return int(open(os.path.join(state_dir, "pid")).read().strip())
-    except (OSError, ValueError):
-        return None
+def own_start_ticks() -> int:
+    """This process's start time in clock ticks since boot (/proc/self/stat field 22); exec keeps it."""
+    with open("/proc/self/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
 
 
 def copy_template(template: str, fd: int) -> None:
@@ -171,37 +256,13 @@ def open_file(spec: FdSpec, as_user: Opener) -> int:
 def open_data(plan: Plan, spec: FdSpec) -> int:
     """vmrun's own per-VM file (the default UEFI variable store), made from its template when missing."""
     assert spec.path is not None and spec.template is not None
-    from vmrun import statedir
-
     vm_dir = os.path.dirname(spec.path)
     try:
         return statedir.open_data_copy(os.path.dirname(vm_dir), plan.name, os.path.basename(spec.path), spec.template)
+    except statedir.UnsafeDirectory as e:
+        raise LaunchError(e.what, e.hint) from None
     except OSError as e:
         raise LaunchError(f"cannot make or open {spec.path} ({spec.purpose}): {e.strerror}") from None
-
-
-def open_vnc_dir(plan: Plan, spec: FdSpec) -> int:
-    """A directory in the VM's state directory that QEMU's user owns, passed as an fd.
-
-    QEMU creates its VNC socket there through /proc/self/fd/N: the state directory stays
-    root's alone, so only root can reach the socket by its path.
-    """
-    assert spec.path is not None
-    owner = plan.run_as
-    parent = os.open(os.path.dirname(spec.path), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    name = os.path.basename(spec.path)
-    try:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(name, 0o700, dir_fd=parent)
-        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-    except OSError as e:
-        raise LaunchError(f"cannot make the directory {spec.path} ({spec.purpose}): {e.strerror}") from None
-    finally:
-        os.close(parent)
-    if owner is not None:
-        os.fchown(fd, owner.uid, owner.gid)
-    os.fchmod(fd, 0o700)
-    return fd
 
 
 # <linux/if_tun.h>
@@ -225,56 +286,22 @@ def open_tap(plan: Plan, spec: FdSpec) -> int:
     return fd
 
 
-def listen_unix(spec: FdSpec) -> int:
-    assert spec.path is not None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        # The name is locked by us: a socket file left there is from a VM that is gone.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(spec.path)
-        sock.bind(spec.path)
-        os.chmod(spec.path, 0o600)
-        sock.listen(4)
-    except OSError as e:
-        sock.close()
-        raise LaunchError(f"cannot create the socket {spec.path} ({spec.purpose}): {e.strerror}") from None
-    return sock.detach()
-
-
-def write_state(plan: Plan) -> None:
-    """What `vmrun ps` and `vmrun stop` read; the pid is QEMU's, as exec keeps it."""
-    state = {
-        "name": plan.name,
-        "config": os.path.abspath(plan.config),
-        "pid": os.getpid(),
-        "started": time.time(),
-        "run_as": plan.run_as.name if plan.run_as else None,
-        "devices": [attrs.asdict(d) for d in plan.passthrough],
-        "argv": plan.argv,
-    }
-    for name, text in (("pid", f"{os.getpid()}\n"), ("state.json", json.dumps(state, indent=1) + "\n")):
-        tmp = os.path.join(plan.state_dir, f".{name}.tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(plan.state_dir, name))
-
-
-def open_planned(plan: Plan) -> dict[int, int]:
+def open_planned(plan: Plan, state: StateDir) -> dict[int, int]:
     """Open every planned file; returns {planned number: fd as opened}. All or nothing."""
     opened: dict[int, int] = {}
     with Opener(plan.run_as) as as_user:
-        return open_each(plan, opened, as_user)
+        return open_each(plan, state, opened, as_user)
 
 
-def open_each(plan: Plan, opened: dict[int, int], as_user: Opener) -> dict[int, int]:
+def open_each(plan: Plan, state: StateDir, opened: dict[int, int], as_user: Opener) -> dict[int, int]:
     try:
         # The lock first: a second launch of a running VM must say so, not fail on a busy device.
         for spec in sorted(plan.fds, key=lambda f: f.kind != "lock"):
             if spec.kind == "lock":
-                opened[spec.fd] = take_lock(plan, spec)
+                opened[spec.fd] = state.take_lock()
                 continue
             if spec.kind in ("qmp", "console"):
-                opened[spec.fd] = listen_unix(spec)
+                opened[spec.fd] = state.listen(spec)
                 continue
             if spec.kind == "file":
                 opened[spec.fd] = open_file(spec, as_user)
@@ -283,7 +310,7 @@ def open_each(plan: Plan, opened: dict[int, int], as_user: Opener) -> dict[int, 
                 opened[spec.fd] = open_data(plan, spec)
                 continue
             if spec.kind == "vncdir":
-                opened[spec.fd] = open_vnc_dir(plan, spec)
+                opened[spec.fd] = state.vnc_dir(spec)
                 continue
             if spec.kind == "tap":
                 opened[spec.fd] = open_tap(plan, spec)
@@ -462,10 +489,13 @@ def launch(plan: Plan, execve: Exec = os.execve) -> NoReturn:
         )
     ensure_stdio()
     check_caller_fds(plan)
-    opened = open_planned(plan)
+    state = StateDir(plan)
+    opened = open_planned(plan, state)
+    # Before the fds move: the directory's own fd may sit on a planned number.
+    state.write_state("exec")
+    state.close()
     caller = [f.fd for f in plan.fds if f.kind == "inherited"]
     place_fds(opened, caller)
-    write_state(plan)
     set_memlock(plan.memlock.limit)
     drop_privileges(plan)
     close_other_fds({0, 1, 2, *(f.fd for f in plan.fds)})

@@ -10,6 +10,8 @@ and its lock is free: only then can the same name start again.
 from __future__ import annotations
 
 import json
+import os
+import select
 import signal
 import sys
 import time
@@ -17,7 +19,6 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 import attrs
-import psutil
 
 from vmrun import qmp, state, tables
 from vmrun.sizes import MiB
@@ -131,30 +132,31 @@ class Stopper:
         say: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        assert vm.pid is not None and vm.process is not None
+        assert vm.identity is not None
         self.vm = vm
         self.timeout = timeout
         self.say = say
         self.clock = clock
         self.start = clock()
-        self.started = vm.process.started
-        try:
-            self.proc: psutil.Process | None = psutil.Process(vm.pid)
-        except psutil.NoSuchProcess:
-            self.proc = None
+        # Proven to be the VM's QEMU on a pidfd: every signal goes through it, so a pid
+        # reused after QEMU exits can never be hit.
+        self.pidfd: int | None = state.open_pidfd(vm.identity, vm.identity.lock)
         # Once QMP fails to answer (no greeting: QEMU stopped or hung), later QMP steps
         # would only wait for the same timeout again.
         self.qmp_down: str | None = None
 
     def process_gone(self) -> bool:
-        if self.proc is None:
+        """A pidfd polls readable once its process has exited (a zombie included)."""
+        if self.pidfd is None:
             return True
-        try:
-            if self.proc.status() == psutil.STATUS_ZOMBIE:
-                return True
-            return self.proc.create_time() > self.started + state.START_SLACK
-        except psutil.NoSuchProcess:
-            return True
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
 
     def gone(self) -> bool:
         return self.process_gone() and not state.lock_held(self.vm.lock_file)
@@ -225,13 +227,13 @@ class Stopper:
         return False
 
     def send(self, sig: signal.Signals, budget: float) -> bool:
-        if self.proc is None:
+        if self.pidfd is None:
             return True
         try:
-            self.proc.send_signal(sig)
-        except psutil.NoSuchProcess:
+            signal.pidfd_send_signal(self.pidfd, sig)
+        except ProcessLookupError:
             return self.wait(budget)
-        except psutil.AccessDenied:
+        except PermissionError:
             raise VmError(
                 f"cannot send {sig.name} to pid {self.vm.pid}: permission denied",
                 "run vmrun stop as the user QEMU runs as, or as root",
@@ -282,4 +284,8 @@ def stop(name: str, timeout: float, out: TextIO = sys.stdout) -> str:
         out.write(line + "\n")
         out.flush()
 
-    return Stopper(vm, timeout, say).stop()
+    stopper = Stopper(vm, timeout, say)
+    try:
+        return stopper.stop()
+    finally:
+        stopper.close()

@@ -50,6 +50,7 @@ FdKind = Literal["device", "file", "data", "tap", "inherited", "lock", "qmp", "c
 QMP_CHARDEV = "vmrun-qmp"
 # struct sockaddr_un's sun_path: a socket path that long cannot be connected to.
 SUN_PATH_MAX = 108
+NO_STATE_BASE = "(no state directory)"
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
@@ -436,7 +437,7 @@ class Planner:
 
     @property
     def state_dir(self) -> str:
-        return f"{self.facts.state_base}/{self.config.vm.name}"
+        return f"{self.facts.state_base or NO_STATE_BASE}/{self.config.vm.name}"
 
     def state_fds(self) -> list[tuple[str, ...]]:
         """The lock on the VM's name and its QMP socket, both handed to QEMU as fds.
@@ -445,6 +446,13 @@ class Planner:
         the same name fails and a crashed VM leaves no stale lock; the QMP socket is made
         by vmrun so a de-privileged QEMU needs no writable directory.
         """
+        if self.facts.state_base is None:
+            self.problem(
+                "vm.name",
+                "no directory for the running VM's lock and sockets: XDG_RUNTIME_DIR is not set",
+                "set XDG_RUNTIME_DIR (a login session has it) or VMRUN_STATE_DIR to a directory of yours, "
+                "or run vmrun as root",
+            )
         qmp_path = f"{self.state_dir}/qmp.sock"
         longest = max(len(qmp_path), len(f"{self.state_dir}/console.sock"))
         if longest >= SUN_PATH_MAX:

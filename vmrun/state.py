@@ -1,30 +1,36 @@
-"""The running VMs as the host shows them: one state directory per VM name, read-only.
+"""The running VMs as the host shows them: one state directory per VM name.
 
 `vmrun run` leaves `lock`, `pid`, `state.json` and `qmp.sock` in `<state base>/NAME`, and
-QEMU inherits the lock. So a VM is running exactly while its lock is held and the pid
-recorded for it is alive; a directory whose lock is free is what a stopped VM left behind.
-Nothing here writes: a VM that crashed leaves files, never a stale lock.
+QEMU inherits the lock. A VM is running only while a process is *proven* to be its QEMU:
+it has the pid and the exact start time (in clock ticks) that state.json records, it holds
+the VM's lock in its fd table, and it is the recorded binary. A pid alone proves nothing
+(pids are reused; anyone may flock a file), so nothing is signalled on a pid alone: the
+proof is made on a pidfd, through which every signal then goes.
+
+Everything here is read through directory fds that refuse symlinks (see statedir). The
+only thing written is the removal of a stale record, when the recorded process is not
+the VM's QEMU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
+import signal
 import time
 from typing import Any, Literal
 
 import attrs
 
-from vmrun import config, host
+from vmrun import config, host, statedir
 from vmrun.errors import Failure
 
-State = Literal["running", "starting", "stopped"]
-# A name becomes a directory under the state base: never "." or "..", never a path.
-# The pid in state.json is QEMU's only if that process started before vmrun wrote the file;
-# a process started later reuses the number. Allow for the clock ticks /proc rounds to.
-START_SLACK = 1.0
+# running: proven to be the VM's QEMU; starting: the launching vmrun, before it execs QEMU;
+# stale: the lock is held, but not by the process recorded; stopped: nobody holds the lock.
+State = Literal["running", "starting", "stale", "stopped"]
 
 
 class VmError(Failure):
@@ -51,6 +57,31 @@ class Process:
 
 
 @attrs.frozen
+class Identity:
+    """What state.json records of the launch: enough to prove a process is the VM's QEMU."""
+
+    pid: int
+    start_ticks: int
+    exe: str
+    argv: tuple[str, ...]
+    lock: tuple[int, int]  # st_dev, st_ino of the lock file
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> Identity | None:
+        try:
+            pid, ticks, exe = record["pid"], record["start_ticks"], record["exe"]
+            dev, ino = record["lock"]
+            argv = tuple(str(a) for a in record.get("argv", ()))
+        except (KeyError, TypeError, ValueError):
+            return None
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (pid, ticks, dev, ino)):
+            return None
+        if pid <= 0 or not isinstance(exe, str):
+            return None
+        return cls(pid, ticks, exe, argv, (dev, ino))
+
+
+@attrs.frozen
 class Vm:
     name: str
     state_dir: str
@@ -60,6 +91,8 @@ class Vm:
     run_as: str | None = None
     devices: tuple[str, ...] = ()
     process: Process | None = None
+    why: str = ""  # for stale: why the recorded process is not the VM's QEMU
+    identity: Identity | None = None
 
     @property
     def running(self) -> bool:
@@ -92,7 +125,13 @@ class Vm:
 
 
 def base() -> str:
-    return host.state_base(os.geteuid())
+    where = host.state_base(os.geteuid())
+    if where is None:
+        raise VmError(
+            "no state directory: XDG_RUNTIME_DIR is not set",
+            "set XDG_RUNTIME_DIR or VMRUN_STATE_DIR (as when the VMs were started), or run vmrun as root",
+        )
+    return where
 
 
 def check_name(name: str) -> str:
@@ -101,43 +140,120 @@ def check_name(name: str) -> str:
     return name
 
 
-def lock_held(path: str) -> bool:
-    """Whether someone (QEMU, or a `vmrun run` about to exec it) holds the VM's lock.
+def lock_state(directory: int, dir_path: str) -> tuple[bool, tuple[int, int] | None]:
+    """(held, (st_dev, st_ino)) of the VM's lock file; (False, None) when there is none.
 
     A shared lock that we get means nobody holds the exclusive one; it is released at once
     by closing, so a `vmrun run` racing with us fails only within that instant.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = statedir.open_file(directory, dir_path, "lock", os.O_RDONLY)
     except FileNotFoundError:
-        return False
+        return False, None
     except PermissionError:
         raise VmError(
-            f"cannot read {path}: permission denied",
+            f"cannot read {dir_path}/lock: permission denied",
             "the VMs under this state directory belong to another user; run vmrun as that user or as root",
         ) from None
+    except statedir.UnsafeDirectory as e:
+        raise VmError(e.what, e.hint) from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return True
-        raise
+        st = os.fstat(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return True, (st.st_dev, st.st_ino)
+            raise
     finally:
         os.close(fd)
+    return False, (st.st_dev, st.st_ino)
+
+
+def read_record(directory: int, dir_path: str) -> tuple[dict[str, Any], int | None]:
+    """state.json as a dict ({} when missing or damaged) and its inode."""
+    try:
+        fd = statedir.open_file(directory, dir_path, "state.json", os.O_RDONLY)
+    except (FileNotFoundError, statedir.UnsafeDirectory, PermissionError):
+        return {}, None
+    try:
+        inode = os.fstat(fd).st_ino
+        data = os.read(fd, statedir.MAX_RECORD + 1)
+    finally:
+        os.close(fd)
+    try:
+        record = json.loads(data) if len(data) <= statedir.MAX_RECORD else {}
+    except ValueError:
+        record = {}
+    return (record if isinstance(record, dict) else {}), inode
+
+
+def start_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+
+
+def holds(pid: int, lock: tuple[int, int]) -> bool:
+    """Whether process `pid` has the lock file open (its fd table, /proc/PID/fd)."""
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            st = os.stat(f"/proc/{pid}/fd/{name}")
+            if (st.st_dev, st.st_ino) == lock:
+                return True
     return False
 
 
-def read_json(path: str) -> dict[str, Any]:
+def judge(identity: Identity, lock: tuple[int, int]) -> tuple[State, str]:
+    """Is the recorded process the VM's QEMU ("running"), the vmrun about to exec it
+    ("starting"), or not the VM at all ("stale", with why)?"""
+    pid = identity.pid
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        if start_ticks(pid) != identity.start_ticks:
+            return "stale", f"pid {pid} is a later process than the one vmrun started"
+        if identity.lock != lock:
+            return "stale", "the lock file was replaced since the launch"
+        if not holds(pid, lock):
+            return "stale", f"pid {pid} does not hold the VM's lock"
+        exe = os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = tuple(a.decode(errors="replace") for a in f.read().split(b"\0")[:-1])
+    except FileNotFoundError:
+        return "stale", f"pid {pid} has exited"
+    except PermissionError:
+        raise VmError(
+            f"cannot prove pid {pid} is the VM's QEMU: /proc/{pid} is not readable for vmrun",
+            "run vmrun as root, or as the user QEMU runs as",
+        ) from None
+    # A QEMU run through an interpreter (a script) shows the interpreter as exe: its argv says.
+    if exe == identity.exe or argv == identity.argv:
+        return "running", ""
+    return "starting", ""
 
 
-def process(pid: int, recorded_start: float | None, cpu_interval: float | None = None) -> Process | None:
-    """The live process `pid`, if it is the one vmrun started; None when it is gone."""
+def open_pidfd(identity: Identity, lock: tuple[int, int]) -> int:
+    """A pidfd on the VM's QEMU, proven to be it; VmError when it is not (anymore)."""
+    try:
+        pidfd = os.pidfd_open(identity.pid)
+    except ProcessLookupError:
+        raise VmError(f"pid {identity.pid} has exited") from None
+    # The pidfd pins the process: if the proof holds now, it is about the process the pidfd
+    # names (a reused pid would have another start time).
+    try:
+        verdict, why = judge(identity, lock)
+        if verdict != "running":
+            raise VmError(f"pid {identity.pid} is not the VM's QEMU" + (f": {why}" if why else " yet"))
+        signal.pidfd_send_signal(pidfd, 0)
+    except ProcessLookupError:
+        os.close(pidfd)
+        raise VmError(f"pid {identity.pid} has exited") from None
+    except BaseException:
+        os.close(pidfd)
+        raise
+    return pidfd
+
+
+def process(pid: int, cpu_interval: float | None = None) -> Process | None:
+    """Facts about the process `pid` for display; None when it is gone."""
     import psutil  # not at the top: `vmrun run` imports this module for its errors, and starts fast
 
     try:
@@ -146,8 +262,6 @@ def process(pid: int, recorded_start: float | None, cpu_interval: float | None =
             if proc.status() == psutil.STATUS_ZOMBIE:
                 return None  # exited, not yet reaped by its parent: its fds (and the lock) are closed
             started = proc.create_time()
-            if recorded_start is not None and started > recorded_start + START_SLACK:
-                return None  # the pid was reused by a later process
             try:
                 user: str | None = proc.username()
             except (psutil.AccessDenied, KeyError):
@@ -167,33 +281,65 @@ def process(pid: int, recorded_start: float | None, cpu_interval: float | None =
         return None
 
 
-def load(name: str, state_base: str | None = None, cpu_interval: float | None = None) -> Vm | None:
-    """The VM called `name` as its state directory shows it; None when there is none."""
-    state_dir = os.path.join(state_base or base(), check_name(name))
-    if not os.path.isdir(state_dir):
+def open_vm_dir(name: str, state_base: str) -> int | None:
+    try:
+        base_fd = statedir.open_dir(state_base, create=False)
+    except FileNotFoundError:
         return None
-    held = lock_held(os.path.join(state_dir, "lock"))
-    record = read_json(os.path.join(state_dir, "state.json"))
-    pid = record.get("pid")
-    pid = pid if isinstance(pid, int) and pid > 0 else None
-    started = record.get("started")
-    started = float(started) if isinstance(started, int | float) else None
-    proc = process(pid, started, cpu_interval) if held and pid is not None else None
-    state: State = "stopped"
-    if held:
-        # Held with no live recorded pid: `vmrun run` has the lock and has not yet written
-        # this launch's pid (the file is the last launch's), or exec is under way.
-        state = "running" if proc is not None else "starting"
+    except statedir.UnsafeDirectory as e:
+        raise VmError(e.what, e.hint) from None
+    try:
+        return statedir.open_subdir(base_fd, state_base, name, create=False)
+    except FileNotFoundError:
+        return None
+    except statedir.UnsafeDirectory as e:
+        raise VmError(e.what, e.hint) from None
+    finally:
+        os.close(base_fd)
+
+
+def load(name: str, state_base: str | None = None, cpu_interval: float | None = None) -> Vm | None:
+    """The VM called `name` as its state directory shows it; None when there is none.
+
+    A record whose process is not the VM's QEMU is stale: it is removed, and the VM shows
+    as "stale" (lock held by another process) or "stopped".
+    """
+    where = state_base or base()
+    state_dir = os.path.join(where, check_name(name))
+    directory = open_vm_dir(name, where)
+    if directory is None:
+        return None
+    try:
+        held, lock = lock_state(directory, state_dir)
+        record, inode = read_record(directory, state_dir)
+        identity = Identity.of(record)
+        state: State = "stopped"
+        why = ""
+        if held and lock is not None:
+            if identity is None:
+                state, why = "stale", "state.json does not identify the launch"
+            else:
+                state, why = judge(identity, lock)
+        if record and (state == "stale" or not held):
+            # A record of a VM that is gone, or of a process that is not the VM: history.
+            statedir.remove(directory, "state.json", inode)
+            statedir.remove(directory, "pid")
+    finally:
+        os.close(directory)
+    pid = identity.pid if identity else None
+    proc = process(pid, cpu_interval) if state == "running" and pid is not None else None
     devices = record.get("devices")
     return Vm(
         name=name,
         state_dir=state_dir,
-        state=state,
+        state=state if proc is not None or state != "running" else "stopped",
         pid=pid,
         config=record.get("config") if isinstance(record.get("config"), str) else None,
         run_as=record.get("run_as") if isinstance(record.get("run_as"), str) else None,
         devices=tuple(device_label(d) for d in devices) if isinstance(devices, list) else (),
         process=proc,
+        why=why,
+        identity=identity if state == "running" else None,
     )
 
 
@@ -208,7 +354,7 @@ def all_vms(state_base: str | None = None) -> list[Vm]:
     """Every VM directory under the state base, running or not, by name."""
     root = state_base or base()
     try:
-        names = sorted(os.listdir(root))
+        base_fd = statedir.open_dir(root, create=False)
     except FileNotFoundError:
         return []
     except PermissionError:
@@ -216,12 +362,18 @@ def all_vms(state_base: str | None = None) -> list[Vm]:
             f"cannot list {root}: permission denied",
             "run vmrun as the user who started the VMs, or as root",
         ) from None
+    except statedir.UnsafeDirectory as e:
+        raise VmError(e.what, e.hint) from None
+    try:
+        names = sorted(os.listdir(base_fd))
+    finally:
+        os.close(base_fd)
     out = []
     for name in names:
         try:
             vm = load(name, root)
-        except BadName:
-            continue  # not made by vmrun
+        except (BadName, VmError):
+            continue  # not made by vmrun, or not one vmrun will read: `vmrun status NAME` says why
         if vm is not None and os.path.exists(vm.lock_file):
             out.append(vm)
     return out
@@ -237,10 +389,27 @@ def running(name: str, cpu_interval: float | None = None) -> Vm:
             f"`vmrun ps` lists the running VMs under {where}"
             + ("" if os.environ.get("VMRUN_STATE_DIR") else " (VMRUN_STATE_DIR selects another state directory)"),
         )
+    if vm.state == "stale":
+        raise VmError(
+            f"VM {name} is not running (stale state: {vm.why}); nothing was signalled",
+            f"a process other than its QEMU holds {vm.lock_file} (`fuser {vm.lock_file}` names it); "
+            "the stale record was removed",
+        )
     if vm.state == "starting":
         raise VmError(
-            f"VM {name} is starting: its lock is held but QEMU's pid is not recorded yet",
-            "try again in a moment; if it stays so, a process other than QEMU holds "
-            f"{vm.lock_file} (`fuser {vm.lock_file}` names it)",
+            f"VM {name} is starting: vmrun has its lock and has not yet started QEMU",
+            "try again in a moment",
         )
     return vm
+
+
+def lock_held(lock_file: str) -> bool:
+    """Whether someone holds the lock `<state base>/NAME/lock` (read through directory fds)."""
+    state_dir = os.path.dirname(lock_file)
+    directory = open_vm_dir(os.path.basename(state_dir), os.path.dirname(state_dir))
+    if directory is None:
+        return False
+    try:
+        return lock_state(directory, state_dir)[0]
+    finally:
+        os.close(directory)

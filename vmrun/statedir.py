@@ -1,0 +1,212 @@
+"""vmrun's own directories (running VMs' state, per-VM data, bind records), used only
+through directory fds.
+
+vmrun runs as root and writes there: a symlink planted in place of a directory or a file
+would make it create, truncate or hand to QEMU a file of the attacker's choosing. So the
+base is opened with O_NOFOLLOW and must belong to vmrun's user and be writable by nobody
+else; each directory below it likewise; every file is opened relative to its directory's
+fd with O_NOFOLLOW and checked to be a regular file of ours; writes go to an O_EXCL temp
+file in the same directory, renamed over the target. Nothing here follows a symlink it did
+not create.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import socket
+import stat
+
+from vmrun.errors import Failure
+
+# struct sockaddr_un's sun_path holds 108 bytes with the terminating NUL.
+SUN_PATH_MAX = 108
+MAX_RECORD = 1 << 20  # state.json, bind records: far smaller in practice
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class UnsafeDirectory(Failure):
+    """A directory or file of vmrun's that it will not trust: a symlink, another owner, writable by others."""
+
+
+def describe_mode(st: os.stat_result) -> str:
+    return f"owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}"
+
+
+def symlink_error(path: str) -> UnsafeDirectory:
+    return UnsafeDirectory(
+        f"{path} is a symlink or not a directory: vmrun does not follow links in its own directories",
+        f"remove it (rm {path}); vmrun makes the directory itself",
+    )
+
+
+def check_ours(fd: int, path: str, private: bool) -> None:
+    """The directory at `fd` belongs to vmrun's user and no one else may write into it."""
+    st = os.fstat(fd)
+    me = os.geteuid()
+    if st.st_uid != me:
+        raise UnsafeDirectory(
+            f"{path} belongs to uid {st.st_uid}, not to vmrun's user (uid {me}): {describe_mode(st)}",
+            "remove it so vmrun makes its own, or point VMRUN_STATE_DIR / VMRUN_DATA_DIR at a directory of yours",
+        )
+    if stat.S_IMODE(st.st_mode) & 0o022:
+        raise UnsafeDirectory(
+            f"{path} may be written by others: {describe_mode(st)}",
+            f"chmod go-w {path}",
+        )
+    if private and stat.S_IMODE(st.st_mode) & 0o077:
+        os.fchmod(fd, 0o700)  # ours, and nobody else could write it: just close it to others
+
+
+def open_dir(path: str, create: bool, mode: int = 0o700, private: bool = False) -> int:
+    """An fd on the directory `path` (made with `mode` when missing and `create`), checked."""
+    try:
+        fd = os.open(path, DIR_FLAGS)
+    except FileNotFoundError:
+        if not create:
+            raise
+        parent = os.path.dirname(path.rstrip("/")) or "/"
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, mode)
+        return open_dir(path, create=False, private=private)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise symlink_error(path) from None
+        raise
+    try:
+        check_ours(fd, path, private)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_subdir(parent: int, parent_path: str, name: str, create: bool) -> int:
+    """An fd on `name` under the directory fd `parent`: private (0700) and ours."""
+    path = os.path.join(parent_path, name)
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=parent)
+    try:
+        fd = os.open(name, DIR_FLAGS, dir_fd=parent)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise symlink_error(path) from None
+        raise
+    try:
+        check_ours(fd, path, private=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_file(directory: int, dir_path: str, name: str, flags: int, mode: int = 0o600) -> int:
+    """A regular file of ours in `directory`, never through a symlink, never hanging on a FIFO."""
+    path = os.path.join(dir_path, name)
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY, mode, dir_fd=directory)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafeDirectory(
+                f"{path} is a symlink: vmrun does not follow links in its own directories", f"remove it (rm {path})"
+            ) from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        kind = "a regular file" if stat.S_ISREG(st.st_mode) else "not a regular file"
+        raise UnsafeDirectory(f"{path} is {kind} ({describe_mode(st)}): not one vmrun made", f"remove it (rm {path})")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def read_file(directory: int, dir_path: str, name: str, limit: int = MAX_RECORD) -> bytes | None:
+    """The content of a small file of ours, None when it is missing."""
+    try:
+        fd = open_file(directory, dir_path, name, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        data = os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise UnsafeDirectory(f"{os.path.join(dir_path, name)} is larger than {limit} bytes: not one vmrun wrote")
+    return data
+
+
+def write_file(directory: int, name: str, data: bytes, mode: int = 0o644) -> None:
+    """Replace `name` in `directory` at once: a new file, never one a link points to."""
+    tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=directory)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            f.write(data)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=directory)
+        raise
+
+
+def remove(directory: int, name: str, inode: int | None = None) -> None:
+    """Unlink `name` (the entry itself, never what a link names); with `inode`, only that file."""
+    with contextlib.suppress(FileNotFoundError):
+        if inode is not None and os.stat(name, dir_fd=directory, follow_symlinks=False).st_ino != inode:
+            return  # replaced meanwhile (a launch wrote a fresh one): not the file we judged
+        os.unlink(name, dir_fd=directory)
+
+
+def listen_unix(directory: int, dir_path: str, name: str, backlog: int = 4) -> int:
+    """A listening unix socket `name` in `directory`; its real path must fit sun_path."""
+    path = os.path.join(dir_path, name)
+    if len(os.fsencode(path)) >= SUN_PATH_MAX:
+        raise UnsafeDirectory(
+            f"the socket path {path} is {len(os.fsencode(path))} bytes, over the {SUN_PATH_MAX - 1} a unix socket"
+            " path may have",
+            "use a shorter vm.name or a shorter state directory (VMRUN_STATE_DIR)",
+        )
+    remove(directory, name)  # what is left there is from a VM that is gone: the caller holds the lock
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Bound through the directory fd: no component of the path can be swapped meanwhile.
+        via = f"/proc/self/fd/{directory}/{name}"
+        sock.bind(via)
+        os.chmod(via, 0o600)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock.detach()
+
+
+def open_data_copy(data_base: str, vm_name: str, filename: str, template: str) -> int:
+    """`<data_base>/<vm_name>/<filename>` opened read-write, made from `template` when missing.
+
+    For vmrun's own per-VM files (the default UEFI variable store): the directories are
+    checked as the state directory is, the copy goes through an O_EXCL temp file.
+    """
+    base = open_dir(data_base, create=True, mode=0o755)
+    try:
+        vm_dir = open_subdir(base, data_base, vm_name, create=True)
+    finally:
+        os.close(base)
+    dir_path = os.path.join(data_base, vm_name)
+    try:
+        try:
+            return open_file(vm_dir, dir_path, filename, os.O_RDWR)
+        except FileNotFoundError:
+            pass
+        with open(template, "rb") as src:
+            write_file(vm_dir, filename, src.read(), mode=0o600)
+        return open_file(vm_dir, dir_path, filename, os.O_RDWR)
+    finally:
+        os.close(vm_dir)
