@@ -65,6 +65,7 @@ class Identity:
     exe: str
     argv: tuple[str, ...]
     lock: tuple[int, int]  # st_dev, st_ino of the lock file
+    execed: bool  # the record of the exec (phase "exec"), not of the launch's start
 
     @classmethod
     def of(cls, record: dict[str, Any]) -> Identity | None:
@@ -78,7 +79,7 @@ class Identity:
             return None
         if pid <= 0 or not isinstance(exe, str):
             return None
-        return cls(pid, ticks, exe, argv, (dev, ino))
+        return cls(pid, ticks, exe, argv, (dev, ino), record.get("phase") == "exec")
 
 
 @attrs.frozen
@@ -203,22 +204,29 @@ def holds(pid: int, lock: tuple[int, int]) -> bool:
     return False
 
 
-def judge(identity: Identity, lock: tuple[int, int]) -> tuple[State, str]:
+@attrs.frozen
+class Verdict:
+    state: State
+    why: str = ""
+    final: bool = False  # stale for good: the record can never come true
+
+
+def judge(identity: Identity, lock: tuple[int, int]) -> Verdict:
     """Is the recorded process the VM's QEMU ("running"), the vmrun about to exec it
     ("starting"), or not the VM at all ("stale", with why)?"""
     pid = identity.pid
     try:
         if start_ticks(pid) != identity.start_ticks:
-            return "stale", f"pid {pid} is a later process than the one vmrun started"
+            return Verdict("stale", f"pid {pid} is a later process than the one vmrun started", final=True)
         if identity.lock != lock:
-            return "stale", "the lock file was replaced since the launch"
+            return Verdict("stale", "the lock file was replaced since the launch", final=True)
         if not holds(pid, lock):
-            return "stale", f"pid {pid} does not hold the VM's lock"
+            return Verdict("stale", f"pid {pid} does not hold the VM's lock", final=True)
         exe = os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = tuple(a.decode(errors="replace") for a in f.read().split(b"\0")[:-1])
     except FileNotFoundError:
-        return "stale", f"pid {pid} has exited"
+        return Verdict("stale", f"pid {pid} has exited", final=True)
     except PermissionError:
         raise VmError(
             f"cannot prove pid {pid} is the VM's QEMU: /proc/{pid} is not readable for vmrun",
@@ -226,8 +234,12 @@ def judge(identity: Identity, lock: tuple[int, int]) -> tuple[State, str]:
         ) from None
     # A QEMU run through an interpreter (a script) shows the interpreter as exe: its argv says.
     if exe == identity.exe or argv == identity.argv:
-        return "running", ""
-    return "starting", ""
+        return Verdict("running")
+    if not identity.execed:
+        return Verdict("starting")  # vmrun itself, between taking the lock and exec
+    # The same process started by vmrun, not QEMU: vmrun in its last instant before exec,
+    # or something vmrun's QEMU became. Not the VM either way; the record may still come true.
+    return Verdict("stale", f"pid {pid} runs {exe}, not the recorded {identity.exe}")
 
 
 def open_pidfd(identity: Identity, lock: tuple[int, int]) -> int:
@@ -239,9 +251,9 @@ def open_pidfd(identity: Identity, lock: tuple[int, int]) -> int:
     # The pidfd pins the process: if the proof holds now, it is about the process the pidfd
     # names (a reused pid would have another start time).
     try:
-        verdict, why = judge(identity, lock)
-        if verdict != "running":
-            raise VmError(f"pid {identity.pid} is not the VM's QEMU" + (f": {why}" if why else " yet"))
+        verdict = judge(identity, lock)
+        if verdict.state != "running":
+            raise VmError(f"pid {identity.pid} is not the VM's QEMU" + (f": {verdict.why}" if verdict.why else " yet"))
         signal.pidfd_send_signal(pidfd, 0)
     except ProcessLookupError:
         os.close(pidfd)
@@ -313,15 +325,16 @@ def load(name: str, state_base: str | None = None, cpu_interval: float | None = 
         held, lock = lock_state(directory, state_dir)
         record, inode = read_record(directory, state_dir)
         identity = Identity.of(record)
-        state: State = "stopped"
-        why = ""
+        verdict = Verdict("stopped")
         if held and lock is not None:
             if identity is None:
-                state, why = "stale", "state.json does not identify the launch"
+                verdict = Verdict("stale", "state.json does not identify the launch", final=True)
             else:
-                state, why = judge(identity, lock)
-        if record and (state == "stale" or not held):
-            # A record of a VM that is gone, or of a process that is not the VM: history.
+                verdict = judge(identity, lock)
+        state, why = verdict.state, verdict.why
+        if record and (not held or verdict.final):
+            # A record of a VM that is gone, or of a process that can never be the VM (it
+            # exited, started later, does not hold the lock): history.
             statedir.remove(directory, "state.json", inode)
             statedir.remove(directory, "pid")
     finally:

@@ -1,0 +1,270 @@
+"""vmrun's state and data directories cannot be redirected, and `stop` signals only a
+process proven to be the VM's QEMU. Each test plants what an attacker would."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import REPO, UNPRIVILEGED, is_root, plan_for
+from tests.test_launch import config, host_tree, outdir, run_recorded, run_refused  # noqa: F401
+from vmrun import host, state, statedir
+
+needs_root = pytest.mark.skipif(not is_root(), reason="changing owners needs root")
+
+
+def vmrun(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vmrun.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def base() -> pathlib.Path:
+    path = pathlib.Path(os.environ["VMRUN_STATE_DIR"])
+    path.mkdir(mode=0o700)
+    return path
+
+
+@pytest.fixture
+def target(tmp_path: pathlib.Path) -> pathlib.Path:
+    """Where an attacker's links point: must stay exactly as it is."""
+    d = tmp_path / "target"
+    d.mkdir()
+    (d / "precious").write_text("root's file\n")
+    return d
+
+
+def untouched(target: pathlib.Path) -> None:
+    assert sorted(p.name for p in target.iterdir()) == ["precious"]
+    assert (target / "precious").read_text() == "root's file\n"
+
+
+def test_symlinked_vm_directory_is_refused(
+    base: pathlib.Path, target: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path
+) -> None:
+    (base / "t").symlink_to(target)
+    stderr = run_refused(config(outdir, {"memlock": "off"}), outdir, host_tree)
+    assert f"vmrun: {base}/t is a symlink or not a directory: vmrun does not follow links" in stderr
+    untouched(target)
+    for command in (["ps", "--all"], ["status", "t"], ["stop", "t"]):
+        proc = vmrun(*command)
+        assert "Traceback" not in proc.stderr and "t " not in proc.stdout.split("\n", 1)[-1], (command, proc)
+    untouched(target)
+
+
+def test_symlinked_lock_and_planted_temp_files_are_not_followed(
+    base: pathlib.Path, target: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path
+) -> None:
+    vm_dir = base / "t"
+    vm_dir.mkdir(mode=0o700)
+    (vm_dir / "lock").symlink_to(target / "precious")
+    stderr = run_refused(config(outdir, {"memlock": "off"}), outdir, host_tree)
+    assert f"vmrun: {vm_dir}/lock is a symlink: vmrun does not follow links in its own directories" in stderr
+    untouched(target)
+    # Links where the old launcher wrote its temp files: the launch writes past them.
+    (vm_dir / "lock").unlink()
+    for name in (".pid.tmp", ".state.json.tmp", "qmp.sock", "console.sock"):
+        (vm_dir / name).symlink_to(target / "precious")
+    record, _ = run_recorded(
+        config(outdir, {"memlock": "off", "console": "socket"}), outdir, "--host-root", str(host_tree)
+    )
+    assert record["argv"]
+    untouched(target)
+    assert (vm_dir / "qmp.sock").is_socket() and not (vm_dir / "qmp.sock").is_symlink()
+    assert json.loads((vm_dir / "state.json").read_text())["phase"] == "exec"
+
+
+@needs_root
+def test_base_of_another_owner_or_writable_by_others_is_refused(
+    base: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path
+) -> None:
+    cfg = config(outdir, {"memlock": "off"})
+    shutil.chown(base, "nobody")
+    stderr = run_refused(cfg, outdir, host_tree)
+    assert f"vmrun: {base} belongs to uid 65534, not to vmrun's user (uid 0)" in stderr
+    assert list(base.iterdir()) == []
+    shutil.chown(base, "root")
+    base.chmod(0o777)
+    stderr = run_refused(cfg, outdir, host_tree)
+    assert f"vmrun: {base} may be written by others: owner uid 0, mode 0777" in stderr
+    assert f"hint: chmod go-w {base}" in stderr
+    assert vmrun("ps").returncode == 1
+
+
+def test_no_predictable_state_directory_without_a_runtime_dir(
+    tmp_path: pathlib.Path, standard_host: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VMRUN_STATE_DIR")
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    assert host.state_base(1000) is None
+    assert host.state_base(0) == "/run/vmrun"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    assert host.state_base(1000) == "/run/user/1000/vmrun"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    cfg = tmp_path / "vm.toml"
+    cfg.write_text('[vm]\nname = "t"\nmemory = "64M"\n')
+    p = plan_for(cfg, standard_host, launcher=UNPRIVILEGED)
+    assert [pr.render() for pr in p.problems] == [
+        "vm.name: no directory for the running VM's lock and sockets: XDG_RUNTIME_DIR is not set"
+        " (set XDG_RUNTIME_DIR (a login session has it) or VMRUN_STATE_DIR to a directory of yours,"
+        " or run vmrun as root)"
+    ]
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(state.VmError, match="no state directory: XDG_RUNTIME_DIR is not set"):
+        state.base()
+
+
+def test_socket_path_longer_than_sun_path_is_a_plan_problem(
+    tmp_path: pathlib.Path, standard_host: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VMRUN_STATE_DIR", "/run/" + "x" * 90)
+    cfg = tmp_path / "vm.toml"
+    cfg.write_text('[vm]\nname = "t"\nmemory = "64M"\n')
+    problems = [pr.render() for pr in plan_for(cfg, standard_host).problems]
+    assert problems == [
+        f"vm.name: the VM's socket paths under /run/{'x' * 90}/t are 110 bytes, over the 107 a unix socket path"
+        " may have (use a shorter vm.name or a shorter state directory (VMRUN_STATE_DIR))"
+    ]
+
+
+def test_fifo_as_lock_does_not_hang(base: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
+    (base / "t").mkdir(mode=0o700)
+    os.mkfifo(base / "t" / "lock")
+    start = time.monotonic()
+    assert vmrun("ps", "--all").returncode == 0
+    assert "is not a regular file" in vmrun("status", "t").stderr
+    assert "is not a regular file" in run_refused(config(outdir, {"memlock": "off"}), outdir, host_tree)
+    assert time.monotonic() - start < 15
+
+
+def test_data_copy_does_not_follow_planted_links(tmp_path: pathlib.Path, target: pathlib.Path) -> None:
+    data = tmp_path / "data"
+    template = tmp_path / "template.fd"
+    template.write_bytes(b"VARS" * 1024)
+    (data / "vm").mkdir(parents=True, mode=0o700)
+    (data / "vm" / "OVMF_VARS.fd").symlink_to(target / "precious")
+    with pytest.raises(statedir.UnsafeDirectory, match="is a symlink"):
+        statedir.open_data_copy(str(data), "vm", "OVMF_VARS.fd", str(template))
+    untouched(target)
+    (data / "vm" / "OVMF_VARS.fd").unlink()
+    for pid in (os.getpid(), os.getpid() + 1):
+        (data / "vm" / f"OVMF_VARS.fd.{pid}.tmp").symlink_to(target / "precious")
+    fd = statedir.open_data_copy(str(data), "vm", "OVMF_VARS.fd", str(template))
+    os.close(fd)
+    assert (data / "vm" / "OVMF_VARS.fd").read_bytes() == template.read_bytes()
+    assert (data / "vm" / "OVMF_VARS.fd").stat().st_mode & 0o777 == 0o600
+    untouched(target)
+    # A VM directory someone else may write into is not used.
+    (data / "other").mkdir(mode=0o777)
+    (data / "other").chmod(0o777)
+    with pytest.raises(statedir.UnsafeDirectory, match="may be written by others"):
+        statedir.open_data_copy(str(data), "other", "OVMF_VARS.fd", str(template))
+
+
+@pytest.fixture
+def flock_sleeper(base: pathlib.Path) -> Iterator[tuple[subprocess.Popen[bytes], pathlib.Path]]:
+    """`flock -x lock sleep 300`: an unrelated process that holds the VM's lock."""
+    vm_dir = base / "t"
+    vm_dir.mkdir(mode=0o700)
+    lock = vm_dir / "lock"
+    lock.touch()
+    proc = subprocess.Popen(["flock", "-x", str(lock), "sleep", "300"])
+    deadline = time.monotonic() + 10
+    while not state.lock_held(str(lock)):
+        assert time.monotonic() < deadline, "flock did not take the lock"
+        time.sleep(0.02)
+    yield proc, vm_dir
+    proc.kill()
+    proc.wait()
+
+
+def sleep_pid(flock: subprocess.Popen[bytes]) -> int:
+    """The `sleep` that flock runs (and that holds the lock fd), a child of flock."""
+    deadline = time.monotonic() + 10
+    while True:
+        children = pathlib.Path(f"/proc/{flock.pid}/task/{flock.pid}/children").read_text().split()
+        if children:
+            return int(children[0])
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def start_ticks(pid: int) -> int:
+    return int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def write_record(vm_dir: pathlib.Path, pid: int, **fields: object) -> None:
+    st = (vm_dir / "lock").stat()
+    record = {
+        "name": "t",
+        "phase": "exec",
+        "pid": pid,
+        "start_ticks": start_ticks(pid),
+        "exe": "/usr/bin/qemu-system-x86_64",
+        "argv": ["/usr/bin/qemu-system-x86_64", "-name", "guest=t"],
+        "lock": [st.st_dev, st.st_ino],
+        **fields,
+    }
+    (vm_dir / "state.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(
+    "forged, why",
+    [
+        ({"start_ticks": 1}, "is a later process than the one vmrun started"),
+        ({}, "runs /usr/bin/sleep, not the recorded /usr/bin/qemu-system-x86_64"),
+        ({"lock": [1, 2]}, "the lock file was replaced since the launch"),
+    ],
+    ids=["reused-pid", "not-qemu", "other-lock"],
+)
+def test_stop_never_signals_a_process_that_is_not_the_vms_qemu(
+    flock_sleeper: tuple[subprocess.Popen[bytes], pathlib.Path], forged: dict[str, object], why: str
+) -> None:
+    flock, vm_dir = flock_sleeper
+    victim = sleep_pid(flock)
+    write_record(vm_dir, victim, **forged)
+    for command in (["stop", "t", "--timeout", "2"], ["status", "t"], ["qmp", "t", "quit"]):
+        proc = vmrun(*command)
+        assert proc.returncode == 1, (command, proc.stdout, proc.stderr)
+        assert f"VM t is not running (stale state: pid {victim} {why}" in proc.stderr or why in proc.stderr, proc.stderr
+        assert "nothing was signalled" in proc.stderr
+        assert flock.poll() is None and pathlib.Path(f"/proc/{victim}").exists(), "the unrelated process was hit"
+        if forged:  # a record that can never come true is removed; the next command finds none
+            write_record(vm_dir, victim, **forged)
+
+
+def test_a_live_process_without_the_lock_is_not_the_vm(
+    flock_sleeper: tuple[subprocess.Popen[bytes], pathlib.Path],
+) -> None:
+    flock, vm_dir = flock_sleeper
+    bystander = subprocess.Popen(["sleep", "300"])
+    try:
+        write_record(vm_dir, bystander.pid, exe=os.path.realpath("/usr/bin/sleep"))
+        proc = vmrun("stop", "t", "--timeout", "2")
+        assert proc.returncode == 1
+        assert f"stale state: pid {bystander.pid} does not hold the VM's lock); nothing was signalled" in proc.stderr
+        assert bystander.poll() is None
+        assert not (vm_dir / "state.json").exists(), "the stale record is removed"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_lock_held_by_a_process_that_wrote_no_record(
+    flock_sleeper: tuple[subprocess.Popen[bytes], pathlib.Path],
+) -> None:
+    flock, vm_dir = flock_sleeper
+    (vm_dir / "state.json").write_text(json.dumps({"pid": flock.pid, "started": time.time()}))
+    proc = vmrun("stop", "t")
+    assert proc.returncode == 1 and "state.json does not identify the launch" in proc.stderr
+    assert flock.poll() is None
