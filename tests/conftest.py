@@ -73,3 +73,31 @@ def private_dirs(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+@pytest.fixture
+def outdir() -> Iterator[pathlib.Path]:
+    """A directory for a launch's QEMU stand-in and its record.
+
+    QEMU may run as nobody: its stand-in and its record must be where nobody can reach,
+    which neither pytest's temporary directories (mode 0700) nor a checkout under a 0700
+    home directory are.
+    """
+    d = pathlib.Path(tempfile.mkdtemp(prefix="vmrun-test-"))
+    d.chmod(0o777)
+    shutil.copy(REPO / "tests" / "fake-qemu", d / "fake-qemu")
+    (d / "fake-qemu").chmod(0o755)
+    yield d
+    shutil.rmtree(d)
+
+
+@pytest.fixture
+def host_tree(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A host with two devices bound to vfio-pci, each with its cdev."""
+    spec = fakehost.FakeHost(
+        devices=(
+            fakehost.FakePci("0000:01:00.0", cdev=0),
+            fakehost.FakePci("0000:02:00.0", group=2, cdev=1),
+        )
+    )
+    return fakehost.build(tmp_path_factory.mktemp("host"), spec)

@@ -13,10 +13,8 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import termios
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -43,30 +41,6 @@ def vmrun(*args: str, redirects: str = "", env: dict[str, str] | None = None) ->
         env=env,
         timeout=120,
     )
-
-
-@pytest.fixture
-def outdir() -> Iterator[pathlib.Path]:
-    # QEMU may run as nobody: its stand-in and its record must be where nobody can reach,
-    # which neither pytest's temporary directories (mode 0700) nor a checkout under a
-    # 0700 home directory are.
-    d = pathlib.Path(tempfile.mkdtemp(prefix="vmrun-test-"))
-    d.chmod(0o777)
-    shutil.copy(FAKE_QEMU, d / "fake-qemu")
-    (d / "fake-qemu").chmod(0o755)
-    yield d
-    shutil.rmtree(d)
-
-
-@pytest.fixture
-def host_tree(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    spec = fakehost.FakeHost(
-        devices=(
-            fakehost.FakePci("0000:01:00.0", cdev=0),
-            fakehost.FakePci("0000:02:00.0", group=2, cdev=1),
-        )
-    )
-    return fakehost.build(tmp_path_factory.mktemp("host"), spec)
 
 
 def config(outdir: pathlib.Path, vm: dict[str, Any], **sections: Any) -> pathlib.Path:

@@ -3,7 +3,6 @@ process proven to be the VM's QEMU. Each test plants what an attacker would."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import pathlib
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import REPO, UNPRIVILEGED, is_root, plan_for
-from tests.test_launch import config, host_tree, outdir, run_recorded, run_refused  # noqa: F401
+from tests.test_launch import config, run_recorded, run_refused
 from vmrun import host, state, statedir
 
 needs_root = pytest.mark.skipif(not is_root(), reason="changing owners needs root")
@@ -248,6 +247,7 @@ def test_a_live_process_without_the_lock_is_not_the_vm(
 ) -> None:
     flock, vm_dir = flock_sleeper
     bystander = subprocess.Popen(["sleep", "300"])
+    assert flock.poll() is None
     try:
         write_record(vm_dir, bystander.pid, exe=os.path.realpath("/usr/bin/sleep"))
         proc = vmrun("stop", "t", "--timeout", "2")
