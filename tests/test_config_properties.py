@@ -1,7 +1,8 @@
 """Properties that no input may break, checked with hypothesis.
 
 1. Any text or bytes given as a config gives a Config or a ConfigError, never another
-   exception (a traceback is a bug: vmrun runs as root and must fail cleanly).
+   exception (a traceback is a bug: vmrun runs as root and must fail cleanly), and every
+   message line is printable ASCII, so nothing of a config acts on the terminal.
 2. Any valid config's command line, split back by QEMU's own option rules (a ',' ends a
    property, ',,' is a literal comma), gives exactly the options and properties the config
    states: no value can smuggle in a property or an option.
@@ -24,14 +25,18 @@ from tests.conftest import plan_for
 from vmrun import config
 from vmrun.errors import ConfigError
 from vmrun.model import Config
+from vmrun.sizes import parse_size
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-# TOML values of every kind, nested, with the characters that broke validation before.
+# TOML values of every kind, nested, with the characters and numbers that broke validation before.
 scalars = st.one_of(
     st.text(alphabet=st.characters(codec="utf-8"), max_size=12),
-    st.sampled_from(["t\n", "\x00", "q35\n", "0.5K", "9" * 400 + "G", "999999999999999999999T", "../x", ".."]),
+    st.sampled_from(
+        ["t\n", "\x00", "q35\n", "0.5K", "9" * 400 + "G", "999999999999999999999T", "../x", "..", "1\u212a", "\x1b[2J"]
+    ),
     st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.integers(min_value=-(10**1000), max_value=10**1000),
     st.booleans(),
     st.floats(allow_nan=False),
 )
@@ -40,8 +45,9 @@ values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
-KEYS = [k.name for k in (*config.VM_KEYS, *config.VFIO_KEYS, *config.DISK_KEYS, *config.NET_KEYS)]
-tables = st.dictionaries(st.sampled_from([*KEYS, "bogus"]), values, max_size=8)
+KEYS = [k.name for k in (*config.VM_KEYS, *config.IOMMUFD_KEYS, *config.VFIO_KEYS, *config.DISK_KEYS, *config.NET_KEYS)]
+keys = st.one_of(st.sampled_from([*KEYS, "bogus"]), st.text(max_size=8))
+tables = st.dictionaries(keys, values, max_size=8)
 documents = st.fixed_dictionaries(
     {},
     optional={
@@ -53,13 +59,17 @@ documents = st.fixed_dictionaries(
         "extra": values,
     },
 )
+VALID = '[vm]\nname = "t"\nmemory = "64M"\n'
 
 
 def parse_or_error(text: str) -> None:
     try:
         assert isinstance(config.parse(text, pathlib.Path("fuzz.toml")), Config)
     except ConfigError as e:
-        assert e.problems and all(line.startswith("fuzz.toml: ") for line in e.lines())
+        assert e.problems
+        for line in e.lines():
+            assert line.startswith("fuzz.toml: ")
+            assert line.isascii() and line.isprintable(), line
 
 
 @FUZZ
@@ -74,9 +84,44 @@ def test_any_toml_document_gives_a_config_or_a_config_error(document: dict[str, 
     parse_or_error(tomli_w.dumps(document))
 
 
+@st.composite
+def nested(draw: st.DrawFn) -> str:
+    """Arrays and inline tables nested up to far deeper than tomllib's recursion can go."""
+    depth = draw(st.one_of(st.integers(0, 100), st.sampled_from([998, 999, 1000, 1001, 5000, 12_000])))
+    opener = draw(st.sampled_from(["[", "{a=", "[{a="]))
+    closer = {"[": "]", "{a=": "}", "[{a=": "}]"}[opener]
+    return opener * depth + draw(st.sampled_from(["1", '"x"', "[]"])) + closer * depth
+
+
+# Python converts at most 4300 decimal digits to an int; hex has no such limit.
+lengths = st.one_of(st.integers(1, 30), st.sampled_from([4300, 4301, 6000]))
+numbers = st.one_of(
+    lengths.map(lambda n: "9" * n),
+    lengths.map(lambda n: "-" + "1" * n),
+    lengths.map(lambda n: "0x" + "f" * n),
+    lengths.map(lambda n: "1." + "5" * n + "e999"),
+)
+
+
 @FUZZ
-@given(st.binary(max_size=200))
-def test_any_file_gives_a_config_or_a_config_error(data: bytes) -> None:
+@given(
+    st.sampled_from(["x", "vm.name", "vm.cpus", "vm.memory", "vm.args", "vm.env", "vfio.props", "net.forwards"]),
+    st.one_of(nested(), numbers),
+)
+def test_deep_and_huge_values_give_a_config_error(where: str, value: str) -> None:
+    section, _, key = where.rpartition(".")
+    if section == "vfio":
+        text = VALID + f'[[vfio]]\nid = "v"\nhost = "01:00.0"\n{key} = {value}\n'
+    elif section == "net":
+        text = VALID + f'[[net]]\nid = "n"\n{key} = {value}\n'
+    elif section == "vm":
+        text = "[vm]\n" + f"{key} = {value}\n"
+    else:
+        text = f"{key} = {value}\n" + VALID
+    parse_or_error(text)
+
+
+def load_or_error(data: bytes) -> None:
     with tempfile.NamedTemporaryFile(suffix=".toml") as f:
         f.write(data)
         f.flush()
@@ -84,6 +129,20 @@ def test_any_file_gives_a_config_or_a_config_error(data: bytes) -> None:
             config.load(f.name)
         except ConfigError as e:
             assert e.problems
+            assert all(line.isascii() and line.isprintable() for line in e.lines())
+
+
+@FUZZ
+@given(st.binary(max_size=200))
+def test_any_file_gives_a_config_or_a_config_error(data: bytes) -> None:
+    load_or_error(data)
+
+
+@FUZZ
+@given(st.integers(0, len(VALID)), st.binary(min_size=1, max_size=6))
+def test_a_valid_file_with_bytes_spliced_in_gives_a_config_or_a_config_error(at: int, junk: bytes) -> None:
+    data = VALID.encode()
+    load_or_error(data[:at] + junk + data[at:])
 
 
 def qemu_split(value: str) -> list[tuple[str, str | None]]:
@@ -109,26 +168,27 @@ def qemu_split(value: str) -> list[tuple[str, str | None]]:
     return out
 
 
-# Options of vmrun's command lines that take a value; the rest are flags.
-WITH_VALUE = {
-    "-name", "-machine", "-accel", "-cpu", "-m", "-smp", "-display", "-serial", "-kernel", "-initrd", "-append",
-    "-device", "-object", "-netdev", "-chardev", "-blockdev", "-add-fd", "-mon", "-vnc", "-sandbox",
-}  # fmt: skip
+def test_qemu_split() -> None:
+    assert qemu_split("vfio-pci,id=a,romfile=x,,y=z,,,x-vga=on") == [
+        ("vfio-pci", None),
+        ("id", "a"),
+        ("romfile", "x,y=z,"),
+        ("x-vga", "on"),
+    ]
 
 
-def options(argv: list[str]) -> list[tuple[str, str | None]]:
-    """argv (after the binary) as QEMU reads it: each option with its value."""
+KEYVAL_OPTIONS = ("-device", "-object", "-netdev", "-blockdev", "-chardev", "-add-fd")
+
+
+def options(plan_options: tuple[tuple[str, ...], ...], argv: list[str]) -> list[tuple[str, str | None]]:
+    """The command line as QEMU reads it: each option with its value. QEMU knows from its own
+    table which options take a value; the plan's grouping of argv stands in for that table,
+    checked against argv itself."""
+    assert [arg for opt in plan_options for arg in opt] == argv
     out: list[tuple[str, str | None]] = []
-    i = 1
-    while i < len(argv):
-        opt = argv[i]
-        assert opt.startswith("-"), f"{opt!r} is not an option: a value escaped into its own argument"
-        if opt in WITH_VALUE:
-            out.append((opt, argv[i + 1]))
-            i += 2
-        else:
-            out.append((opt, None))
-            i += 1
+    for opt in plan_options[1:]:
+        assert opt[0].startswith("-") and len(opt) <= 2, f"{opt!r}: a value escaped into its own argument"
+        out.append((opt[0], opt[1] if len(opt) == 2 else None))
     return out
 
 
@@ -138,42 +198,106 @@ def prop_text(value: str | int | bool) -> str:
     return str(value)
 
 
-hostile = st.text(alphabet=st.sampled_from(list("ab,=: ;'\"\\-x")), min_size=1, max_size=10)
-prop_values = st.one_of(hostile, st.integers(-5, 5), st.booleans())
-prop_names = st.sampled_from(["x-vga", "rombar", "romfile", "x-opt", "multifunction"])
+def keys_once(split: list[tuple[str, str | None]]) -> bool:
+    # hostfwd is the one property QEMU takes more than once (one per forward).
+    names = [k for k, _ in split[1:] if k != "hostfwd"]
+    return len(names) == len(set(names))
+
+
+# Values that QEMU's option syntax is made of: a comma ends a property, '=' starts a value.
+hostile = st.text(alphabet=st.sampled_from(list("ab,=: ;'\"\\-x.")), min_size=1, max_size=10)
+not_dots = hostile.filter(lambda t: t.strip(".") != "")
+prop_values = st.one_of(hostile, st.just(""), st.integers(-(2**63), 2**64 - 1), st.booleans())
+prop_names = st.from_regex(config.ID_RE, fullmatch=True).filter(
+    lambda n: len(n) <= 20 and n not in config.PLANNED_PROPS
+)
+ids = st.from_regex(r"[A-Za-z][A-Za-z0-9_.-]{0,21}", fullmatch=True).filter(
+    lambda i: i not in config.RESERVED_IDS and not config.BACKING_NODE_RE.fullmatch(i)
+)
+names = st.from_regex(config.NAME_RE, fullmatch=True)
 BOUND = ["0000:01:00.0", "0000:02:00.0", "0000:03:00.0", "0000:05:00.0"]
 
 
 @st.composite
+def mac_addresses(draw: st.DrawFn) -> str:
+    octets = [draw(st.integers(0, 127)) * 2, *draw(st.lists(st.integers(0, 255), min_size=5, max_size=5))]
+    return ":".join(f"{o:02X}" for o in octets)
+
+
+@st.composite
+def forwards(draw: st.DrawFn) -> str:
+    proto = draw(st.sampled_from(["", "tcp:", "udp:"]))
+    address = draw(st.one_of(st.just(""), st.ip_addresses(v=4).map(lambda a: f"{a}:")))
+    return f"{proto}{address}{draw(st.integers(1, 65535))}:{draw(st.integers(1, 65535))}"
+
+
+@st.composite
 def valid_configs(draw: st.DrawFn) -> dict[str, Any]:
-    objects: list[dict[str, Any]] = [{"id": f"iommufd{i}"} for i in range(draw(st.integers(0, 2)))]
-    hosts = draw(st.lists(st.sampled_from(BOUND), unique=True, max_size=4))
+    counts = [draw(st.integers(0, n)) for n in (2, 4, 2, 2)]
+    unique = iter(draw(st.lists(ids, min_size=sum(counts), max_size=sum(counts), unique=True)))
+    objects: list[dict[str, Any]] = [{"id": next(unique)} for _ in range(counts[0])]
+    hosts = iter(draw(st.permutations(BOUND)))
+    fds = iter(draw(st.permutations(range(10, 20))))
     vfio = []
-    for i, host in enumerate(hosts):
-        dev: dict[str, Any] = {"id": f"dev{i}", "host": host}
-        use_object: bool = draw(st.booleans())
-        if objects and use_object:
+    for _ in range(counts[1]):
+        dev: dict[str, Any] = {"id": next(unique)}
+        source = draw(st.sampled_from(["host", "sysfsdev", "fd"] if objects else ["host", "sysfsdev"]))
+        if source == "host":
+            dev["host"] = next(hosts)
+        elif source == "sysfsdev":
+            dev["sysfsdev"] = "/sys/devices/" + draw(not_dots)
+            dev["driver"] = draw(st.sampled_from(["vfio-pci", "vfio-platform"]))
+        else:
+            dev["fd"] = next(fds)
+        if objects and (source == "fd" or draw(st.booleans())):
             dev["iommufd"] = draw(st.sampled_from(objects))["id"]
         props = draw(st.dictionaries(prop_names, prop_values, max_size=3))
         if props:
             dev["props"] = props
         vfio.append(dev)
+    disks = []
+    for _ in range(counts[2]):
+        disk: dict[str, Any] = {"id": next(unique), "path": draw(not_dots) + ".raw"}
+        disk["interface"] = draw(st.sampled_from(["virtio-blk", "nvme", "scsi"]))
+        disk["trusted"] = draw(st.booleans())
+        if draw(st.booleans()):
+            disk["serial"] = draw(st.from_regex(config.SERIAL_RE, fullmatch=True))
+        disks.append(disk)
     nets = []
-    for i in range(draw(st.integers(0, 2))):
-        ports = draw(st.lists(st.tuples(st.integers(1, 65535), st.integers(1, 65535)), max_size=3))
-        nets.append({"id": f"net{i}", "forwards": [f"tcp:{h}:{g}" for h, g in ports]})
-    vm: dict[str, Any] = {"name": "prop", "memory": f"{draw(st.integers(1, 4096))}M", "accel": "tcg"}
+    for _ in range(counts[3]):
+        net: dict[str, Any] = {"id": next(unique), "forwards": draw(st.lists(forwards(), max_size=3))}
+        if draw(st.booleans()):
+            net["mac"] = draw(mac_addresses())
+        nets.append(net)
+    vm: dict[str, Any] = {
+        "name": draw(names),
+        "memory": draw(st.sampled_from(["{}M", "{}K"])),
+        "accel": draw(st.sampled_from(["tcg", "kvm"])),
+        "machine": draw(st.sampled_from(["q35", "pc", "pc-q35-8.2"])),
+        "sandbox": draw(st.booleans()),
+        "env": draw(st.dictionaries(st.from_regex(config.ENV_NAME_RE, fullmatch=True), hostile, max_size=2)),
+    }
+    vm["env"] = {k: v for k, v in vm["env"].items() if k not in config.ENV_RESERVED}
+    mib = draw(st.integers(1, 16 * 1024 * 1024))
+    vm["memory"] = vm["memory"].format(mib if vm["memory"].endswith("M") else mib * 1024)
     if draw(st.booleans()):
-        vm["kernel"] = "/boot/" + draw(hostile)
+        vm["kernel"] = "/boot/" + draw(not_dots)
         vm["append"] = draw(hostile)
-    return {"vm": vm, "iommufd": objects, "vfio": vfio, "net": nets}
+    return {"vm": vm, "iommufd": objects, "vfio": vfio, "disk": disks, "net": nets}
 
 
 @pytest.fixture(scope="module")
 def host_and_dir() -> Iterator[tuple[pathlib.Path, pathlib.Path]]:
+    # Built once for the module: hypothesis runs every example in one call of the test.
     with tempfile.TemporaryDirectory() as d:
         root = fakehost.build(pathlib.Path(d) / "host", fakehost.STANDARD)
         yield root, pathlib.Path(d)
+
+
+def the_one(split_options: list[list[tuple[str, str | None]]], ident: str) -> list[tuple[str, str | None]]:
+    found = [s for s in split_options if ("id", ident) in s]
+    assert len(found) == 1, (ident, found)
+    return found[0]
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -184,25 +308,69 @@ def test_argv_split_back_gives_exactly_the_configs_options(
     root, directory = host_and_dir
     path = directory / "vm.toml"
     path.write_text(tomli_w.dumps(data))
+    for disk in data["disk"]:
+        (directory / disk["path"]).write_bytes(b"")
     cfg = config.load(path)
-    argv = plan_for(path, root).argv
-    opts = options(argv)
-    devices = {dict(qemu_split(v))["id"]: qemu_split(v) for o, v in opts if o == "-device" and v}
+    plan = plan_for(path, root)
+    opts = options(plan.options, plan.argv)
+    split = {opt: [qemu_split(v) for o, v in opts if o == opt and v is not None] for opt in KEYVAL_OPTIONS}
+    for parts in (p for splits in split.values() for p in splits):
+        assert keys_once(parts), parts
+    devices = split["-device"]
+
     for dev in cfg.vfio:
         expected: list[tuple[str, str | None]] = [(dev.driver, None), ("id", dev.id)]
-        if dev.iommufd is not None:
-            fd = dict(devices[dev.id])["fd"]
+        got = the_one(devices, dev.id)
+        if dev.fd is not None:
+            expected += [("fd", str(dev.fd)), ("iommufd", dev.iommufd)]
+        elif dev.iommufd is not None:
+            fd = dict(got)["fd"]
             assert fd is not None and fd.isdigit()
             expected += [("fd", fd), ("iommufd", dev.iommufd)]
-        else:
+        elif dev.host is not None:
             expected.append(("host", dev.host))
+        else:
+            expected.append(("sysfsdev", dev.sysfsdev))
         expected += [(k, prop_text(v)) for k, v in dev.props]
-        assert sorted(devices[dev.id], key=str) == sorted(expected, key=str), argv
-    objects = [qemu_split(v) for o, v in opts if o == "-object" and v]
-    assert [dict(o)["id"] for o in objects] == [o.id for o in cfg.iommufd]
-    netdevs = [qemu_split(v) for o, v in opts if o == "-netdev" and v]
-    for net, netdev in zip(cfg.net, netdevs, strict=True):
+        assert sorted(got, key=str) == sorted(expected, key=str), plan.argv
+
+    assert [dict(o)["id"] for o in split["-object"]] == [o.id for o in cfg.iommufd]
+
+    for disk in cfg.disk:
+        disk_device = dict(the_one(devices, disk.id))
+        if disk.serial is not None:
+            assert disk_device["serial"] == disk.serial
+        assert not any(str(disk.path) in arg for arg in plan.argv)  # images go to QEMU as fds
+
+    netdevs = split["-netdev"]
+    for net in cfg.net:
+        netdev = the_one(netdevs, net.id)
         assert netdev == [("user", None), ("id", net.id), *[("hostfwd", f.hostfwd()) for f in net.forwards]]
+        nic = dict(the_one(devices, net.id))
+        assert nic["netdev"] == net.id
+        if net.mac is not None:
+            assert nic["mac"] == net.mac.lower()
+
+    assert sum(o == "-name" for o, _ in opts) == 1
+    [name] = [qemu_split(v) for o, v in opts if o == "-name" and v is not None]
+    assert [v for k, v in name if k == "guest"] == [cfg.vm.name]
+    [machine] = [qemu_split(v) for o, v in opts if o == "-machine" and v is not None]
+    assert machine[0] == (cfg.vm.machine, None)
+    [memory] = [qemu_split(v) for o, v in opts if o == "-m" and v is not None]
+    assert [parse_size(v if v is not None else k) for k, v in memory if v is None or k == "size"] == [cfg.vm.memory]
     if cfg.vm.append is not None:
-        assert ("-append", cfg.vm.append) in opts
-        assert ("-kernel", str(cfg.vm.kernel)) in opts
+        assert [v for o, v in opts if o == "-append"] == [cfg.vm.append]
+        assert [v for o, v in opts if o == "-kernel"] == [str(cfg.vm.kernel)]
+    else:
+        assert not any(o in ("-append", "-kernel") for o, _ in opts)
+
+
+def test_valid_configs_are_valid() -> None:
+    """The generator above only makes configs the parser accepts, or the property proves nothing."""
+
+    @settings(max_examples=50, deadline=None)
+    @given(valid_configs())
+    def check(data: dict[str, Any]) -> None:
+        assert isinstance(config.parse(tomli_w.dumps(data), pathlib.Path("/tmp/vm.toml")), Config)
+
+    check()
