@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 
 import pytest
 import tomli_w
@@ -172,11 +173,11 @@ def test_bind_that_does_not_take_is_rolled_back(tree: pathlib.Path) -> None:
     drivers = tree / "sys" / "bus" / "pci" / "drivers"
     assert (drivers / "e1000e" / "unbind").read_text() == "0000:02:00.0"
     assert writes(tree, "0000:02:00.0")["override"] == "\n"
-    assert not (tree / "run" / "vmrun" / "bind" / "0000:02:00.0.json").exists()
+    assert not (tree / "run" / "vmrun-bind" / "0000:02:00.0.json").exists()
 
 
 def test_unbind_restores_the_remembered_driver(tree: pathlib.Path) -> None:
-    state = tree / "run" / "vmrun" / "bind" / "0000:01:00.0.json"
+    state = tree / "run" / "vmrun-bind" / "0000:01:00.0.json"
     state.parent.mkdir(parents=True)
     state.write_text(json.dumps({"driver": "e1000e"}))
     (change,) = Binder(Host(tree)).unbind(["0000:01:00.0"])
@@ -190,3 +191,70 @@ def test_unbind_restores_the_remembered_driver(tree: pathlib.Path) -> None:
 def test_unbind_of_a_device_vmrun_did_not_bind(tree: pathlib.Path) -> None:
     (change,) = Binder(Host(tree)).unbind(["0000:02:00.0"])
     assert change.render() == "0000:02:00.0: not bound (driver e1000e)"
+
+
+def record_dir(tree: pathlib.Path) -> pathlib.Path:
+    d = tree / "run" / "vmrun-bind"
+    d.mkdir(parents=True, mode=0o700, exist_ok=True)
+    return d
+
+
+def test_bind_records_are_data_never_paths(tree: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    target = tmp_path / "precious"
+    target.write_text("root's file\n")
+    records = record_dir(tree)
+    # A record that is a symlink is not followed.
+    (records / "0000:01:00.0.json").symlink_to(target)
+    with pytest.raises(BindError, match="is a symlink: vmrun does not follow links"):
+        Binder(Host(tree)).unbind(["0000:01:00.0"])
+    # A driver is a name the kernel knows, never a path.
+    (records / "0000:01:00.0.json").unlink()
+    (records / "0000:01:00.0.json").write_text(json.dumps({"driver": "../../../../tmp/x"}))
+    with pytest.raises(BindError, match=r"names no driver: '\.\./\.\./\.\./\.\./tmp/x'"):
+        Binder(Host(tree)).unbind(["0000:01:00.0"])
+    (records / "0000:01:00.0.json").write_text(json.dumps({"driver": "no_such_driver"}))
+    with pytest.raises(BindError, match="names the driver no_such_driver, which this kernel does not have"):
+        Binder(Host(tree)).unbind(["0000:01:00.0"])
+    drivers = tree / "sys" / "bus" / "pci" / "drivers"
+    assert (drivers / "vfio-pci" / "unbind").read_text() == "", "nothing is written on a refusal"
+    assert target.read_text() == "root's file\n"
+    # The records' directory itself may not be redirected either.
+    shutil.rmtree(records)
+    records.symlink_to(tmp_path)
+    with pytest.raises(BindError, match="is a symlink or not a directory"):
+        Binder(Host(tree)).bind(["0000:03:00.0"])
+    assert writes(tree, "0000:03:00.0")["override"] == "(null)\n"
+
+
+def test_bind_records_live_apart_from_vm_names() -> None:
+    # A VM may be called "bind": its state directory is <state base>/bind, never the records.
+    from vmrun import bind
+
+    assert bind.STATE_DIR == "/run/vmrun-bind" and not bind.STATE_DIR.startswith("/run/vmrun/")
+
+
+def test_bind_refuses_a_bridge_before_writing(tmp_path: pathlib.Path) -> None:
+    spec = fakehost.FakeHost(devices=(fakehost.FakePci("0000:00:1c.0", driver="pcieport", class_code="0x060400"),))
+    root = fakehost.build(tmp_path / "h", spec)
+    (root / "sys" / "bus" / "pci" / "drivers" / "vfio-pci").mkdir(parents=True)
+    with pytest.raises(BindError, match="0000:00:1c.0 is a bridge"):
+        Binder(Host(root)).bind(["0000:00:1c.0"])
+    assert writes(root, "0000:00:1c.0")["override"] == "(null)\n"
+    assert not (root / "run" / "vmrun-bind").exists()
+
+
+def test_ctrl_c_during_bind_rolls_back(tree: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    binder = Binder(Host(tree))
+    real_write = binder.write
+
+    def interrupted(path: str, value: str) -> None:
+        real_write(path, value)
+        if path.endswith("/driver/unbind"):
+            raise KeyboardInterrupt  # Ctrl-C right after the device left its driver
+
+    monkeypatch.setattr(binder, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        binder.bind(["0000:02:00.0"])
+    assert writes(tree, "0000:02:00.0")["override"] == "\n", "the override is cleared again"
+    # (The fake kernel keeps the driver link, so the device counts as never having left it.)
+    assert not (tree / "run" / "vmrun-bind" / "0000:02:00.0.json").exists(), "the record is forgotten"

@@ -3,21 +3,29 @@
 Like the launch module, this one changes the host (it writes sysfs), and only the
 `bind`, `unbind` and `prepare` commands use it. The kernel's safe sequence is followed:
 driver_override names vfio-pci, the current driver lets go, drivers_probe binds. The
-original driver is remembered under /run/vmrun/bind, so `unbind` restores it.
+original driver is remembered under /run/vmrun-bind (apart from the VMs' state, whose
+names are the configs' to choose), so `unbind` restores it. A record is data: its driver
+is a name checked against the kernel's drivers, never a path to follow.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import time
 
 import attrs
 
+from vmrun import statedir
 from vmrun.errors import LaunchError
 from vmrun.host import VFIO_OK_DRIVERS, Host
 
-STATE_DIR = "/run/vmrun/bind"
+STATE_DIR = "/run/vmrun-bind"
+DRIVER_RE = re.compile(r"[A-Za-z0-9_.-]+")
+# PCI class codes of bridges (host 0x0600, PCI-to-PCI 0x0604): the host's own plumbing.
+BRIDGE_CLASSES = ("0x0600", "0x0604")
 CDEV_WAIT = 5.0  # seconds for the vfio cdev and its /dev node to appear after binding
 
 
@@ -61,25 +69,72 @@ class Binder:
             )
         return self.host.group_members(group) or [address]
 
-    def state_file(self, address: str) -> str:
-        return f"{STATE_DIR}/{address}.json"
+    def records(self) -> tuple[int, str]:
+        """The directory of bind records, opened safely (see statedir), and its path."""
+        path = str(self.host.under(STATE_DIR))
+        try:
+            return statedir.open_dir(path, create=True, mode=0o700, private=True), path
+        except statedir.UnsafeDirectory as e:
+            raise BindError(e.what, e.hint) from None
 
     def remember(self, address: str, driver: str | None) -> None:
-        path = self.host.under(self.state_file(address))
-        if path.exists():
-            return  # bound before by us: the first original driver is the one to restore
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"driver": driver}))
+        directory, _ = self.records()
+        try:
+            with contextlib.suppress(FileExistsError):
+                # O_EXCL: bound before by us, the first original driver is the one to restore.
+                fd = os.open(
+                    f"{address}.json",
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=directory,
+                )
+                with os.fdopen(fd, "w") as f:
+                    f.write(json.dumps({"driver": driver}))
+        finally:
+            os.close(directory)
 
     def recall(self, address: str) -> tuple[bool, str | None]:
+        """(known, original driver) from the record of `address`; a damaged record is refused."""
+        directory, path = self.records()
         try:
-            data = json.loads(self.host.under(self.state_file(address)).read_text())
-        except (OSError, ValueError):
+            data = statedir.read_file(directory, path, f"{address}.json", limit=4096)
+        except statedir.UnsafeDirectory as e:
+            raise BindError(e.what, e.hint) from None
+        finally:
+            os.close(directory)
+        if data is None:
             return False, None
-        return True, data.get("driver")
+        record = f"{path}/{address}.json"
+        try:
+            driver = json.loads(data)["driver"]
+        except (ValueError, KeyError, TypeError):
+            raise BindError(f"the bind record {record} is damaged", f"remove it (rm {record})") from None
+        if driver is None:
+            return True, None
+        if not isinstance(driver, str) or not DRIVER_RE.fullmatch(driver):
+            raise BindError(f"the bind record {record} names no driver: {driver!r}", f"remove it (rm {record})")
+        if not self.host.under(f"/sys/bus/pci/drivers/{driver}").is_dir():
+            raise BindError(
+                f"the bind record {record} names the driver {driver}, which this kernel does not have",
+                f"load it (modprobe {driver}) or remove the record (rm {record})",
+            )
+        return True, driver
 
     def forget(self, address: str) -> None:
-        self.host.under(self.state_file(address)).unlink(missing_ok=True)
+        directory, _ = self.records()
+        try:
+            statedir.remove(directory, f"{address}.json")
+        finally:
+            os.close(directory)
+
+    def check_not_bridges(self, addresses: list[str]) -> None:
+        bridges = [a for a in addresses if (self.host.read(f"{self.sysfs(a)}/class") or "").startswith(BRIDGE_CLASSES)]
+        if bridges:
+            raise BindError(
+                f"{', '.join(bridges)} {'is a bridge' if len(bridges) == 1 else 'are bridges'}: the host's own PCI "
+                "plumbing, never passed to a VM",
+                "name the devices behind it instead; bridges may stay on pcieport",
+            )
 
     def check_present(self, addresses: list[str]) -> None:
         missing = [a for a in addresses if not self.host.under(self.sysfs(a)).exists()]
@@ -156,6 +211,7 @@ class Binder:
     def bind(self, addresses: list[str]) -> list[Change]:
         """Bind all or none: on a failure, every device this call touched is given back."""
         self.check_present(addresses)
+        self.check_not_bridges(addresses)
         self.check_groups(addresses)
         done: list[Change] = []
         touched: list[str] = []
@@ -164,7 +220,8 @@ class Binder:
                 if self.driver(address) != "vfio-pci":
                     touched.append(address)
                 done.append(self.bind_one(address))
-        except BindError:
+        except BaseException:
+            # Any failure, Ctrl-C included: give back what this call took, then report it.
             for address in reversed(touched):
                 with contextlib.suppress(BindError):  # the original error is the one to report
                     self.unbind_one(address)
