@@ -237,7 +237,7 @@ def test_bind_refuses_a_bridge_before_writing(tmp_path: pathlib.Path) -> None:
     spec = fakehost.FakeHost(devices=(fakehost.FakePci("0000:00:1c.0", driver="pcieport", class_code="0x060400"),))
     root = fakehost.build(tmp_path / "h", spec)
     (root / "sys" / "bus" / "pci" / "drivers" / "vfio-pci").mkdir(parents=True)
-    with pytest.raises(BindError, match="0000:00:1c.0 is a bridge"):
+    with pytest.raises(BindError, match=r"0000:00:1c\.0 is a bridge"):
         Binder(Host(root)).bind(["0000:00:1c.0"])
     assert writes(root, "0000:00:1c.0")["override"] == "(null)\n"
     assert not (root / "run" / "vmrun-bind").exists()
