@@ -378,6 +378,10 @@ def test_props_integers_fit_qemu(tmp_path: pathlib.Path) -> None:
 
     assert props(a=2**64 - 1, b=-(2**63), c=True, d="x,y=z") == []
     assert props(a=2**64, b=-(2**63) - 1) == ["vfio[0].props.a", "vfio[0].props.b"]
+    # QEMU takes the last of two drivers: props.driver would make the device another one.
+    assert props(driver="e1000", id="x", host="x", sysfsdev="x", fd=3, iommufd="x") == [
+        f"vfio[0].props.{key}" for key in ("driver", "id", "host", "sysfsdev", "fd", "iommufd")
+    ]
 
 
 def test_env_sandbox_trusted(tmp_path: pathlib.Path) -> None:

@@ -199,8 +199,9 @@ def prop_text(value: str | int | bool) -> str:
 
 
 def keys_once(split: list[tuple[str, str | None]]) -> bool:
-    # hostfwd is the one property QEMU takes more than once (one per forward).
-    names = [k for k, _ in split[1:] if k != "hostfwd"]
+    # A leading element without '=' is the driver (QEMU's implied key); hostfwd is the one
+    # property QEMU takes more than once (one per forward). Of any other, QEMU uses the last.
+    names = ["driver" if i == 0 and v is None else k for i, (k, v) in enumerate(split) if k != "hostfwd"]
     return len(names) == len(set(names))
 
 
@@ -208,9 +209,11 @@ def keys_once(split: list[tuple[str, str | None]]) -> bool:
 hostile = st.text(alphabet=st.sampled_from(list("ab,=: ;'\"\\-x.")), min_size=1, max_size=10)
 not_dots = hostile.filter(lambda t: t.strip(".") != "")
 prop_values = st.one_of(hostile, st.just(""), st.integers(-(2**63), 2**64 - 1), st.booleans())
-prop_names = st.from_regex(config.ID_RE, fullmatch=True).filter(
-    lambda n: len(n) <= 20 and n not in config.PLANNED_PROPS
-)
+# Names QEMU gives a meaning, then any: those vmrun sets itself are the config's to refuse.
+prop_names = st.one_of(
+    st.sampled_from(["x-vga", "rombar", "romfile", "bus", "addr", "multifunction", "driver", "id", "fd"]),
+    st.from_regex(config.ID_RE, fullmatch=True).filter(lambda n: len(n) <= 20),
+).filter(lambda n: n not in config.PLANNED_PROPS)
 ids = st.from_regex(r"[A-Za-z][A-Za-z0-9_.-]{0,21}", fullmatch=True).filter(
     lambda i: i not in config.RESERVED_IDS and not config.BACKING_NODE_RE.fullmatch(i)
 )

@@ -29,19 +29,22 @@ from vmrun.sizes import KiB, MiB, SizeError, TiB, format_size, is_size_shaped, p
 # QEMU accepts ids that start with a letter and go on with letters, digits, '-', '.', '_'.
 ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 ID_MAX = 63
-# vmrun names a disk's block nodes ID-file, ID-fmt and ID-bNN-file for backing layers;
-# QEMU's node names have at most 31 characters.
+# Planner.disk (vmrun/plan.py) names a disk's block nodes ID-file and ID-fmt, and those of
+# its backing layers ID-bK-file and ID-bK-fmt, K up to host.MAX_BACKING_DEPTH (16); QEMU's
+# node names have at most 31 characters.
 DISK_ID_MAX = 31 - len("-b16-file")
-# Names vmrun gives its own devices and block nodes (vmrun/plan.py): a config must not take them.
+# Ids vmrun/plan.py gives its own devices, chardevs and block nodes: a config must not take
+# them, or QEMU would refuse the duplicate, or wire the wrong thing together.
 RESERVED_IDS = {
-    "scsi0": "the SCSI controller of scsi disks",
-    "viommu0": "the vIOMMU",
-    "video0": "the video card of a display",
-    "fw-code": "the UEFI code's block node",
-    "fw-vars": "the UEFI variable store's block node",
-    "console": "the serial console's chardev",
-    "vmrun-qmp": "vmrun's QMP chardev",
+    "scsi0": "the SCSI controller of scsi disks",  # Planner.disk, -device virtio-scsi-pci
+    "viommu0": "the vIOMMU",  # Planner.build, -device intel-iommu / virtio-iommu-pci
+    "video0": "the video card of a display",  # Planner.display, -device VGA
+    "fw-code": "the UEFI code's block node",  # Planner.firmware, -blockdev (and fw-code-file)
+    "fw-vars": "the UEFI variable store's block node",  # Planner.firmware, -blockdev (and fw-vars-file)
+    "console": "the serial console's chardev",  # Planner.console, -chardev
+    "vmrun-qmp": "vmrun's QMP chardev",  # Planner.state_fds, -chardev (plan.QMP_CHARDEV)
 }
+# ID-b1, ID-b2, ...: the backing layers' node names, from Planner.disk.
 BACKING_NODE_RE = re.compile(r".*-b[0-9]+")
 # A letter or digit first: the name is a directory under the state base, never "." or
 # ".."; at most 64 characters, so every socket path under it fits sun_path.
@@ -54,8 +57,9 @@ MACHINE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 PCI_RE = re.compile(r"(?:(?P<domain>[0-9a-fA-F]{4}):)?(?P<bus>[0-9a-fA-F]{2}):(?P<dev>[0-1][0-9a-fA-F])\.(?P<fn>[0-7])")
 ACCELS = ("kvm", "tcg")
 DRIVERS = ("vfio-pci", "vfio-platform", "vfio-ap", "vfio-ccw")
-# Device properties that vmrun sets itself from the config's own keys.
-PLANNED_PROPS = frozenset({"id", "host", "sysfsdev", "fd", "iommufd"})
+# Device properties that vmrun sets itself from the config's own keys. `driver` too: QEMU
+# takes the last of two, so props.driver would make the device another one.
+PLANNED_PROPS = frozenset({"driver", "id", "host", "sysfsdev", "fd", "iommufd"})
 FIRST_FREE_FD = 3
 
 
@@ -228,8 +232,8 @@ def size(unit: int, unit_name: str, low: int, high: int) -> Parser:
             raise Invalid(
                 f"{shown(text)} {e.reason}", 'write a number with K, M, G or T, e.g. "512M" or "8G"'
             ) from None
-        if n % unit:
-            whole = [k * unit for k in (n // unit, n // unit + 1) if low <= k * unit <= high]
+        whole = [k * unit for k in (n // unit, n // unit + 1) if low <= k * unit <= high]
+        if n % unit and whole:
             raise Invalid(
                 f"{shown(text)} is {n} bytes, not a whole number of {unit_name}",
                 f"round it to whole {unit_name}: " + " or ".join(f'"{format_size(k)}"' for k in whole),
@@ -311,7 +315,7 @@ def boolean(value: object, ctx: Context) -> bool:
 
 
 # [0-9], not \d: \d takes any script's digits, which int() reads but QEMU does not.
-FORWARD_RE = re.compile(r"(?:(tcp|udp):)?(?:([0-9.]{7,15}):)?([0-9]{1,5}):([0-9]{1,5})")
+FORWARD_RE = re.compile(r"(?:(tcp|udp):)?(?:([0-9]{1,3}(?:\.[0-9]{1,3}){3}):)?([0-9]{1,5}):([0-9]{1,5})")
 FORWARD_HINT = 'write [PROTO:][HOSTADDR:]HOSTPORT:GUESTPORT, e.g. "tcp:2222:22" or "udp:0.0.0.0:5353:53"'
 
 
