@@ -6,13 +6,12 @@ from __future__ import annotations
 import pathlib
 import subprocess
 import sys
-import time
 
 import pytest
 import tomli_w
 
 from tests.conftest import REPO, is_root
-from vmrun import state
+from tests.test_lifecycle import Running
 
 pytestmark = [pytest.mark.qemu, pytest.mark.skipif(not is_root(), reason="running QEMU as nobody needs root")]
 
@@ -31,30 +30,15 @@ def check(cfg: pathlib.Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_check_warns_about_a_running_vm_of_the_same_user(tmp_path: pathlib.Path) -> None:
-    first = write(tmp_path, "first", "nobody")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vmrun.cli", "run", "--paused", str(first)],
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    first = Running(write(tmp_path, "first", "nobody"), "first", "--paused")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            vm = state.load("first")
-            if vm is not None and vm.running:
-                break
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "the first VM did not come up"
-            time.sleep(0.05)
+        first.wait_running()
         same = check(write(tmp_path, "second", "nobody"))
         assert same.returncode == 0, same.stdout + same.stderr
-        assert f"first (pid {proc.pid}) also runs as nobody" in same.stdout
+        assert f"first (pid {first.pid}) also runs as nobody" in same.stdout
         assert "give each VM a user of its own (useradd --system --no-create-home vm-second)" in same.stdout
         other = check(write(tmp_path, "third", "daemon"))
         assert "also runs as" not in other.stdout
         assert "no other running VM runs as daemon" in other.stdout
     finally:
-        proc.kill()
-        proc.wait()
+        first.end()
