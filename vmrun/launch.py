@@ -9,7 +9,6 @@ every other fd is closed, and QEMU replaces this process.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import json
@@ -28,8 +27,18 @@ import attrs
 from vmrun import statedir
 from vmrun.errors import LaunchError
 from vmrun.memlock import UNLIMITED
-from vmrun.opener import Opener, become, describe_type, no_new_privs
+from vmrun.opener import Opener, describe_type
 from vmrun.plan import FdSpec, Plan
+from vmrun.privileges import (
+    PR_CAP_AMBIENT,
+    PR_CAP_AMBIENT_CLEAR_ALL,
+    PR_CAPBSET_DROP,
+    become,
+    cap_last,
+    capability_sets,
+    no_new_privs,
+    prctl,
+)
 from vmrun.sizes import format_mib
 
 # include/uapi/linux/iommufd.h: IOMMU_OPTION = _IO(IOMMUFD_TYPE=';', 0x87)
@@ -406,36 +415,6 @@ def leave_terminal() -> None:
         os.close(tty)
         if old is not None:
             signal.signal(signal.SIGHUP, old)
-
-
-def cap_last() -> int:
-    try:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return 63
-
-
-def capability_sets() -> dict[str, int]:
-    """This process's capability sets as /proc/self/status shows them."""
-    with open("/proc/self/status") as f:
-        return {
-            name: int(value, 16)
-            for name, _, value in (line.partition(":\t") for line in f.read().splitlines())
-            if name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
-        }
-
-
-def prctl(option: int, *args: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(option, *args, *[0] * (4 - len(args))) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-PR_CAPBSET_DROP = 24
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 
 def drop_privileges(plan: Plan) -> None:

@@ -14,7 +14,6 @@ vmrun's own rights, by `Opener(None)`.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
@@ -24,30 +23,16 @@ import struct
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from vmrun.privileges import become, no_new_privs
+
 if TYPE_CHECKING:
     from vmrun.host import User
 
-PR_SET_NO_NEW_PRIVS = 38
 _REPLY = struct.Struct("=i")  # errno of the open, 0 with an fd attached
 
 
 class OpenerError(Exception):
     """The child that opens files as the VM user could not be set up."""
-
-
-def no_new_privs() -> None:
-    """After this, no exec of this process or its children can gain privileges (setuid, file caps)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def become(user: User) -> None:
-    """Switch this process to `user` for good: groups, gid, then uid (the order the kernel needs)."""
-    os.setgroups(list(user.groups))
-    os.setgid(user.gid)
-    os.setuid(user.uid)
 
 
 def describe_type(mode: int) -> str:

@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 
 # Per boot. Generous against a slow CI runner: a healthy run takes about 150 s here
 # (see test_bed.MAX_SECONDS).
-BED_TIMEOUT = float(os.environ.get("VMRUN_E2E_TIMEOUT", "420"))
+BED_TIMEOUT = float(os.environ.get("VMRUN_E2E_TIMEOUT", "600"))
 
 
 _RUN: list[bed.E2ERun] = []
