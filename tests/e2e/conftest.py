@@ -19,8 +19,7 @@ from tests.e2e import bed
 
 HERE = Path(__file__).resolve().parent
 
-# Per boot. Generous against a slow CI runner: a healthy run takes about 150 s here
-# (see test_bed.MAX_SECONDS).
+# Per boot. Generous against a slow CI runner (see test_bed.MAX_SECONDS).
 BED_TIMEOUT = float(os.environ.get("VMRUN_E2E_TIMEOUT", "600"))
 
 
@@ -50,8 +49,23 @@ def e2e_kernel() -> Path:
     raise AssertionError("unreachable")
 
 
+def compile_checkout() -> None:
+    """Bytecode for vmrun and the bed's own modules, written here on the host.
+
+    L1 sees the checkout read-only, and a fresh clone has no __pycache__ when
+    PYTHONDONTWRITEBYTECODE is set (as in CI): every vmrun call in L1 would then compile
+    vmrun from source under TCG, seconds per call.
+    """
+    import compileall
+
+    checkout = HERE.parent.parent
+    for directory in (checkout / "vmrun", checkout / "tests"):
+        compileall.compile_dir(str(directory), quiet=1)
+
+
 @pytest.fixture(scope="session")
 def e2e_run(e2e_kernel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[bed.E2ERun]:
+    compile_checkout()
     results = tmp_path_factory.mktemp("e2e-results")
     result = bed.run_in_bed(
         [sys.executable, str(HERE / "inside.py")],
