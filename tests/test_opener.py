@@ -192,3 +192,10 @@ def test_check_reports_files_the_vm_user_cannot_read(
     out = capsys.readouterr().out
     assert f"fail  vm.kernel     {world}/secret: nobody may not read it: Permission denied" in out
     assert f"fail  disk[0].path  {world}/secret: nobody may not open it: Permission denied" in out
+
+
+def test_a_vmrun_that_cannot_switch_users_opens_as_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not root: the plan says vm.user is out of reach; reading facts must not fail on it.
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    opener = Opener(NOBODY)
+    assert opener.user is None and opener.who == "uid 1000"

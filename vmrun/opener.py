@@ -31,8 +31,12 @@ if TYPE_CHECKING:
 _REPLY = struct.Struct("=i")  # errno of the open, 0 with an fd attached
 
 
-class OpenerError(Exception):
-    """The child that opens files as the VM user could not be set up."""
+class OpenerError(OSError):
+    """The child that opens files as the VM user could not be set up (or died): callers see
+    an OSError like any refused open, and report it at the key path."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EPERM, message)
 
 
 def describe_type(mode: int) -> str:
@@ -53,7 +57,10 @@ class Opener:
     """
 
     def __init__(self, user: User | None) -> None:
-        self.user = user if user is not None and user.uid != os.geteuid() else None
+        # Only root can switch; a vmrun of another user cannot run QEMU as `user` at all,
+        # which the plan reports (vm.user), so its facts are read with its own rights.
+        me = os.geteuid()
+        self.user = user if user is not None and user.uid != me and me == 0 else None
         self.sock: socket.socket | None = None
         self.pid: int | None = None
 
