@@ -221,7 +221,7 @@ def test_bind_records_are_data_never_paths(tree: pathlib.Path, tmp_path: pathlib
     # The records' directory itself may not be redirected either.
     shutil.rmtree(records)
     records.symlink_to(tmp_path)
-    with pytest.raises(BindError, match="is a symlink or not a directory"):
+    with pytest.raises(BindError, match="is a symlink: vmrun does not follow links"):
         Binder(Host(tree)).bind(["0000:03:00.0"])
     assert writes(tree, "0000:03:00.0")["override"] == "(null)\n"
 
@@ -257,4 +257,70 @@ def test_ctrl_c_during_bind_rolls_back(tree: pathlib.Path, monkeypatch: pytest.M
         binder.bind(["0000:02:00.0"])
     assert writes(tree, "0000:02:00.0")["override"] == "\n", "the override is cleared again"
     # (The fake kernel keeps the driver link, so the device counts as never having left it.)
+    assert not (tree / "run" / "vmrun-bind" / "0000:02:00.0.json").exists(), "the record is forgotten"
+
+
+def test_bind_refuses_a_damaged_record_before_writing(tree: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    # A record left from an earlier bind is what unbind will follow: a bind that would keep
+    # it must refuse it first, not find out halfway through a rollback.
+    target = tmp_path / "precious"
+    target.write_text("root's file\n")
+    records = record_dir(tree)
+    record = records / "0000:02:00.0.json"
+    cases: list[tuple[str | None, str]] = [
+        (json.dumps({"driver": "../../x"}), r"names no driver: '\.\./\.\./x'"),
+        ("{not json", "is damaged"),
+        (None, "is a symlink: vmrun does not follow links"),
+        (" " * 5000, "is larger than 4096 bytes"),
+    ]
+    for text, message in cases:
+        record.unlink(missing_ok=True)
+        if text is None:
+            record.symlink_to(target)
+        else:
+            record.write_text(text)
+        with pytest.raises(BindError, match=message):
+            Binder(Host(tree)).bind(["0000:02:00.0"])
+        assert writes(tree, "0000:02:00.0")["override"] == "(null)\n", "nothing may be written on a refusal"
+        assert (tree / "sys" / "bus" / "pci" / "drivers" / "e1000e" / "unbind").read_text() == ""
+        assert target.read_text() == "root's file\n"
+
+
+def test_a_vm_named_bind_does_not_touch_bind_records(
+    tree: pathlib.Path, outdir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_launch import config, run_recorded, vmrun
+
+    # Root's layout under the fake host: the VMs' state base and the bind records side by side.
+    base = tree / "run" / "vmrun"
+    monkeypatch.setenv("VMRUN_STATE_DIR", str(base))
+    records = record_dir(tree)
+    (records / "0000:01:00.0.json").write_text(json.dumps({"driver": "e1000e"}))
+    before = {p.name: p.read_text() for p in records.iterdir()}
+    run_recorded(config(outdir, {"name": "bind", "memlock": "off"}), outdir, "--host-root", str(tree))
+    assert sorted(p.name for p in (base / "bind").iterdir()) == ["lock", "pid", "qmp.sock", "state.json"]
+    # The VM has ended (the stand-in exits): ps tidies its record, status and stop say so.
+    for command in (["ps", "--all"], ["status", "bind"], ["stop", "bind"]):
+        assert "Traceback" not in vmrun(*command).stderr
+    assert sorted(p.name for p in (base / "bind").iterdir()) == ["lock", "qmp.sock"]
+    assert {p.name: p.read_text() for p in records.iterdir()} == before
+    # And the records are still what unbind goes by.
+    (change,) = Binder(Host(tree)).unbind(["0000:01:00.0"])
+    assert change.action == "restored"
+    assert (tree / "sys" / "bus" / "pci" / "drivers" / "e1000e" / "bind").read_text() == "0000:01:00.0"
+    assert (base / "bind" / "lock").exists(), "unbind leaves the VM's directory alone"
+
+
+def test_ctrl_c_during_bind_from_the_command_line(tree: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = Binder.write
+
+    def interrupted(self: Binder, path: str, value: str) -> None:
+        real_write(self, path, value)
+        if path.endswith("/driver_override") and value == "vfio-pci":
+            raise KeyboardInterrupt  # Ctrl-C once the override is set, before the driver lets go
+
+    monkeypatch.setattr(Binder, "write", interrupted)
+    assert cli.main(["bind", "--host-root", str(tree), "0000:02:00.0"]) == 130
+    assert writes(tree, "0000:02:00.0")["override"] == "\n", "the override is cleared again"
+    assert (tree / "sys" / "bus" / "pci" / "drivers" / "e1000e" / "unbind").read_text() == ""
     assert not (tree / "run" / "vmrun-bind" / "0000:02:00.0.json").exists(), "the record is forgotten"

@@ -128,6 +128,15 @@ def gone(r: Running) -> None:
 @QEMU_MARK
 def test_ps_status_and_qmp_of_a_paused_vm(launch: Callable[..., Running]) -> None:
     r = launch("alpha", "--paused")
+    # The record identifies QEMU exactly: exec kept vmrun's pid and start time.
+    vm_dir = pathlib.Path(os.environ["VMRUN_STATE_DIR"]) / "alpha"
+    record = json.loads((vm_dir / "state.json").read_text())
+    lock = (vm_dir / "lock").stat()
+    stat = pathlib.Path(f"/proc/{r.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    assert record["phase"] == "exec" and record["pid"] == r.pid and record["start_ticks"] == int(stat[19])
+    assert record["exe"] == os.readlink(f"/proc/{r.pid}/exe") and record["lock"] == [lock.st_dev, lock.st_ino]
+    assert record["launcher"] == os.path.realpath(sys.executable)
+    assert (vm_dir / "pid").read_text() == f"{r.pid}\n"
     ps = vmrun("ps")
     assert ps.returncode == 0, ps.stderr
     header, row = ps.stdout.splitlines()

@@ -3,10 +3,14 @@ process proven to be the VM's QEMU. Each test plants what an attacker would."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pathlib
+import pwd
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -53,7 +57,7 @@ def test_symlinked_vm_directory_is_refused(
 ) -> None:
     (base / "t").symlink_to(target)
     stderr = run_refused(config(outdir, {"memlock": "off"}), outdir, host_tree)
-    assert f"vmrun: {base}/t is a symlink or not a directory: vmrun does not follow links" in stderr
+    assert f"vmrun: {base}/t is a symlink: vmrun does not follow links" in stderr
     untouched(target)
     for command in (["ps", "--all"], ["status", "t"], ["stop", "t"]):
         proc = vmrun(*command)
@@ -109,6 +113,11 @@ def test_no_predictable_state_directory_without_a_runtime_dir(
     assert host.state_base(0) == "/run/vmrun"
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
     assert host.state_base(1000) == "/run/user/1000/vmrun"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "run/user/1000")  # relative: the XDG spec says ignore it
+    assert host.state_base(1000) is None
+    monkeypatch.setenv("VMRUN_STATE_DIR", "state")  # sockets are connected to by path: made absolute
+    assert host.state_base(1000) == os.path.join(os.getcwd(), "state")
+    monkeypatch.delenv("VMRUN_STATE_DIR")
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     cfg = tmp_path / "vm.toml"
     cfg.write_text('[vm]\nname = "t"\nmemory = "64M"\n')
@@ -121,6 +130,87 @@ def test_no_predictable_state_directory_without_a_runtime_dir(
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(state.VmError, match="no state directory: XDG_RUNTIME_DIR is not set"):
         state.base()
+
+
+# vmrun as nobody with an empty environment: no XDG_RUNTIME_DIR, no VMRUN_STATE_DIR. The
+# venv's interpreter lives where nobody may not look, so everything is imported as root first.
+AS_NOBODY = """
+import os, pwd, sys
+import psutil
+from vmrun import check, cli, host, launch, lifecycle, plan, qmp, render, state, statedir
+nobody = pwd.getpwnam("nobody")
+keep = os.environ.get("NOBODY_STATE_DIR")
+os.environ.clear()
+if keep:
+    os.environ["VMRUN_STATE_DIR"] = keep
+os.setgroups([])
+os.setgid(nobody.pw_gid)
+os.setuid(nobody.pw_uid)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@needs_root
+def test_no_state_directory_for_nobody_without_a_runtime_dir(outdir: pathlib.Path) -> None:
+    cfg = config(outdir, {"memlock": "off"})
+    cfg.chmod(0o644)
+    predictable = sorted(pathlib.Path("/tmp").glob("vmrun-*"))
+    commands = [["ps"], ["ps", "--all", "--json"], ["status", "t"], ["stop", "t"], ["qmp", "t", "query-status"]]
+    for command in commands:
+        proc = subprocess.run(
+            [sys.executable, "-c", AS_NOBODY, *command], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, (command, proc.stderr)
+        assert proc.stderr == (
+            f"vmrun {command[0]}: no state directory: XDG_RUNTIME_DIR is not set\n"
+            "  hint: set XDG_RUNTIME_DIR or VMRUN_STATE_DIR (as when the VMs were started), or run vmrun as root\n"
+        ), command
+    proc = subprocess.run(
+        [sys.executable, "-c", AS_NOBODY, "run", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "vm.name: no directory for the running VM's lock and sockets: XDG_RUNTIME_DIR is not set" in proc.stderr
+    assert "VMRUN_STATE_DIR" in proc.stderr
+    assert not (outdir / "record.json").exists()
+    assert sorted(pathlib.Path("/tmp").glob("vmrun-*")) == predictable, "no predictable directory in /tmp"
+
+
+def test_listen_refuses_a_socket_path_over_sun_path(tmp_path: pathlib.Path) -> None:
+    # The bind itself would fit (it goes through /proc/self/fd/N), but clients connect by
+    # the real path: a socket nobody can reach is refused before it is made.
+    deep = tmp_path / ("d" * (statedir.SUN_PATH_MAX - len(str(tmp_path)) - 10))
+    deep.mkdir(mode=0o700)
+    directory = os.open(deep, statedir.DIR_FLAGS)
+    try:
+        length = len(f"{deep}/qmp.sock")
+        with pytest.raises(statedir.UnsafeDirectory, match=rf"is {length} bytes, over the 107 a unix socket path"):
+            statedir.listen_unix(directory, str(deep), "qmp.sock")
+        assert list(deep.iterdir()) == []
+        # One byte shorter: 107 and the NUL fill sun_path exactly, and a client gets through.
+        listener = socket.socket(fileno=statedir.listen_unix(directory, str(deep), "qmp.soc"))
+        with listener, socket.socket(socket.AF_UNIX) as client:
+            assert len(f"{deep}/qmp.soc") == 107
+            client.connect(f"{deep}/qmp.soc")
+        assert (deep / "qmp.soc").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.close(directory)
+
+
+def test_a_directory_in_place_of_a_record_is_a_clear_error(
+    base: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path
+) -> None:
+    vm_dir = base / "t"
+    vm_dir.mkdir(mode=0o700)
+    (vm_dir / "lock").touch(mode=0o600)
+    (vm_dir / "pid").mkdir()
+    stderr = run_refused(config(outdir, {"memlock": "off"}), outdir, host_tree)
+    assert f"vmrun: cannot remove {vm_dir}/pid of the last run: Is a directory" in stderr
+    (vm_dir / "pid").rmdir()
+    (vm_dir / "state.json").mkdir()
+    stderr = run_refused(config(outdir, {"memlock": "off"}), outdir, host_tree)
+    assert f"vmrun: cannot remove {vm_dir}/state.json of the last run: Is a directory" in stderr
+    proc = vmrun("ps", "--all")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
 
 
 def test_socket_path_longer_than_sun_path_is_a_plan_problem(
@@ -203,6 +293,7 @@ def start_ticks(pid: int) -> int:
 
 
 def write_record(vm_dir: pathlib.Path, pid: int, **fields: object) -> None:
+    """A state.json and pid file as `vmrun run` writes them, for process `pid`."""
     st = (vm_dir / "lock").stat()
     record = {
         "name": "t",
@@ -210,11 +301,17 @@ def write_record(vm_dir: pathlib.Path, pid: int, **fields: object) -> None:
         "pid": pid,
         "start_ticks": start_ticks(pid),
         "exe": "/usr/bin/qemu-system-x86_64",
+        "launcher": os.path.realpath(sys.executable),
         "argv": ["/usr/bin/qemu-system-x86_64", "-name", "guest=t"],
         "lock": [st.st_dev, st.st_ino],
         **fields,
     }
     (vm_dir / "state.json").write_text(json.dumps(record))
+    (vm_dir / "pid").write_text(f"{pid}\n")
+
+
+def removed(vm_dir: pathlib.Path) -> bool:
+    return not (vm_dir / "state.json").exists() and not (vm_dir / "pid").exists()
 
 
 @pytest.mark.parametrize(
@@ -231,15 +328,60 @@ def test_stop_never_signals_a_process_that_is_not_the_vms_qemu(
 ) -> None:
     flock, vm_dir = flock_sleeper
     victim = sleep_pid(flock)
-    write_record(vm_dir, victim, **forged)
-    for command in (["stop", "t", "--timeout", "2"], ["status", "t"], ["qmp", "t", "quit"]):
+    for command in (["stop", "t", "--timeout", "2"], ["status", "t"], ["qmp", "t", "quit"], ["ps", "--all"]):
+        write_record(vm_dir, victim, **forged)
         proc = vmrun(*command)
-        assert proc.returncode == 1, (command, proc.stdout, proc.stderr)
-        assert f"VM t is not running (stale state: pid {victim} {why}" in proc.stderr or why in proc.stderr, proc.stderr
-        assert "nothing was signalled" in proc.stderr
+        if command[0] == "ps":
+            assert proc.returncode == 0 and re.search(r"^t +stale +- ", proc.stdout, re.M), proc.stdout
+        else:
+            assert proc.returncode == 1, (command, proc.stdout, proc.stderr)
+            assert "VM t is not running (stale state: " in proc.stderr and why in proc.stderr, proc.stderr
+            assert "nothing was signalled" in proc.stderr
         assert flock.poll() is None and pathlib.Path(f"/proc/{victim}").exists(), "the unrelated process was hit"
-        if forged:  # a record that can never come true is removed; the next command finds none
-            write_record(vm_dir, victim, **forged)
+        # A record that can never come true is removed: the next command finds none.
+        assert removed(vm_dir), command
+    assert (vm_dir / "lock").exists() and flock.poll() is None
+
+
+def test_a_record_without_launcher_naming_a_lock_holder_is_stale_but_kept(
+    flock_sleeper: tuple[subprocess.Popen[bytes], pathlib.Path],
+) -> None:
+    # Without the launcher's binary, a process that is not QEMU may be vmrun in its last
+    # instant before exec: not the VM (nothing is signalled), but the record is left alone.
+    flock, vm_dir = flock_sleeper
+    victim = sleep_pid(flock)
+    write_record(vm_dir, victim, launcher=None)
+    proc = vmrun("stop", "t", "--timeout", "2")
+    assert proc.returncode == 1
+    assert f"(stale state: pid {victim} runs /usr/bin/sleep, not the recorded" in proc.stderr
+    assert "nothing was signalled" in proc.stderr
+    assert flock.poll() is None and pathlib.Path(f"/proc/{victim}").exists()
+    assert (vm_dir / "state.json").exists()
+
+
+def test_the_launching_vmrun_before_exec_is_starting(base: pathlib.Path) -> None:
+    # This very process stands in for a `vmrun run` that holds the lock and has not yet
+    # exec'ed QEMU: it must be told apart, and never signalled (this test would die).
+    vm_dir = base / "t"
+    vm_dir.mkdir(mode=0o700)
+    lock = os.open(vm_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    me = os.readlink("/proc/self/exe")
+    try:
+        for phase in ("starting", "exec"):
+            write_record(vm_dir, os.getpid(), phase=phase, launcher=me)
+            vm = state.load("t")
+            assert vm is not None and vm.state == "starting" and vm.identity is None, vm
+            proc = vmrun("stop", "t")
+            assert proc.returncode == 1 and "vmrun stop: VM t is starting: vmrun has its lock" in proc.stderr
+            assert (vm_dir / "state.json").exists(), "a launch's record is not stale"
+        # The same process, become neither vmrun nor QEMU: stale for good.
+        write_record(vm_dir, os.getpid(), launcher="/usr/bin/not-vmrun")
+        proc = vmrun("stop", "t")
+        assert proc.returncode == 1 and f"pid {os.getpid()} runs {me}, not the recorded" in proc.stderr
+        assert removed(vm_dir)
+    finally:
+        os.close(lock)
 
 
 def test_a_live_process_without_the_lock_is_not_the_vm(
@@ -268,3 +410,49 @@ def test_lock_held_by_a_process_that_wrote_no_record(
     proc = vmrun("stop", "t")
     assert proc.returncode == 1 and "state.json does not identify the launch" in proc.stderr
     assert flock.poll() is None
+
+
+@needs_root
+def test_a_process_vmrun_may_not_look_into_is_not_signalled(outdir: pathlib.Path) -> None:
+    # vmrun as nobody, its VM's lock held by a process of root's: /proc/PID/fd is closed to
+    # nobody, so nothing can prove what the process is, and nothing is signalled.
+    nobody = pwd.getpwnam("nobody")
+    base = outdir / "state"
+    vm_dir = base / "t"
+    vm_dir.mkdir(parents=True, mode=0o700)
+    (vm_dir / "lock").touch(mode=0o600)
+    for path in (base, vm_dir, vm_dir / "lock"):
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    flock = subprocess.Popen(["flock", "-x", str(vm_dir / "lock"), "sleep", "300"])
+    try:
+        victim = sleep_pid(flock)  # flock runs sleep once it holds the lock
+        write_record(vm_dir, victim)
+        os.chown(vm_dir / "state.json", nobody.pw_uid, nobody.pw_gid)
+        os.chown(vm_dir / "pid", nobody.pw_uid, nobody.pw_gid)
+        env = {**os.environ, "NOBODY_STATE_DIR": str(base)}
+        why = f"cannot prove pid {victim} is the VM's QEMU: /proc/{victim}/fd is not readable for uid {nobody.pw_uid}"
+        for command in (["stop", "t", "--timeout", "2"], ["status", "t"], ["qmp", "t", "quit"]):
+            proc = subprocess.run(
+                [sys.executable, "-c", AS_NOBODY, *command],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert proc.returncode == 1 and "Traceback" not in proc.stderr, (command, proc.stderr)
+            assert f"vmrun {command[0]}: {why}; nothing was signalled" in proc.stderr, proc.stderr
+        proc = subprocess.run(
+            [sys.executable, "-c", AS_NOBODY, "ps", "--all"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0 and re.search(r"^t +unknown +- ", proc.stdout, re.M), proc.stdout + proc.stderr
+        assert flock.poll() is None and pathlib.Path(f"/proc/{victim}").exists(), "the process was hit"
+        assert (vm_dir / "state.json").exists(), "what cannot be judged is not removed either"
+    finally:
+        flock.kill()
+        flock.wait()

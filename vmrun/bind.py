@@ -69,37 +69,47 @@ class Binder:
             )
         return self.host.group_members(group) or [address]
 
-    def records(self) -> tuple[int, str]:
-        """The directory of bind records, opened safely (see statedir), and its path."""
+    def records(self, create: bool = True) -> tuple[int | None, str]:
+        """The directory of bind records, opened safely (see statedir), and its path; None
+        when it does not exist and is not to be made."""
         path = str(self.host.under(STATE_DIR))
         try:
-            return statedir.open_dir(path, create=True, mode=0o700, private=True), path
+            return statedir.open_dir(path, create=create, mode=0o700, private=True), path
+        except FileNotFoundError:
+            return None, path
         except statedir.UnsafeDirectory as e:
             raise BindError(e.what, e.hint) from None
+        except OSError as e:
+            raise BindError(f"cannot open {path}: {e.strerror}", "vmrun bind runs as root") from None
 
     def remember(self, address: str, driver: str | None) -> None:
-        directory, _ = self.records()
+        directory, path = self.records()
+        assert directory is not None
+        name = f"{address}.json"
         try:
-            with contextlib.suppress(FileExistsError):
-                # O_EXCL: bound before by us, the first original driver is the one to restore.
-                fd = os.open(
-                    f"{address}.json",
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    0o600,
-                    dir_fd=directory,
-                )
-                with os.fdopen(fd, "w") as f:
-                    f.write(json.dumps({"driver": driver}))
+            try:
+                os.stat(name, dir_fd=directory, follow_symlinks=False)
+            except FileNotFoundError:
+                # Written whole or not at all (a temp file renamed in place): a Ctrl-C
+                # leaves no empty record that a later unbind would refuse as damaged.
+                statedir.write_file(directory, name, json.dumps({"driver": driver}).encode(), mode=0o600)
+            # else: bound before by us; the first original driver is the one to restore.
+        except OSError as e:
+            raise BindError(f"cannot write the bind record {path}/{name}: {e.strerror}") from None
         finally:
             os.close(directory)
 
     def recall(self, address: str) -> tuple[bool, str | None]:
         """(known, original driver) from the record of `address`; a damaged record is refused."""
-        directory, path = self.records()
+        directory, path = self.records(create=False)
+        if directory is None:
+            return False, None
         try:
             data = statedir.read_file(directory, path, f"{address}.json", limit=4096)
         except statedir.UnsafeDirectory as e:
             raise BindError(e.what, e.hint) from None
+        except OSError as e:
+            raise BindError(f"cannot read the bind record {path}/{address}.json: {e.strerror}") from None
         finally:
             os.close(directory)
         if data is None:
@@ -121,7 +131,9 @@ class Binder:
         return True, driver
 
     def forget(self, address: str) -> None:
-        directory, _ = self.records()
+        directory, _ = self.records(create=False)
+        if directory is None:
+            return
         try:
             statedir.remove(directory, f"{address}.json")
         finally:
@@ -213,6 +225,11 @@ class Binder:
         self.check_present(addresses)
         self.check_not_bridges(addresses)
         self.check_groups(addresses)
+        for address in addresses:
+            if self.driver(address) != "vfio-pci":
+                # A record left from an earlier bind is kept and used by unbind: a damaged one
+                # is refused now, before anything is written, not halfway through a rollback.
+                self.recall(address)
         done: list[Change] = []
         touched: list[str] = []
         try:

@@ -409,24 +409,27 @@ def state_base(uid: int) -> str | None:
     """Where running VMs keep pid, lock and QMP socket: one directory per VM name.
 
     None for a user without a runtime directory: a predictable path in a shared /tmp could
-    be made first by someone else.
+    be made first by someone else. Clients connect to the sockets by path: it is absolute.
     """
     if os.environ.get("VMRUN_STATE_DIR"):
-        return os.environ["VMRUN_STATE_DIR"]
+        return os.path.abspath(os.environ["VMRUN_STATE_DIR"])
     if uid == 0:
         return "/run/vmrun"
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return f"{runtime}/vmrun" if runtime else None
+    # The XDG spec: a relative XDG_RUNTIME_DIR is to be ignored.
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    return f"{runtime.rstrip('/')}/vmrun" if os.path.isabs(runtime) else None
 
 
 def data_base(uid: int) -> str:
     """Where VMs keep what must survive a reboot of the host (the UEFI variable store)."""
     if os.environ.get("VMRUN_DATA_DIR"):
-        return os.environ["VMRUN_DATA_DIR"]
+        return os.path.abspath(os.environ["VMRUN_DATA_DIR"])
     if uid == 0:
         return "/var/lib/vmrun"
-    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return f"{data}/vmrun"
+    data = os.environ.get("XDG_DATA_HOME", "")
+    if not os.path.isabs(data):  # unset, or relative: the XDG spec's default
+        data = os.path.join(os.path.expanduser("~"), ".local", "share")
+    return f"{data.rstrip('/')}/vmrun"
 
 
 LOCALE_VARS = ("LANG", "TZ")

@@ -150,12 +150,23 @@ class StateDir:
                 f"stop it first (vmrun stop {self.plan.name}), or give this config another vm.name",
             ) from None
         # Ours now: what the last run left is history. Record this launch before anything
-        # else, so `ps`/`stop` can tell it from a process that only holds the lock.
-        for name in ("pid", "state.json"):
-            statedir.remove(self.fd, name)
-        st = os.fstat(fd)
-        self.lock_id = (st.st_dev, st.st_ino)
-        self.write_state("starting")
+        # else, so `ps`/`stop` can tell it from a process that only holds the lock. The pid
+        # file goes first and comes back last (see state.load, which reads them the other way).
+        try:
+            for name in ("pid", "state.json"):
+                try:
+                    statedir.remove(self.fd, name)
+                except OSError as e:
+                    raise LaunchError(
+                        f"cannot remove {self.path}/{name} of the last run: {e.strerror}",
+                        f"vmrun alone writes there; remove it (rm -r {self.path}/{name})",
+                    ) from None
+            st = os.fstat(fd)
+            self.lock_id = (st.st_dev, st.st_ino)
+            self.write_state("starting")
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def read_pid(self) -> int | None:
@@ -203,14 +214,23 @@ class StateDir:
             "pid": os.getpid(),
             "start_ticks": own_start_ticks(),
             "exe": os.path.realpath(plan.argv[0]),
+            # What this process is until it execs QEMU: how `ps` tells "starting" from a
+            # process that became something else.
+            "launcher": os.readlink("/proc/self/exe").removesuffix(" (deleted)"),
             "lock": list(self.lock_id),
             "started": time.time(),
             "run_as": plan.run_as.name if plan.run_as else None,
             "devices": [attrs.asdict(d) for d in plan.passthrough],
             "argv": plan.argv,
         }
-        statedir.write_file(self.fd, "pid", f"{os.getpid()}\n".encode())
-        statedir.write_file(self.fd, "state.json", (json.dumps(state, indent=1) + "\n").encode())
+        try:
+            statedir.write_file(self.fd, "state.json", (json.dumps(state, indent=1) + "\n").encode())
+            statedir.write_file(self.fd, "pid", f"{os.getpid()}\n".encode())
+        except OSError as e:
+            raise LaunchError(
+                f"cannot write the VM's state in {self.path}: {e.strerror}",
+                f"vmrun alone writes there; remove what is in the way (ls -la {self.path})",
+            ) from None
 
 
 def own_start_ticks() -> int:

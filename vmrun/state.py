@@ -19,6 +19,7 @@ import errno
 import fcntl
 import json
 import os
+import select
 import signal
 import time
 from typing import Any, Literal
@@ -29,8 +30,9 @@ from vmrun import config, host, statedir
 from vmrun.errors import Failure
 
 # running: proven to be the VM's QEMU; starting: the launching vmrun, before it execs QEMU;
-# stale: the lock is held, but not by the process recorded; stopped: nobody holds the lock.
-State = Literal["running", "starting", "stale", "stopped"]
+# stale: the lock is held, but not by the process recorded; stopped: nobody holds the lock;
+# unknown: the lock is held, and vmrun may not look into the recorded process to tell.
+State = Literal["running", "starting", "stale", "stopped", "unknown"]
 
 
 class VmError(Failure):
@@ -66,6 +68,7 @@ class Identity:
     argv: tuple[str, ...]
     lock: tuple[int, int]  # st_dev, st_ino of the lock file
     execed: bool  # the record of the exec (phase "exec"), not of the launch's start
+    launcher: str | None = None  # the launching vmrun's binary (its interpreter), before it execs QEMU
 
     @classmethod
     def of(cls, record: dict[str, Any]) -> Identity | None:
@@ -79,7 +82,16 @@ class Identity:
             return None
         if pid <= 0 or not isinstance(exe, str):
             return None
-        return cls(pid, ticks, exe, argv, (dev, ino), record.get("phase") == "exec")
+        launcher = record.get("launcher")
+        return cls(
+            pid,
+            ticks,
+            exe,
+            argv,
+            (dev, ino),
+            record.get("phase") == "exec",
+            launcher if isinstance(launcher, str) else None,
+        )
 
 
 @attrs.frozen
@@ -171,6 +183,14 @@ def lock_state(directory: int, dir_path: str) -> tuple[bool, tuple[int, int] | N
     return False, (st.st_dev, st.st_ino)
 
 
+def inode_of(directory: int, name: str) -> int | None:
+    """The inode of the entry `name` itself (a link is not followed); None when there is none."""
+    try:
+        return os.stat(name, dir_fd=directory, follow_symlinks=False).st_ino
+    except OSError:
+        return None
+
+
 def read_record(directory: int, dir_path: str) -> tuple[dict[str, Any], int | None]:
     """state.json as a dict ({} when missing or damaged) and its inode."""
     try:
@@ -213,7 +233,8 @@ class Verdict:
 
 def judge(identity: Identity, lock: tuple[int, int]) -> Verdict:
     """Is the recorded process the VM's QEMU ("running"), the vmrun about to exec it
-    ("starting"), or not the VM at all ("stale", with why)?"""
+    ("starting"), or not the VM at all ("stale", with why)? "unknown" when /proc does not
+    let vmrun look (another user's process, for a vmrun that is not root)."""
     pid = identity.pid
     try:
         if start_ticks(pid) != identity.start_ticks:
@@ -227,41 +248,76 @@ def judge(identity: Identity, lock: tuple[int, int]) -> Verdict:
             argv = tuple(a.decode(errors="replace") for a in f.read().split(b"\0")[:-1])
     except FileNotFoundError:
         return Verdict("stale", f"pid {pid} has exited", final=True)
-    except PermissionError:
-        raise VmError(
-            f"cannot prove pid {pid} is the VM's QEMU: /proc/{pid} is not readable for vmrun",
-            "run vmrun as root, or as the user QEMU runs as",
-        ) from None
+    except PermissionError as e:
+        where = e.filename if isinstance(e.filename, str) else f"/proc/{pid}"
+        return Verdict(
+            "unknown", f"cannot prove pid {pid} is the VM's QEMU: {where} is not readable for uid {os.geteuid()}"
+        )
     # A QEMU run through an interpreter (a script) shows the interpreter as exe: its argv says.
     if exe == identity.exe or argv == identity.argv:
         return Verdict("running")
+    if identity.launcher is not None:
+        if exe == identity.launcher:
+            return Verdict("starting")  # vmrun itself, between taking the lock and exec
+        # Neither vmrun nor its QEMU: what the process became (or never was) cannot turn back.
+        return Verdict("stale", f"pid {pid} runs {exe}, not the recorded {identity.exe}", final=True)
+    # A record that does not name the launcher: before exec, the launching vmrun; after,
+    # vmrun in its last instant before exec or something its QEMU became. Not the VM
+    # either way, and the record may still come true.
     if not identity.execed:
-        return Verdict("starting")  # vmrun itself, between taking the lock and exec
-    # The same process started by vmrun, not QEMU: vmrun in its last instant before exec,
-    # or something vmrun's QEMU became. Not the VM either way; the record may still come true.
+        return Verdict("starting")
     return Verdict("stale", f"pid {pid} runs {exe}, not the recorded {identity.exe}")
+
+
+def prove(identity: Identity, lock: tuple[int, int]) -> tuple[Verdict, int | None]:
+    """The verdict on the recorded process, made on a pidfd opened before looking at it,
+    and the pidfd when the process is the VM's QEMU or its launching vmrun (the caller
+    closes it).
+
+    The pidfd pins the process: if the proof holds after it was opened, it is about the
+    process the pidfd names (a reused pid would have another start time), and every
+    signal sent through the pidfd reaches that process or none.
+    """
+    pid = identity.pid
+    exited = Verdict("stale", f"pid {pid} has exited", final=True)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return exited, None
+    try:
+        verdict = judge(identity, lock)
+        if verdict.state not in ("running", "starting"):
+            os.close(pidfd)
+            return verdict, None
+        # Still the same live process after the proof? (A zombie has let go of its lock.)
+        with contextlib.suppress(PermissionError):  # not ours to signal, but alive
+            signal.pidfd_send_signal(pidfd, 0)
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if poller.poll(0):
+            raise ProcessLookupError
+    except ProcessLookupError:
+        os.close(pidfd)
+        return exited, None
+    except BaseException:
+        os.close(pidfd)
+        raise
+    return verdict, pidfd
 
 
 def open_pidfd(identity: Identity, lock: tuple[int, int]) -> int:
     """A pidfd on the VM's QEMU, proven to be it; VmError when it is not (anymore)."""
-    try:
-        pidfd = os.pidfd_open(identity.pid)
-    except ProcessLookupError:
-        raise VmError(f"pid {identity.pid} has exited") from None
-    # The pidfd pins the process: if the proof holds now, it is about the process the pidfd
-    # names (a reused pid would have another start time).
-    try:
-        verdict = judge(identity, lock)
-        if verdict.state != "running":
-            raise VmError(f"pid {identity.pid} is not the VM's QEMU" + (f": {verdict.why}" if verdict.why else " yet"))
-        signal.pidfd_send_signal(pidfd, 0)
-    except ProcessLookupError:
+    verdict, pidfd = prove(identity, lock)
+    if verdict.state == "running" and pidfd is not None:
+        return pidfd
+    if pidfd is not None:
         os.close(pidfd)
-        raise VmError(f"pid {identity.pid} has exited") from None
-    except BaseException:
-        os.close(pidfd)
-        raise
-    return pidfd
+    if verdict.state == "unknown":
+        raise VmError(f"{verdict.why}; nothing was signalled", "run vmrun as root, or as the user QEMU runs as")
+    raise VmError(
+        f"pid {identity.pid} is not the VM's QEMU" + (f": {verdict.why}" if verdict.why else " yet"),
+        "nothing was signalled",
+    )
 
 
 def process(pid: int, cpu_interval: float | None = None) -> Process | None:
@@ -323,6 +379,9 @@ def load(name: str, state_base: str | None = None, cpu_interval: float | None = 
         return None
     try:
         held, lock = lock_state(directory, state_dir)
+        # The pid file before state.json: a launch removes pid first and writes it last, so
+        # a pid file seen before an old state.json is old too (or gone), never the launch's.
+        pid_inode = inode_of(directory, "pid")
         record, inode = read_record(directory, state_dir)
         identity = Identity.of(record)
         verdict = Verdict("stopped")
@@ -330,13 +389,18 @@ def load(name: str, state_base: str | None = None, cpu_interval: float | None = 
             if identity is None:
                 verdict = Verdict("stale", "state.json does not identify the launch", final=True)
             else:
-                verdict = judge(identity, lock)
+                verdict, pidfd = prove(identity, lock)
+                if pidfd is not None:
+                    os.close(pidfd)
         state, why = verdict.state, verdict.why
-        if record and (not held or verdict.final):
+        if not held or verdict.final:
             # A record of a VM that is gone, or of a process that can never be the VM (it
-            # exited, started later, does not hold the lock): history.
-            statedir.remove(directory, "state.json", inode)
-            statedir.remove(directory, "pid")
+            # exited, started later, does not hold the lock, became something else):
+            # history. Only the files judged: a launch may have just written fresh ones.
+            for entry, seen in (("state.json", inode), ("pid", pid_inode)):
+                if seen is not None:
+                    with contextlib.suppress(OSError):  # tidying only: what is left is ignored
+                        statedir.remove(directory, entry, seen)
     finally:
         os.close(directory)
     pid = identity.pid if identity else None
@@ -408,6 +472,8 @@ def running(name: str, cpu_interval: float | None = None) -> Vm:
             f"a process other than its QEMU holds {vm.lock_file} (`fuser {vm.lock_file}` names it); "
             "the stale record was removed",
         )
+    if vm.state == "unknown":
+        raise VmError(f"{vm.why}; nothing was signalled", "run vmrun as root, or as the user QEMU runs as")
     if vm.state == "starting":
         raise VmError(
             f"VM {name} is starting: vmrun has its lock and has not yet started QEMU",

@@ -35,11 +35,17 @@ def describe_mode(st: os.stat_result) -> str:
     return f"owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}"
 
 
-def symlink_error(path: str) -> UnsafeDirectory:
-    return UnsafeDirectory(
-        f"{path} is a symlink or not a directory: vmrun does not follow links in its own directories",
-        f"remove it (rm {path}); vmrun makes the directory itself",
-    )
+def not_a_directory(path: str, parent: int | None, name: str) -> UnsafeDirectory:
+    """The error for `name` (under the directory fd `parent`, or the path `name`) that
+    O_DIRECTORY|O_NOFOLLOW refused: a symlink, or something that is not a directory."""
+    hint = f"remove it (rm {path}); vmrun makes the directory itself"
+    try:
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False) if parent is not None else os.lstat(name.rstrip("/"))
+    except OSError:
+        return UnsafeDirectory(f"{path} is not a directory", hint)
+    if stat.S_ISLNK(st.st_mode):
+        return UnsafeDirectory(f"{path} is a symlink: vmrun does not follow links in its own directories", hint)
+    return UnsafeDirectory(f"{path} is not a directory ({describe_mode(st)})", hint)
 
 
 def check_ours(fd: int, path: str, private: bool) -> None:
@@ -74,7 +80,7 @@ def open_dir(path: str, create: bool, mode: int = 0o700, private: bool = False) 
         return open_dir(path, create=False, private=private)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise symlink_error(path) from None
+            raise not_a_directory(path, None, path) from None
         raise
     try:
         check_ours(fd, path, private)
@@ -94,7 +100,7 @@ def open_subdir(parent: int, parent_path: str, name: str, create: bool) -> int:
         fd = os.open(name, DIR_FLAGS, dir_fd=parent)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise symlink_error(path) from None
+            raise not_a_directory(path, parent, name) from None
         raise
     try:
         check_ours(fd, path, private=True)
@@ -178,9 +184,8 @@ def listen_unix(directory: int, dir_path: str, name: str, backlog: int = 4) -> i
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         # Bound through the directory fd: no component of the path can be swapped meanwhile.
-        via = f"/proc/self/fd/{directory}/{name}"
-        sock.bind(via)
-        os.chmod(via, 0o600)
+        sock.bind(f"/proc/self/fd/{directory}/{name}")
+        os.chmod(name, 0o600, dir_fd=directory)
         sock.listen(backlog)
     except BaseException:
         sock.close()
