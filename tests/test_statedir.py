@@ -456,3 +456,18 @@ def test_a_process_vmrun_may_not_look_into_is_not_signalled(outdir: pathlib.Path
     finally:
         flock.kill()
         flock.wait()
+
+
+def test_a_trailing_slash_does_not_follow_a_symlinked_base(
+    tmp_path: pathlib.Path, target: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # O_NOFOLLOW does not hold for "link/": the kernel resolves a trailing slash through the link.
+    link = tmp_path / "base"
+    link.symlink_to(target)
+    for path in (str(link), f"{link}/", f"{link}//"):
+        with pytest.raises(statedir.UnsafeDirectory, match=f"^{link} is a symlink"):
+            os.close(statedir.open_dir(path, create=True))
+    monkeypatch.setenv("VMRUN_STATE_DIR", f"{link}/")
+    proc = vmrun("ps")
+    assert proc.returncode == 1 and f"vmrun ps: {link} is a symlink" in proc.stderr, proc.stderr
+    untouched(target)

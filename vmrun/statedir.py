@@ -40,7 +40,7 @@ def not_a_directory(path: str, parent: int | None, name: str) -> UnsafeDirectory
     O_DIRECTORY|O_NOFOLLOW refused: a symlink, or something that is not a directory."""
     hint = f"remove it (rm {path}); vmrun makes the directory itself"
     try:
-        st = os.stat(name, dir_fd=parent, follow_symlinks=False) if parent is not None else os.lstat(name.rstrip("/"))
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False) if parent is not None else os.lstat(name)
     except OSError:
         return UnsafeDirectory(f"{path} is not a directory", hint)
     if stat.S_ISLNK(st.st_mode):
@@ -68,12 +68,14 @@ def check_ours(fd: int, path: str, private: bool) -> None:
 
 def open_dir(path: str, create: bool, mode: int = 0o700, private: bool = False) -> int:
     """An fd on the directory `path` (made with `mode` when missing and `create`), checked."""
+    # A trailing slash would make the kernel follow a symlink despite O_NOFOLLOW.
+    path = path.rstrip("/") or "/"
     try:
         fd = os.open(path, DIR_FLAGS)
     except FileNotFoundError:
         if not create:
             raise
-        parent = os.path.dirname(path.rstrip("/")) or "/"
+        parent = os.path.dirname(path) or "/"
         os.makedirs(parent, mode=0o755, exist_ok=True)
         with contextlib.suppress(FileExistsError):
             os.mkdir(path, mode)
@@ -93,6 +95,8 @@ def open_dir(path: str, create: bool, mode: int = 0o700, private: bool = False) 
 def open_subdir(parent: int, parent_path: str, name: str, create: bool) -> int:
     """An fd on `name` under the directory fd `parent`: private (0700) and ours."""
     path = os.path.join(parent_path, name)
+    if name in ("", ".", "..") or "/" in name:
+        raise UnsafeDirectory(f"{path} is not a directory of its own under {parent_path}")  # callers pass VM names
     if create:
         with contextlib.suppress(FileExistsError):
             os.mkdir(name, 0o700, dir_fd=parent)
