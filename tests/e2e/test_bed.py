@@ -16,8 +16,9 @@ pytestmark = pytest.mark.e2e
 # A healthy run took about 150 s on the machine the bed was built on; on this project's
 # machine of Nov 29 2026 it takes 316-328 s with QEMU's seccomp sandbox on in every vmrun
 # launch (and about the same with it off: L2 starts take 1.2-3 s each there), a quarter
-# of it the memlock bisection. The budget leaves room for a slower CI machine.
-MAX_SECONDS = float(os.environ.get("VMRUN_E2E_MAX_SECONDS", "420"))
+# of it the memlock bisection, and up to 420 s while other tests ran beside it. The budget
+# leaves room for a slower CI machine.
+MAX_SECONDS = float(os.environ.get("VMRUN_E2E_MAX_SECONDS", "480"))
 
 
 def test_bed_run_completed(e2e_run: E2ERun) -> None:
