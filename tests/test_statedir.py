@@ -471,3 +471,39 @@ def test_a_trailing_slash_does_not_follow_a_symlinked_base(
     proc = vmrun("ps")
     assert proc.returncode == 1 and f"vmrun ps: {link} is a symlink" in proc.stderr, proc.stderr
     untouched(target)
+
+
+@pytest.mark.parametrize(
+    "plant, kind",
+    [
+        ("socket", "not a regular file but a socket"),
+        ("directory", "not a regular file but a directory"),
+        ("hardlink", "a regular file with 2 hard links"),
+    ],
+)
+def test_a_lock_vmrun_did_not_make_is_refused(
+    base: pathlib.Path,
+    target: pathlib.Path,
+    outdir: pathlib.Path,
+    host_tree: pathlib.Path,
+    plant: str,
+    kind: str,
+) -> None:
+    vm_dir = base / "t"
+    vm_dir.mkdir(mode=0o700)
+    lock = vm_dir / "lock"
+    if plant == "socket":
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(lock))
+    elif plant == "directory":
+        lock.mkdir()
+    else:  # another name of a file elsewhere: root's own, so the owner alone would pass
+        os.link(target / "precious", lock)
+    stderr = run_refused(config(outdir, {"memlock": "off"}), outdir, host_tree)
+    assert f"vmrun: {lock} is {kind} " in stderr and "not one vmrun made" in stderr, stderr
+    ps = vmrun("ps", "--all")
+    assert ps.returncode == 0 and "Traceback" not in ps.stderr
+    status = vmrun("status", "t")
+    assert status.returncode == 1 and f"{lock} is {kind}" in status.stderr, status.stderr
+    untouched(target)
+    assert (target / "precious").stat().st_nlink == (2 if plant == "hardlink" else 1)

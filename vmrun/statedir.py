@@ -5,9 +5,10 @@ vmrun runs as root and writes there: a symlink planted in place of a directory o
 would make it create, truncate or hand to QEMU a file of the attacker's choosing. So the
 base is opened with O_NOFOLLOW and must belong to vmrun's user and be writable by nobody
 else; each directory below it likewise; every file is opened relative to its directory's
-fd with O_NOFOLLOW and checked to be a regular file of ours; writes go to an O_EXCL temp
-file in the same directory, renamed over the target. Nothing here follows a symlink it did
-not create.
+fd with O_NOFOLLOW (and O_NONBLOCK: a FIFO must not hang vmrun) and checked to be a
+regular file of ours with no other name (a hard link would be a file elsewhere); writes go
+to an O_EXCL temp file in the same directory, renamed over the target. Unix sockets are
+bound through /proc/self/fd/DIR/NAME. Nothing here follows a symlink it did not create.
 """
 
 from __future__ import annotations
@@ -114,22 +115,51 @@ def open_subdir(parent: int, parent_path: str, name: str, create: bool) -> int:
     return fd
 
 
+FILE_TYPES = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFLNK: "a symlink",
+}
+
+
+def not_ours(path: str, st: os.stat_result) -> UnsafeDirectory:
+    """The error for what is at `path` in place of a regular file of vmrun's with one name."""
+    hint = f"remove it (rm {path})"
+    kind = FILE_TYPES.get(stat.S_IFMT(st.st_mode))
+    if kind == "a symlink":
+        return UnsafeDirectory(f"{path} is a symlink: vmrun does not follow links in its own directories", hint)
+    if kind is not None:
+        what = f"not a regular file but {kind}"
+    elif st.st_nlink != 1:
+        what = f"a regular file with {st.st_nlink} hard links"
+    else:
+        what = "a regular file of another user"
+    return UnsafeDirectory(f"{path} is {what} ({describe_mode(st)}): not one vmrun made", hint)
+
+
 def open_file(directory: int, dir_path: str, name: str, flags: int, mode: int = 0o600) -> int:
-    """A regular file of ours in `directory`, never through a symlink, never hanging on a FIFO."""
+    """A regular file of ours in `directory`: never through a symlink, never hanging on a
+    FIFO, never one with other names (a hard link to a file elsewhere)."""
     path = os.path.join(dir_path, name)
     try:
         fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY, mode, dir_fd=directory)
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise UnsafeDirectory(
-                f"{path} is a symlink: vmrun does not follow links in its own directories", f"remove it (rm {path})"
-            ) from None
-        raise
+        # ELOOP for a symlink, ENXIO for a socket, EISDIR for a directory opened to write,
+        # ENODEV for a device without a driver: what is there is not a file vmrun made.
+        if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.ENODEV, errno.EOPNOTSUPP):
+            raise
+        try:
+            st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+        except OSError:
+            raise UnsafeDirectory(f"cannot open {path}", f"remove it (rm {path})") from None
+        raise not_ours(path, st) from None
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
         os.close(fd)
-        kind = "a regular file" if stat.S_ISREG(st.st_mode) else "not a regular file"
-        raise UnsafeDirectory(f"{path} is {kind} ({describe_mode(st)}): not one vmrun made", f"remove it (rm {path})")
+        raise not_ours(path, st)
     os.set_blocking(fd, True)
     return fd
 
