@@ -56,7 +56,7 @@ def check_ours(fd: int, path: str, private: bool) -> None:
     if st.st_uid != me:
         raise UnsafeDirectory(
             f"{path} belongs to uid {st.st_uid}, not to vmrun's user (uid {me}): {describe_mode(st)}",
-            "remove it so vmrun makes its own, or point VMRUN_STATE_DIR / VMRUN_DATA_DIR at a directory of yours",
+            f"remove it (rm -r {path}) so vmrun makes its own",
         )
     if stat.S_IMODE(st.st_mode) & 0o022:
         raise UnsafeDirectory(
