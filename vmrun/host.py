@@ -312,7 +312,8 @@ def image_facts(path: pathlib.Path, opener: Opener, writable: bool = False) -> I
     chain: list[Layer] = []
     try:
         header = read_header(fd)
-        seen = {(os.fstat(fd).st_dev, os.fstat(fd).st_ino)}
+        st = os.fstat(fd)
+        seen = {(st.st_dev, st.st_ino)}
     finally:
         os.close(fd)
     top_format = header.format

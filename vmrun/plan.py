@@ -19,6 +19,7 @@ from vmrun.model import Config
 from vmrun.qemu_caps import MINIMAL_PATH
 from vmrun.requirements import Finding, Requirements, Status
 from vmrun.sizes import format_size
+from vmrun.statedir import SUN_PATH_MAX
 
 FIRST_FD = 3
 
@@ -48,8 +49,6 @@ class FdSpec:
 # socket in, reached only through this fd; inherited: from the caller
 FdKind = Literal["device", "file", "data", "tap", "inherited", "lock", "qmp", "console", "vncdir"]
 QMP_CHARDEV = "vmrun-qmp"
-# struct sockaddr_un's sun_path: a socket path that long cannot be connected to.
-SUN_PATH_MAX = 108
 NO_STATE_BASE = "(no state directory)"
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
@@ -209,9 +208,14 @@ class Planner:
         )
 
     @property
+    def qemu_identity(self) -> User | None:
+        """The user QEMU runs as: vm.user, else whoever runs vmrun (None: not in the user database)."""
+        return self.facts.run_as if self.config.vm.user else self.facts.caller
+
+    @property
     def qemu_user(self) -> str:
         """Who QEMU runs as, for messages."""
-        user = self.facts.run_as if self.config.vm.user else self.facts.caller
+        user = self.qemu_identity
         return user.name if user else f"uid {self.facts.launcher.uid}"
 
     def environment(self) -> tuple[tuple[str, str], ...]:
@@ -220,7 +224,7 @@ class Planner:
         Root's environment holds tokens and keys, and any process of the VM user could read
         QEMU's through /proc.
         """
-        user = self.facts.run_as if self.config.vm.user else self.facts.caller
+        user = self.qemu_identity
         env = {
             "PATH": MINIMAL_PATH,
             "HOME": user.home if user else "/",
