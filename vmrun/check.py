@@ -7,7 +7,7 @@ from typing import Any
 import attrs
 
 from vmrun.errors import Problem
-from vmrun.launch import trial_per_process_accounting
+from vmrun.ioctls import trial_per_process_accounting
 from vmrun.plan import Plan
 from vmrun.requirements import Finding
 

@@ -16,7 +16,6 @@ import os
 import resource
 import signal
 import stat
-import struct
 import termios
 import time
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from typing import NoReturn
 
 import attrs
 
-from vmrun import statedir
+from vmrun import ioctls, statedir
 from vmrun.errors import LaunchError
 from vmrun.memlock import UNLIMITED
 from vmrun.opener import Opener, describe_type
@@ -41,44 +40,7 @@ from vmrun.privileges import (
 )
 from vmrun.sizes import format_mib
 
-# include/uapi/linux/iommufd.h: IOMMU_OPTION = _IO(IOMMUFD_TYPE=';', 0x87)
-IOMMU_OPTION = 0x3B87
-IOMMU_OPTION_RLIMIT_MODE = 0
-IOMMU_OPTION_OP_SET = 0
-IOMMU_OPTION_OP_GET = 1
-RLIMIT_MODE_PER_PROCESS = 1
-# struct iommu_option { u32 size; u32 option_id; u16 op; u16 reserved; u32 object_id; u64 val64; }
-IOMMU_OPTION_STRUCT = struct.Struct("=IIHHIQ")
-
 Exec = Callable[[str, list[str], dict[str, str]], NoReturn]
-
-
-def iommu_option(fd: int, op: int, value: int = 0) -> int:
-    """Run IOMMU_OPTION RLIMIT_MODE on an iommufd; returns the value the kernel reports."""
-    buf = bytearray(IOMMU_OPTION_STRUCT.pack(IOMMU_OPTION_STRUCT.size, IOMMU_OPTION_RLIMIT_MODE, op, 0, 0, value))
-    fcntl.ioctl(fd, IOMMU_OPTION, buf)
-    return int(IOMMU_OPTION_STRUCT.unpack(buf)[5])
-
-
-def trial_per_process_accounting(host_root: str, path: str) -> str | None:
-    """Open `path` as an iommufd and switch it to per-process accounting; None on success.
-
-    For `vmrun check`: a fresh iommufd context with no objects, closed again at once.
-    """
-    try:
-        fd = os.open(os.path.join(host_root, path.lstrip("/")), os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        return f"cannot open {path}: {e.strerror}"
-    try:
-        iommu_option(fd, IOMMU_OPTION_OP_SET, RLIMIT_MODE_PER_PROCESS)
-        mode = iommu_option(fd, IOMMU_OPTION_OP_GET)
-    except OSError as e:
-        return f"cannot set per-process accounting on {path}: {e.strerror}"
-    finally:
-        os.close(fd)
-    if mode != RLIMIT_MODE_PER_PROCESS:
-        return f"{path} reports accounting mode {mode} after setting per-process"
-    return None
 
 
 def ensure_stdio() -> None:
@@ -294,18 +256,12 @@ def open_data(plan: Plan, spec: FdSpec) -> int:
         raise LaunchError(f"cannot make or open {spec.path} ({spec.purpose}): {e.strerror}") from None
 
 
-# <linux/if_tun.h>
-TUNSETIFF = 0x400454CA
-IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
-
-
 def open_tap(plan: Plan, spec: FdSpec) -> int:
     """Attach to an existing tap interface, so QEMU needs neither /dev/net/tun nor CAP_NET_ADMIN."""
     assert spec.path is not None and spec.ifname is not None
     fd = os.open(os.path.join(plan.host_root, spec.path.lstrip("/")), os.O_RDWR | os.O_CLOEXEC)
-    ifreq = struct.pack("16sH22x", spec.ifname.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
     try:
-        fcntl.ioctl(fd, TUNSETIFF, ifreq)
+        ioctls.attach_tap(fd, spec.ifname)
     except OSError as e:
         os.close(fd)
         raise LaunchError(
@@ -353,7 +309,7 @@ def open_each(plan: Plan, state: StateDir, opened: dict[int, int], as_user: Open
                 raise open_error(spec, path, e) from None
             if spec.per_process_accounting:
                 try:
-                    iommu_option(opened[spec.fd], IOMMU_OPTION_OP_SET, RLIMIT_MODE_PER_PROCESS)
+                    ioctls.set_per_process_accounting(opened[spec.fd])
                 except OSError as e:
                     raise LaunchError(
                         f"cannot set per-process memlock accounting on {spec.path} ({spec.purpose}): {e.strerror}",
