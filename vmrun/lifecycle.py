@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import sys
 import time
@@ -146,12 +145,7 @@ class Stopper:
         self.qmp_down: str | None = None
 
     def process_gone(self) -> bool:
-        """A pidfd polls readable once its process has exited (a zombie included)."""
-        if self.pidfd is None:
-            return True
-        poller = select.poll()
-        poller.register(self.pidfd, select.POLLIN)
-        return bool(poller.poll(0))
+        return self.pidfd is None or state.has_exited(self.pidfd)
 
     def close(self) -> None:
         if self.pidfd is not None:

@@ -269,6 +269,13 @@ def judge(identity: Identity, lock: tuple[int, int]) -> Verdict:
     return Verdict("stale", f"pid {pid} runs {exe}, not the recorded {identity.exe}")
 
 
+def has_exited(pidfd: int) -> bool:
+    """A pidfd polls readable once its process has exited (a zombie included)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def prove(identity: Identity, lock: tuple[int, int]) -> tuple[Verdict, int | None]:
     """The verdict on the recorded process, made on a pidfd opened before looking at it,
     and the pidfd when the process is the VM's QEMU or its launching vmrun (the caller
@@ -292,9 +299,7 @@ def prove(identity: Identity, lock: tuple[int, int]) -> tuple[Verdict, int | Non
         # Still the same live process after the proof? (A zombie has let go of its lock.)
         with contextlib.suppress(PermissionError):  # not ours to signal, but alive
             signal.pidfd_send_signal(pidfd, 0)
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        if poller.poll(0):
+        if has_exited(pidfd):
             raise ProcessLookupError
     except ProcessLookupError:
         os.close(pidfd)
