@@ -20,7 +20,7 @@ from collections.abc import Callable
 import attrs
 
 from vmrun.model import Config, Vfio
-from vmrun.opener import Opener, describe_type
+from vmrun.opener import Opener, describe_type, not_an_image
 from vmrun.qemu_caps import QemuCaps, probe
 
 CAP_IPC_LOCK = 14
@@ -291,10 +291,10 @@ def open_image(opener: Opener, path: str, flags: int) -> tuple[int | None, str |
         return None, "it is a directory, not an image file or block device"
     except OSError as e:
         return None, f"{opener.who} may not open it: {e.strerror}"
-    mode = os.fstat(fd).st_mode
-    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+    why = not_an_image(fd)
+    if why is not None:
         os.close(fd)
-        return None, f"it is {describe_type(mode)}, not an image file or block device"
+        return None, why
     return fd, None
 
 

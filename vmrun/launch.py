@@ -15,7 +15,6 @@ import json
 import os
 import resource
 import signal
-import stat
 import termios
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ import attrs
 from vmrun import ioctls, statedir
 from vmrun.errors import LaunchError
 from vmrun.memlock import UNLIMITED
-from vmrun.opener import Opener, describe_type
+from vmrun.opener import Opener, not_an_image
 from vmrun.plan import FdSpec, Plan
 from vmrun.privileges import (
     PR_CAP_AMBIENT,
@@ -237,10 +236,10 @@ def open_file(spec: FdSpec, as_user: Opener) -> int:
             f"cannot open {spec.path} for {spec.purpose} as {opener.who}: {e.strerror}",
             f"vmrun opens it with the rights of the user QEMU runs as; give {opener.who} access to it",
         ) from None
-    mode = os.fstat(fd).st_mode
-    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+    why = not_an_image(fd)
+    if why is not None:
         os.close(fd)
-        raise LaunchError(f"{spec.path} ({spec.purpose}) is {describe_type(mode)}, not an image file or block device")
+        raise LaunchError(f"{spec.path} ({spec.purpose}): {why}")
     return fd
 
 

@@ -50,6 +50,14 @@ def describe_type(mode: int) -> str:
     return kinds.get(stat.S_IFMT(mode), "not a regular file")
 
 
+def not_an_image(fd: int) -> str | None:
+    """Why what `fd` opened cannot be a disk image (QEMU takes regular files and block devices)."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return None
+    return f"it is {describe_type(mode)}, not an image file or block device"
+
+
 class Opener:
     """Opens paths as `user`; None (or vmrun already being that user) opens with vmrun's own rights.
 
