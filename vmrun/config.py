@@ -46,6 +46,8 @@ RESERVED_IDS = {
 }
 # ID-b1, ID-b2, ...: the backing layers' node names, from Planner.disk.
 BACKING_NODE_RE = re.compile(r".*-b[0-9]+")
+# hotplug0, hotplug1, ...: the empty root ports, from Planner.hotplug_ports (plan.HOTPLUG_PORT).
+HOTPLUG_PORT_RE = re.compile(r"hotplug[0-9]+")
 # A letter or digit first: the name is a directory under the state base, never "." or
 # ".."; at most 64 characters, so every socket path under it fits sun_path.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -482,6 +484,7 @@ VM_KEYS = (
     Key("args", string_list, "raw QEMU arguments appended last (escape hatch)"),
     Key("env", environment, "environment variables added to QEMU's minimal environment"),
     Key("sandbox", boolean, "QEMU's seccomp sandbox (default true)"),
+    Key("hotplug_slots", integer(0, 32), "empty PCIe root ports for `vmrun attach` (q35 only; default 4 on q35)"),
 )
 IOMMUFD_KEYS = (
     Key("id", string(ID_RE, ID_HINT), "id of the iommufd object", required=True),
@@ -750,6 +753,8 @@ def id_problem(section: str, ident: str) -> tuple[str, str] | None:
         return f"is {len(ident)} characters long, at most {limit}{why}", "pick a shorter id"
     if ident in RESERVED_IDS:
         return f"{shown(ident)} is the id of {RESERVED_IDS[ident]}, which vmrun adds", "pick another id"
+    if HOTPLUG_PORT_RE.fullmatch(ident):
+        return f"{shown(ident)} is the id of a hot-plug root port, which vmrun adds", "pick another id"
     if section == "disk" and BACKING_NODE_RE.fullmatch(ident):
         return f"{shown(ident)} ends like the names vmrun gives backing layers (ID-b1, ID-b2, ...)", "pick another id"
     return None
@@ -789,6 +794,12 @@ def check_vm(r: Reader, vm: dict[str, Any]) -> None:
         r.problem("vm.uefi_vars", 'needs firmware = "uefi"', 'set vm.firmware = "uefi", or drop this key')
     if vm.get("viommu") == "intel" and not is_q35(vm.get("machine", "q35")):
         r.problem("vm.viommu", f"intel-iommu needs a q35 machine, not {vm['machine']}", 'set machine = "q35"')
+    if vm.get("hotplug_slots") and not is_q35(vm.get("machine", "q35")):
+        r.problem(
+            "vm.hotplug_slots",
+            f"hot-plug slots are PCIe root ports, which need a q35 machine, not {vm['machine']}",
+            f"drop it: on {vm['machine']} `vmrun attach` plugs devices into the root bus",
+        )
 
 
 def check_nets(r: Reader, nets: list[Entry]) -> None:

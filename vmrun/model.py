@@ -40,6 +40,7 @@ class Vm:
     args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()  # added to QEMU's minimal environment
     sandbox: bool = True  # QEMU's seccomp sandbox
+    hotplug_slots: int | None = None  # empty root ports for `vmrun attach`; None: 4 on q35, else 0
 
 
 @attrs.frozen

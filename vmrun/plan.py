@@ -12,11 +12,13 @@ from typing import Literal
 import attrs
 
 from vmrun import qemu_args
+from vmrun.config import is_q35
 from vmrun.errors import Problem
 from vmrun.host import DeviceFacts, HostFacts, User
 from vmrun.memlock import MemlockPlan, memlock_plan
 from vmrun.model import Config
 from vmrun.qemu_caps import MINIMAL_PATH
+from vmrun.qemu_parts import FDSET_PREFIX, Part, Piece
 from vmrun.requirements import Finding, Requirements, Status
 from vmrun.sizes import format_size
 from vmrun.statedir import SUN_PATH_MAX
@@ -50,6 +52,8 @@ class FdSpec:
 FdKind = Literal["device", "file", "data", "tap", "inherited", "lock", "qmp", "console", "vncdir"]
 QMP_CHARDEV = "vmrun-qmp"
 NO_STATE_BASE = "(no state directory)"
+HOTPLUG_PORT = "hotplug"  # ids hotplug0, hotplug1, ...: config.RESERVED_ID_RE keeps them free
+DEFAULT_HOTPLUG_SLOTS = 4
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
@@ -78,6 +82,8 @@ class Plan:
     # Everything checked, in order: "ok" found right, "warn" worth knowing,
     # "fail" stops `run` before anything is opened.
     findings: tuple[Finding, ...] = ()
+    # What QEMU creates for each config entry, typed: `vmrun attach` sends these over QMP.
+    parts: tuple[Part, ...] = ()
 
     def with_status(self, status: Status) -> tuple[Problem, ...]:
         return tuple(f.problem for f in self.findings if f.status == status)
@@ -118,6 +124,7 @@ class Planner:
         self.numbers = FdNumbers(set(config.caller_fds()))
         self.fdsets = 0
         self.scsi_controller = False
+        self.parts: list[Part] = []
 
     def problem(self, path: str, message: str, hint: str | None = None) -> None:
         self.checks.problem(path, message, hint)
@@ -149,11 +156,13 @@ class Planner:
                 self.ok(key, f"{path} is readable for {self.qemu_user}")
         # Parts are planned in fd order (devices first, sockets last), then laid out in argv
         # in the order a reader expects: machine, firmware, devices, backends.
-        iommufd_opts = [("-object", self.iommufd_object(i)) for i in range(len(self.config.iommufd))]
-        vfio_opts = [("-device", self.device(i)) for i in range(len(self.config.vfio))]
+        iommufd_opts = [
+            o for i in range(len(self.config.iommufd)) for o in self.part("iommufd", i, [self.iommufd_object(i)])
+        ]
+        vfio_opts = [o for i in range(len(self.config.vfio)) for o in self.part("vfio", i, [self.device(i)])]
         firmware_opts, pflash = self.firmware()
-        disk_opts = [opt for i in range(len(self.config.disk)) for opt in self.disk(i)]
-        net_opts = [opt for i in range(len(self.config.net)) for opt in self.net(i)]
+        disk_opts = [o for i in range(len(self.config.disk)) for o in self.part("disk", i, self.disk(i))]
+        net_opts = [o for i in range(len(self.config.net)) for o in self.part("net", i, self.net(i))]
         console_opts = self.console()
         state_opts = self.state_fds()
         machine = [vm.machine, *pflash]
@@ -191,7 +200,7 @@ class Planner:
             options.append(("-device", "intel-iommu,id=viommu0,intremap=on,caching-mode=on"))
         elif vm.viommu == "virtio":
             options.append(("-device", "virtio-iommu-pci,id=viommu0"))
-        options += iommufd_opts + vfio_opts + disk_opts + net_opts + state_opts
+        options += [*iommufd_opts, *vfio_opts, *disk_opts, *net_opts, *self.hotplug_ports(), *state_opts]
         options += qemu_args.group(vm.args)
         return Plan(
             name=vm.name,
@@ -205,7 +214,22 @@ class Planner:
             passthrough=tuple(Passthrough(d.id, d.driver, d.source, d.iommufd or "legacy") for d in self.config.vfio),
             env=self.environment(),
             findings=tuple(self.checks.findings),
+            parts=tuple(self.parts),
         )
+
+    def part(self, section: str, index: int, pieces: list[Piece]) -> list[tuple[str, ...]]:
+        """Record what QEMU creates for config entry section[index]; its command-line options."""
+        entry = getattr(self.config, section)[index]
+        self.parts.append(Part(section, index, entry.id, tuple(pieces)))
+        return [piece.option() for piece in pieces]
+
+    def hotplug_ports(self) -> list[tuple[str, ...]]:
+        """Empty PCIe root ports for `vmrun attach`: q35's root bus takes no hot-plugged device.
+
+        Last among the devices, so adding them moves no device of the config to another
+        PCI address.
+        """
+        return [("-device", hotplug_port(k)) for k in range(hotplug_slots(self.config))]
 
     @property
     def qemu_identity(self) -> User | None:
@@ -277,11 +301,11 @@ class Planner:
         chardev = qemu_args.option("socket", [("id", "console"), ("fd", fd), ("server", True), ("wait", False)])
         return [("-chardev", chardev), ("-serial", "chardev:console")]
 
-    def fdset(self, fd: int, opaque: str) -> tuple[tuple[str, str], str]:
+    def fdset(self, fd: int, opaque: str) -> tuple[Piece, str]:
         """An fd QEMU opens as /dev/fdset/N, so it needs no access to `path` itself."""
         self.fdsets += 1
-        add = qemu_args.option("", [("fd", fd), ("set", self.fdsets), ("opaque", opaque)])[1:]
-        return ("-add-fd", add), f"/dev/fdset/{self.fdsets}"
+        add = Piece("add-fd", "", (("fd", fd), ("set", self.fdsets), ("opaque", opaque)), fd=fd)
+        return add, f"{FDSET_PREFIX}{self.fdsets}"
 
     def firmware(self) -> tuple[list[tuple[str, ...]], list[str]]:
         vm = self.config.vm
@@ -315,29 +339,17 @@ class Planner:
             self.fds.append(FdSpec(fd, path, purpose, mode, kind=kind, template=template, as_user=kind == "file"))
             add, fdset = self.fdset(fd, node)
             readonly = template is None
-            opts += [
-                add,
-                (
-                    "-blockdev",
-                    qemu_args.keyval(
-                        [
-                            ("driver", "file"),
-                            ("node-name", f"{node}-file"),
-                            ("filename", fdset),
-                            ("read-only", readonly),
-                        ]
-                    ),
-                ),
-                (
-                    "-blockdev",
-                    qemu_args.keyval(
-                        [("driver", "raw"), ("node-name", node), ("file", f"{node}-file"), ("read-only", readonly)]
-                    ),
-                ),
-            ]
+            file_node = (
+                ("driver", "file"),
+                ("node-name", f"{node}-file"),
+                ("filename", fdset),
+                ("read-only", readonly),
+            )
+            raw_node = (("driver", "raw"), ("node-name", node), ("file", f"{node}-file"), ("read-only", readonly))
+            opts += [add.option(), Piece("blockdev", "", file_node).option(), Piece("blockdev", "", raw_node).option()]
         return opts, ["pflash0=fw-code", "pflash1=fw-vars"]
 
-    def disk(self, i: int) -> list[tuple[str, ...]]:
+    def disk(self, i: int) -> list[Piece]:
         disk = self.config.disk[i]
         path = f"disk[{i}]"
         facts = self.facts.images.get(disk.id)
@@ -383,7 +395,7 @@ class Planner:
         # Backing files go as fds too: QEMU would open them by the path in the header,
         # which a de-privileged QEMU may not read. Read-only, as QEMU opens them.
         layers += [(f"{disk.id}-b{k}", b.path, b.format, True) for k, b in enumerate(facts.backing if facts else (), 1)]
-        nodes: list[tuple[str, ...]] = []
+        nodes: list[Piece] = []
         for k, (name, file, fmt, readonly) in enumerate(layers):
             fd = self.numbers.allocate()
             purpose = f"disk {disk.id}" if k == 0 else f"disk {disk.id} backing layer {k}"
@@ -393,36 +405,38 @@ class Planner:
             add, fdset = self.fdset(fd, name)
             common = [("read-only", readonly), *cache]
             below = f"{layers[k + 1][0]}-fmt" if k + 1 < len(layers) else None
-            file_node = qemu_args.keyval(
-                [("driver", "file"), ("node-name", f"{name}-file"), ("filename", fdset), *common]
+            file_node = Piece(
+                "blockdev", "", (("driver", "file"), ("node-name", f"{name}-file"), ("filename", fdset), *common)
             )
-            fmt_node = qemu_args.keyval(
-                [("driver", fmt), ("node-name", f"{name}-fmt"), ("file", f"{name}-file"), ("backing", below), *common]
+            fmt_node = Piece(
+                "blockdev",
+                "",
+                (("driver", fmt), ("node-name", f"{name}-fmt"), ("file", f"{name}-file"), ("backing", below), *common),
             )
             # A node must exist before the one that names it as backing: lowest layer first.
-            nodes[:0] = [add, ("-blockdev", file_node), ("-blockdev", fmt_node)]
-        opts: list[tuple[str, ...]] = nodes
+            nodes[:0] = [add, file_node, fmt_node]
+        pieces = nodes
         drive = f"{disk.id}-fmt"
         if disk.interface == "virtio-blk":
-            device = qemu_args.option("virtio-blk-pci", [("id", disk.id), ("drive", drive), ("serial", disk.serial)])
+            device = Piece("device", "virtio-blk-pci", (("id", disk.id), ("drive", drive), ("serial", disk.serial)))
         elif disk.interface == "nvme":
             # An NVMe controller must have a serial number.
-            device = qemu_args.option("nvme", [("id", disk.id), ("drive", drive), ("serial", disk.serial or disk.id)])
+            device = Piece("device", "nvme", (("id", disk.id), ("drive", drive), ("serial", disk.serial or disk.id)))
         else:
             if not self.scsi_controller:
                 self.scsi_controller = True
-                opts.append(("-device", "virtio-scsi-pci,id=scsi0"))
-            device = qemu_args.option(
-                "scsi-hd", [("id", disk.id), ("bus", "scsi0.0"), ("drive", drive), ("serial", disk.serial)]
+                pieces.append(Piece("device", "virtio-scsi-pci", (("id", "scsi0"),)))
+            device = Piece(
+                "device", "scsi-hd", (("id", disk.id), ("bus", "scsi0.0"), ("drive", drive), ("serial", disk.serial))
             )
-        opts.append(("-device", device))
-        return opts
+        pieces.append(device)
+        return pieces
 
-    def net(self, i: int) -> list[tuple[str, ...]]:
+    def net(self, i: int) -> list[Piece]:
         net = self.config.net[i]
         mac = net.mac or derived_mac(self.config.vm.name, net.id)
         if net.type == "user":
-            netdev = qemu_args.option("user", [("id", net.id), *[("hostfwd", f.hostfwd()) for f in net.forwards]])
+            netdev = Piece("netdev", "user", (("id", net.id), *[("hostfwd", f.hostfwd()) for f in net.forwards]))
         else:
             assert net.ifname is not None
             if self.facts.dev_tun is None:
@@ -435,9 +449,9 @@ class Planner:
                 )
             fd = self.numbers.allocate()
             self.fds.append(FdSpec(fd, "/dev/net/tun", f"tap {net.ifname} for {net.id}", kind="tap", ifname=net.ifname))
-            netdev = qemu_args.option("tap", [("id", net.id), ("fd", fd)])
-        device = qemu_args.option(net.model, [("id", net.id), ("netdev", net.id), ("mac", mac)])
-        return [("-netdev", netdev), ("-device", device)]
+            netdev = Piece("netdev", "tap", (("id", net.id), ("fd", fd)), fd=fd)
+        device = Piece("device", net.model, (("id", net.id), ("netdev", net.id), ("mac", mac)))
+        return [netdev, device]
 
     @property
     def state_dir(self) -> str:
@@ -475,7 +489,7 @@ class Planner:
         chardev = qemu_args.option("socket", [("id", QMP_CHARDEV), ("fd", qmp), ("server", True), ("wait", False)])
         return [("-chardev", chardev), ("-mon", f"chardev={QMP_CHARDEV},mode=control")]
 
-    def iommufd_object(self, i: int) -> str:
+    def iommufd_object(self, i: int) -> Piece:
         obj = self.config.iommufd[i]
         if obj.fd is not None:
             fd = obj.fd
@@ -496,7 +510,7 @@ class Planner:
                 )
         if not any(d.iommufd == obj.id for d in self.config.vfio):
             self.note(f"iommufd[{i}]", f"{obj.id} has no device", "drop it, or name it in a device's iommufd")
-        return qemu_args.option("iommufd", [("id", obj.id), ("fd", fd)])
+        return Piece("object", "iommufd", (("id", obj.id), ("fd", fd)), fd=fd)
 
     def per_process_accounting(self, i: int) -> bool:
         # Kernel default: pinned pages are charged to the user, so two VMs of one uid share one
@@ -514,7 +528,7 @@ class Planner:
         )
         return False
 
-    def device(self, i: int) -> str:
+    def device(self, i: int) -> Piece:
         dev = self.config.vfio[i]
         path = f"vfio[{i}]"
         facts = self.facts.devices.get(dev.id, DeviceFacts(sysfs=None))
@@ -538,7 +552,21 @@ class Planner:
                 props += [("host", dev.host), ("sysfsdev", dev.sysfsdev)]
         props.append(("iommufd", dev.iommufd))
         props += list(dev.props)
-        return qemu_args.option(dev.driver, props)
+        fd_prop = dict(props).get("fd")
+        return Piece("device", dev.driver, tuple(props), fd=fd_prop if isinstance(fd_prop, int) else None)
+
+
+def hotplug_slots(config: Config) -> int:
+    """How many empty root ports the VM gets: as set, else 4 on q35 (as libvirt leaves), none elsewhere."""
+    slots = config.vm.hotplug_slots
+    if slots is not None:
+        return slots
+    return DEFAULT_HOTPLUG_SLOTS if is_q35(config.vm.machine) else 0
+
+
+def hotplug_port(k: int) -> str:
+    # Each root port needs its own chassis number; the slot stays 0.
+    return qemu_args.option("pcie-root-port", [("id", f"{HOTPLUG_PORT}{k}"), ("chassis", k + 1)])
 
 
 def plan(config: Config, facts: HostFacts) -> Plan:
