@@ -16,7 +16,7 @@ import re
 import stat
 import sys
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -640,9 +640,9 @@ def load(path: pathlib.Path | str) -> Config:
     return parse(read_text(path), path)
 
 
-def parse(text: str, path: pathlib.Path) -> Config:
+def read_toml(text: str, path: pathlib.Path) -> dict[str, Any]:
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), [toml_syntax_problem(e)]) from None
     except RecursionError:
@@ -661,6 +661,10 @@ def parse(text: str, path: pathlib.Path) -> Config:
                 )
             ],
         ) from None
+
+
+def parse(text: str, path: pathlib.Path) -> Config:
+    raw = read_toml(text, path)
     reader = Reader(Context(base=path.absolute().parent))
     for name in raw:
         if name not in SECTIONS:
@@ -694,6 +698,60 @@ def parse(text: str, path: pathlib.Path) -> Config:
     )
 
 
+# The sections `vmrun attach` takes from a fragment, with their keys and models.
+ENTRY_SECTIONS: dict[str, tuple[tuple[Key, ...], type[Iommufd | Vfio | Disk | Net]]] = {
+    "iommufd": (IOMMUFD_KEYS, Iommufd),
+    "vfio": (VFIO_KEYS, Vfio),
+    "disk": (DISK_KEYS, Disk),
+    "net": (NET_KEYS, Net),
+}
+
+
+def load_fragment(path: pathlib.Path | str, running: Config, taken: Mapping[str, str]) -> Config:
+    """The entries of a `vmrun attach` fragment, validated as a config's are, and checked
+    against the VM they go into: `taken` maps every id the VM has to what has it, and an
+    iommufd may name one of the VM's objects. The result has the VM's [vm] and only the
+    fragment's entries."""
+    path = pathlib.Path(path)
+    raw = read_toml(read_text(path), path)
+    reader = Reader(Context(base=path.absolute().parent))
+    for name in raw:
+        if name == "vm":
+            reader.problem("vm", "a fragment adds devices to a running VM; [vm] is the VM's own", "drop [vm]")
+        elif name not in ENTRY_SECTIONS:
+            hint = did_you_mean(name, ENTRY_SECTIONS) or "a fragment holds [[iommufd]], [[vfio]], [[disk]] and [[net]]"
+            reader.problem(key_part(name)[1:], "unknown section", hint)
+    entries = {name: reader.array(raw, name, keys) for name, (keys, _) in ENTRY_SECTIONS.items()}
+    cross_check(reader, {}, entries["iommufd"], entries["vfio"], [o.id for o in running.iommufd])
+    check_ids(reader, entries, taken)
+    check_nets(reader, entries["net"])
+    if not reader.problems and not any(entries.values()):
+        reader.problems.append(
+            Problem("", "adds nothing", "list what to attach as [[vfio]], [[iommufd]], [[disk]] or [[net]] entries")
+        )
+    if reader.problems:
+        raise ConfigError(str(path), reader.problems)
+    return Config(
+        file=path,
+        vm=running.vm,
+        iommufd=tuple(Iommufd(**o.values) for o in entries["iommufd"]),
+        vfio=tuple(Vfio(**d.values) for d in entries["vfio"]),
+        disk=tuple(Disk(**d.values) for d in entries["disk"]),
+        net=tuple(Net(**n.values) for n in entries["net"]),
+    )
+
+
+def entry(section: str, raw: dict[str, Any], base: pathlib.Path) -> Iommufd | Vfio | Disk | Net:
+    """An entry as a config or fragment in directory `base` wrote it (how `vmrun attach`
+    records what it added), read by the same keys; ValueError when it no longer reads."""
+    keys, model = ENTRY_SECTIONS[section]
+    reader = Reader(Context(base=base))
+    values = reader.table(raw, keys, section)
+    if reader.problems:
+        raise ValueError("; ".join(p.render() for p in reader.problems))
+    return model(**values)
+
+
 def toml_syntax_problem(e: tomllib.TOMLDecodeError) -> Problem:
     # tomllib puts the position in the message: "Expected '=' ... (at line 3, column 7)".
     m = re.fullmatch(r"(.*) \(at (line \d+, column \d+|end of document)\)", str(e), re.DOTALL)
@@ -701,8 +759,15 @@ def toml_syntax_problem(e: tomllib.TOMLDecodeError) -> Problem:
     return Problem(where, f"TOML syntax error: {message}", "fix the TOML syntax at that position")
 
 
-def cross_check(r: Reader, vm: dict[str, Any], object_entries: list[Entry], device_entries: list[Entry]) -> None:
-    """The rules that involve more than one key."""
+def cross_check(
+    r: Reader,
+    vm: dict[str, Any],
+    object_entries: list[Entry],
+    device_entries: list[Entry],
+    known_objects: Sequence[str] = (),
+) -> None:
+    """The rules that involve more than one key. `known_objects`: iommufd objects of the
+    running VM a fragment may name."""
     for key in ("initrd", "append"):
         if key in vm and "kernel" not in vm:
             r.problem(
@@ -713,7 +778,7 @@ def cross_check(r: Reader, vm: dict[str, Any], object_entries: list[Entry], devi
 
     objects = [o.values for o in object_entries]
     devices = [d.values for d in device_entries]
-    object_ids = [o["id"] for o in objects if "id" in o]
+    object_ids = [*known_objects, *(o["id"] for o in objects if "id" in o)]
     for i, (entry, dev) in enumerate(zip(device_entries, devices, strict=True)):
         path = f"vfio[{i}]"
         # Presence as written: a host with a bad value was reported already, not "missing".
@@ -760,9 +825,10 @@ def id_problem(section: str, ident: str) -> tuple[str, str] | None:
     return None
 
 
-def check_ids(r: Reader, sections: dict[str, list[Entry]]) -> None:
-    """One id namespace across objects and devices, as QEMU has; caller fds used once."""
-    seen_ids: dict[str, str] = {}
+def check_ids(r: Reader, sections: dict[str, list[Entry]], taken: Mapping[str, str] | None = None) -> None:
+    """One id namespace across objects and devices, as QEMU has; caller fds used once.
+    `taken`: ids a running VM already has, and what has each."""
+    seen_ids: dict[str, str] = dict(taken or {})
     fds: dict[int, str] = {}
     for section, entries in sections.items():
         for i, entry in enumerate(entries):

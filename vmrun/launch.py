@@ -9,7 +9,6 @@ every other fd is closed, and QEMU replaces this process.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -22,10 +21,10 @@ from typing import NoReturn
 
 import attrs
 
-from vmrun import ioctls, statedir
+from vmrun import fd_open, statedir
 from vmrun.errors import LaunchError
 from vmrun.memlock import UNLIMITED
-from vmrun.opener import Opener, not_an_image
+from vmrun.opener import Opener
 from vmrun.plan import FdSpec, Plan
 from vmrun.privileges import (
     PR_CAP_AMBIENT,
@@ -52,18 +51,6 @@ def ensure_stdio() -> None:
             if null != fd:
                 os.dup2(null, fd)
                 os.close(null)
-
-
-def open_error(spec: FdSpec, path: str, e: OSError) -> LaunchError:
-    assert spec.path is not None
-    what = f"cannot open {spec.path} for {spec.purpose}: {e.strerror}"
-    hints = {
-        errno.ENOENT: "is the device bound to vfio-pci and the kernel built with IOMMUFD and VFIO_DEVICE_CDEV?",
-        errno.EACCES: "run vmrun as root: it opens the devices, then runs QEMU as vm.user",
-        errno.EPERM: "run vmrun as root: it opens the devices, then runs QEMU as vm.user",
-        errno.EBUSY: "another process (a running VM?) holds the device; stop it first",
-    }
-    return LaunchError(what + (f" ({path})" if path != spec.path else ""), hints.get(e.errno or 0))
 
 
 class StateDir:
@@ -200,49 +187,6 @@ def own_start_ticks() -> int:
         return int(f.read().rsplit(")", 1)[1].split()[19])
 
 
-def copy_template(template: str, fd: int) -> None:
-    """Fill a new variable store from the firmware's template (a system file QEMU's descriptors name)."""
-    with open(template, "rb") as src:
-        while chunk := src.read(1 << 20):
-            os.write(fd, chunk)
-    os.lseek(fd, 0, os.SEEK_SET)
-
-
-def open_file(spec: FdSpec, as_user: Opener) -> int:
-    """An image or firmware file, opened with the VM user's rights unless the config trusts it.
-
-    A variable store the config names is created from the template when missing, by the VM
-    user too: it is that user's file.
-    """
-    assert spec.path is not None
-    opener = as_user if spec.as_user else Opener(None)
-    flags = os.O_RDONLY if spec.flags == "O_RDONLY" else os.O_RDWR
-    try:
-        if spec.template is not None:
-            try:
-                fd = opener.open(spec.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass
-            else:
-                try:
-                    copy_template(spec.template, fd)
-                except OSError as e:
-                    os.close(fd)
-                    raise LaunchError(f"cannot make {spec.path} from {spec.template}: {e.strerror}") from None
-                return fd
-        fd = opener.open(spec.path, flags)
-    except OSError as e:
-        raise LaunchError(
-            f"cannot open {spec.path} for {spec.purpose} as {opener.who}: {e.strerror}",
-            f"vmrun opens it with the rights of the user QEMU runs as; give {opener.who} access to it",
-        ) from None
-    why = not_an_image(fd)
-    if why is not None:
-        os.close(fd)
-        raise LaunchError(f"{spec.path} ({spec.purpose}): {why}")
-    return fd
-
-
 def open_data(plan: Plan, spec: FdSpec) -> int:
     """vmrun's own per-VM file (the default UEFI variable store), made from its template when missing."""
     assert spec.path is not None and spec.template is not None
@@ -253,21 +197,6 @@ def open_data(plan: Plan, spec: FdSpec) -> int:
         raise LaunchError(e.what, e.hint) from None
     except OSError as e:
         raise LaunchError(f"cannot make or open {spec.path} ({spec.purpose}): {e.strerror}") from None
-
-
-def open_tap(plan: Plan, spec: FdSpec) -> int:
-    """Attach to an existing tap interface, so QEMU needs neither /dev/net/tun nor CAP_NET_ADMIN."""
-    assert spec.path is not None and spec.ifname is not None
-    fd = os.open(os.path.join(plan.host_root, spec.path.lstrip("/")), os.O_RDWR | os.O_CLOEXEC)
-    try:
-        ioctls.attach_tap(fd, spec.ifname)
-    except OSError as e:
-        os.close(fd)
-        raise LaunchError(
-            f"cannot attach to tap {spec.ifname}: {e.strerror}",
-            f"create it for the launching user (ip tuntap add {spec.ifname} mode tap user USER), or run vmrun as root",
-        ) from None
-    return fd
 
 
 def open_planned(plan: Plan, state: StateDir) -> dict[int, int]:
@@ -287,33 +216,14 @@ def open_each(plan: Plan, state: StateDir, opened: dict[int, int], as_user: Open
             if spec.kind in ("qmp", "console"):
                 opened[spec.fd] = state.listen(spec)
                 continue
-            if spec.kind == "file":
-                opened[spec.fd] = open_file(spec, as_user)
-                continue
             if spec.kind == "data":
                 opened[spec.fd] = open_data(plan, spec)
                 continue
             if spec.kind == "vncdir":
                 opened[spec.fd] = state.vnc_dir(spec)
                 continue
-            if spec.kind == "tap":
-                opened[spec.fd] = open_tap(plan, spec)
-                continue
-            if spec.path is None:
-                continue
-            path = os.path.join(plan.host_root, spec.path.lstrip("/"))
-            try:
-                opened[spec.fd] = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            except OSError as e:
-                raise open_error(spec, path, e) from None
-            if spec.per_process_accounting:
-                try:
-                    ioctls.set_per_process_accounting(opened[spec.fd])
-                except OSError as e:
-                    raise LaunchError(
-                        f"cannot set per-process memlock accounting on {spec.path} ({spec.purpose}): {e.strerror}",
-                        "vmrun needs CAP_SYS_RESOURCE for it; run vmrun as root",
-                    ) from None
+            if spec.path is not None:
+                opened[spec.fd] = fd_open.open_for_qemu(spec, plan.host_root, as_user)
     except LaunchError:
         for fd in opened.values():
             os.close(fd)
