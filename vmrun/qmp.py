@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
-from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError
+from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError
 
 from vmrun.state import VmError
 
@@ -110,6 +111,36 @@ class Monitor:
             raise QmpError(f"QEMU did not answer QMP {command} within {timeout:g} s", "is QEMU hung?") from None
         except QMPError as e:
             raise QmpError(f"QMP {command}: {e}") from None
+
+    def pass_fd(self, fd: int) -> None:
+        """Send `fd` over the socket (SCM_RIGHTS); QEMU keeps it for the next getfd or add-fd."""
+        try:
+            self.client.send_fd_scm(fd)
+        except (QMPError, OSError) as e:
+            raise QmpError(f"cannot pass fd {fd} to QEMU over {self.path}: {e}") from None
+
+    def listen(self, event: str) -> EventListener:
+        """Start collecting `event`s now, before the command that causes them is sent."""
+        listener = EventListener(names=(event,))
+        self.client.register_listener(listener)
+        return listener
+
+    def wait_event(
+        self, listener: EventListener, match: Callable[[Mapping[str, Any]], bool], timeout: float
+    ) -> Mapping[str, Any] | None:
+        """The first event `listener` hears that `match`es, within `timeout` seconds; else None."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                message = self.runner.run(asyncio.wait_for(listener.get(), left))
+            except TimeoutError:
+                return None
+            except (EOFError, ConnectionError, QMPError) as e:
+                raise Closed(f"QEMU closed the QMP connection while vmrun waited for {listener.names}") from e
+            data = message.get("data", {})
+            if match(data if isinstance(data, Mapping) else {}):
+                return message
+        return None
 
     def close(self) -> None:
         if self.closed:

@@ -428,7 +428,8 @@ def load(name: str, state_base: str | None = None, cpu_interval: float | None = 
 def device_label(entry: object) -> str:
     """ "vfio-pci gpu0 (host=0000:01:00.0)" from a state.json device entry."""
     if isinstance(entry, dict):
-        return f"{entry.get('driver')} {entry.get('id')} ({entry.get('source')}, {entry.get('backend')})"
+        attached = ", attached" if entry.get("attached") else ""
+        return f"{entry.get('driver')} {entry.get('id')} ({entry.get('source')}, {entry.get('backend')}{attached})"
     return str(entry)
 
 
