@@ -50,7 +50,8 @@ def elapsed(start: float) -> str:
 
 
 def qmp_text(command: str, arguments: dict[str, Any]) -> str:
-    ident = arguments.get("id") or arguments.get("node-name") or arguments.get("fdname") or arguments.get("fdset-id")
+    keys = ("id", "node-name", "fdname", "fdset-id", "opaque")
+    ident = next((arguments[k] for k in keys if k in arguments), None)
     return f"{command} {ident}" if ident is not None else command
 
 

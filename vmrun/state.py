@@ -253,9 +253,14 @@ def judge(identity: Identity, lock: tuple[int, int]) -> Verdict:
         return Verdict(
             "unknown", f"cannot prove pid {pid} is the VM's QEMU: {where} is not readable for uid {os.geteuid()}"
         )
-    # A QEMU run through an interpreter (a script) shows the interpreter as exe: its argv says.
-    if exe == identity.exe or argv == identity.argv:
+    # A QEMU run through an interpreter (a wrapper script) shows the interpreter as exe, and
+    # the kernel puts the interpreter before the script's own argv: its argv says.
+    if exe == identity.exe or identity.argv in (argv, argv[1:]):
         return Verdict("running")
+    if not argv:
+        # Caught inside execve: the new exe is in place, the new command line not yet
+        # (the kernel sets it up after switching the exe). Neither verdict is final yet.
+        return Verdict("starting")
     if identity.launcher is not None:
         if exe == identity.launcher:
             return Verdict("starting")  # vmrun itself, between taking the lock and exec

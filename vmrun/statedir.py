@@ -198,11 +198,30 @@ def write_file(directory: int, name: str, data: bytes, mode: int = 0o644) -> Non
 
 
 def remove(directory: int, name: str, inode: int | None = None) -> None:
-    """Unlink `name` (the entry itself, never what a link names); with `inode`, only that file."""
-    with contextlib.suppress(FileNotFoundError):
-        if inode is not None and os.stat(name, dir_fd=directory, follow_symlinks=False).st_ino != inode:
-            return  # replaced meanwhile (a launch wrote a fresh one): not the file we judged
-        os.unlink(name, dir_fd=directory)
+    """Unlink `name` (the entry itself, never what a link names); with `inode`, only that file.
+
+    With `inode`, a stat before the unlink would leave a window in which a launch replaces
+    the file and the fresh one is unlinked. So the entry is first renamed to a name of our
+    own, looked at there, and put back (by link, which never replaces) when it is not the
+    file judged.
+    """
+    if inode is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=directory)
+        return
+    aside = f".{name}.{secrets.token_hex(8)}.old"
+    try:
+        os.rename(name, aside, src_dir_fd=directory, dst_dir_fd=directory)
+    except FileNotFoundError:
+        return
+    try:
+        if os.stat(aside, dir_fd=directory, follow_symlinks=False).st_ino != inode:
+            # Replaced meanwhile (a launch wrote a fresh one): put it back, unless an even
+            # fresher one is there by now.
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, name, src_dir_fd=directory, dst_dir_fd=directory, follow_symlinks=False)
+    finally:
+        os.unlink(aside, dir_fd=directory)
 
 
 def listen_unix(directory: int, dir_path: str, name: str, backlog: int = 4) -> int:

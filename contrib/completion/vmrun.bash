@@ -5,7 +5,7 @@
 #    source ~/.local/share/bash_completion/vmrun
 # See also: https://github.com/scop/bash-completion/blob/main/doc/configuration.md
 
-_shtab_vmrun_subparsers=(validate plan check devices bind unbind prepare run ps status stop qmp smoke completion)
+_shtab_vmrun_subparsers=(validate plan check devices bind unbind prepare run ps status stop qmp attach detach smoke completion)
 
 _shtab_vmrun_validate_option_strings=(-h --help)
 _shtab_vmrun_plan_option_strings=(-h --help --json --host-root)
@@ -19,6 +19,8 @@ _shtab_vmrun_ps_option_strings=(-h --help -a --all -q --quiet --json)
 _shtab_vmrun_status_option_strings=(-h --help --json)
 _shtab_vmrun_stop_option_strings=(-h --help --timeout)
 _shtab_vmrun_qmp_option_strings=(-h --help)
+_shtab_vmrun_attach_option_strings=(-h --help --host-root)
+_shtab_vmrun_detach_option_strings=(-h --help --timeout)
 _shtab_vmrun_smoke_option_strings=(-h --help --junit --timeout --boot)
 _shtab_vmrun_completion_option_strings=(-h --help)
 _shtab_vmrun_option_strings=(-h --help --version)
@@ -41,11 +43,14 @@ _shtab_vmrun_run___host_root_COMPGEN=_shtab_compgen_dirs
 _shtab_vmrun_status_pos_0_COMPGEN=_vmrun_vm_names
 _shtab_vmrun_stop_pos_0_COMPGEN=_vmrun_vm_names
 _shtab_vmrun_qmp_pos_0_COMPGEN=_vmrun_vm_names
+_shtab_vmrun_attach_pos_0_COMPGEN=_vmrun_vm_names
+_shtab_vmrun_attach___host_root_COMPGEN=_shtab_compgen_dirs
+_shtab_vmrun_detach_pos_0_COMPGEN=_vmrun_vm_names
 _shtab_vmrun_smoke_pos_0_COMPGEN=_shtab_compgen_files
 _shtab_vmrun_smoke___junit_COMPGEN=_shtab_compgen_files
 
 _shtab_vmrun_completion_pos_0_choices=(bash zsh)
-_shtab_vmrun_pos_0_choices=(validate plan check devices bind unbind prepare run ps status stop qmp smoke completion)
+_shtab_vmrun_pos_0_choices=(validate plan check devices bind unbind prepare run ps status stop qmp attach detach smoke completion)
 
 _shtab_vmrun_validate_pos_0_nargs=+
 _shtab_vmrun_validate__h_nargs=0
@@ -86,6 +91,10 @@ _shtab_vmrun_stop__h_nargs=0
 _shtab_vmrun_stop___help_nargs=0
 _shtab_vmrun_qmp__h_nargs=0
 _shtab_vmrun_qmp___help_nargs=0
+_shtab_vmrun_attach__h_nargs=0
+_shtab_vmrun_attach___help_nargs=0
+_shtab_vmrun_detach__h_nargs=0
+_shtab_vmrun_detach___help_nargs=0
 _shtab_vmrun_smoke_pos_0_nargs=+
 _shtab_vmrun_smoke__h_nargs=0
 _shtab_vmrun_smoke___help_nargs=0
