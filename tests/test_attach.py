@@ -129,7 +129,15 @@ class FakeVm(Running):
         return list(record.get("attached", []))
 
 
-EMPTY: dict[str, Any] = {"fds": {}, "fdsets": {}, "objects": {}, "nodes": {}, "netdevs": {}, "devices": {}, "unplugging": []}
+EMPTY: dict[str, Any] = {
+    "fds": {},
+    "fdsets": {},
+    "objects": {},
+    "nodes": {},
+    "netdevs": {},
+    "devices": {},
+    "unplugging": [],
+}
 
 
 @pytest.fixture
@@ -389,6 +397,41 @@ def test_memlock_that_cannot_be_raised_is_refused_with_the_figures(
     assert "nothing was changed" in proc.stderr
     assert vm.changes() == []
     assert pathlib.Path(f"/proc/{vm.pid}/limits").read_text() == limits
+
+
+def test_caller_fds_in_a_fragment_are_passed_on(
+    world: pathlib.Path, fake_vm: Callable[..., FakeVm], host_tree: pathlib.Path
+) -> None:
+    vm = fake_vm("t")
+    frag = fragment(
+        world,
+        iommufd=[{"id": "iommufd1", "fd": 7}],
+        vfio=[{"id": "dev1", "fd": 8, "iommufd": "iommufd1"}],
+    )
+    proc = vmrun("attach", "t", str(frag), "--host-root", str(host_tree))
+    assert proc.returncode == 1
+    assert "fd 7 (iommufd iommufd1 (from the caller)) is not open in vmrun's process" in proc.stderr
+    assert "vmrun attach NAME FRAGMENT 7<>/dev/iommu" in proc.stderr
+    assert vm.changes() == []
+    # The caller opens them at 7 and 8 (its shell's redirections), as the README shows.
+    proc = subprocess.run(
+        [
+            "sh",
+            "-c",
+            'exec "$0" -m vmrun.cli attach t "$1" --host-root "$2" 7<>"$2/dev/iommu" 8<>"$2/dev/vfio/devices/vfio1"',
+            sys.executable,
+            str(frag),
+            str(host_tree),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    model = vm.model()
+    assert model["objects"]["iommufd1"]["fd"] == str(host_tree / "dev" / "iommu")
+    assert model["devices"]["dev1"]["fd"] == str(host_tree / "dev" / "vfio" / "devices" / "vfio1")
 
 
 def test_detach_of_a_device_the_guest_keeps(world: pathlib.Path, fake_vm: Callable[..., FakeVm]) -> None:

@@ -382,9 +382,12 @@ def say(line: str) -> None:
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
+    from vmrun import fd_open
+
+    passed = fd_open.open_fds()  # before vmrun opens anything of its own
     from vmrun import hotplug
 
-    hotplug.attach(args.name, args.fragment, args.host_root, say)
+    hotplug.attach(args.name, args.fragment, args.host_root, say, passed)
     return EXIT_OK
 
 

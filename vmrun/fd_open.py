@@ -114,3 +114,34 @@ def open_for_qemu(spec: FdSpec, host_root: str, as_user: Opener) -> int:
         return open_tap(spec, host_root)
     assert spec.kind == "device", spec.kind
     return open_device(spec, host_root)
+
+
+def open_fds() -> frozenset[int]:
+    """The fds open in this process now: taken first thing, they are the caller's."""
+    # The directory's own fd is in the listing, and closed once it is read.
+    listed = [int(name) for name in os.listdir("/proc/self/fd")]
+    still = set()
+    for fd in listed:
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        still.add(fd)
+    return frozenset(still)
+
+
+def check_caller_fd(spec: FdSpec, command: str, passed: frozenset[int] | None = None) -> None:
+    """A config's `fd = N` must be open in vmrun's process: the caller passes it in.
+
+    `passed`: the fds open when vmrun started, when vmrun has opened files of its own
+    since (one of them could sit on N and would be taken for the caller's).
+    """
+    try:
+        os.fstat(spec.fd)
+        if passed is not None and spec.fd not in passed:
+            raise OSError
+    except OSError:
+        raise LaunchError(
+            f"fd {spec.fd} ({spec.purpose}) is not open in vmrun's process",
+            f"the caller must pass it open, e.g. `{command} {spec.fd}<>/dev/iommu`",
+        ) from None

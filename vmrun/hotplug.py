@@ -23,7 +23,7 @@ import attrs
 
 from vmrun import attachment, config, fd_open, host, state, statedir
 from vmrun.attachment import AttachPlan, Record
-from vmrun.errors import ConfigError, LaunchError, Problem
+from vmrun.errors import ConfigError, Problem
 from vmrun.memlock import UNLIMITED
 from vmrun.model import Config
 from vmrun.opener import Opener
@@ -361,7 +361,8 @@ def raw_entry(path: pathlib.Path, section: str, index: int) -> dict[str, Any]:
     return dict(raw[section][index])
 
 
-def attach(name: str, fragment_file: str, host_root: str, say: Say) -> None:
+def attach(name: str, fragment_file: str, host_root: str, say: Say, passed: frozenset[int]) -> None:
+    """`passed`: the fds the caller passed in (fd_open.open_fds, taken before vmrun opened any)."""
     start = time.monotonic()
     running = running_vm(name)
     fragment = config.load_fragment(fragment_file, running.config, attachment.taken_ids(running.config))
@@ -379,7 +380,7 @@ def attach(name: str, fragment_file: str, host_root: str, say: Say) -> None:
                 attacher = Attacher(running, plan, monitor, Memlock(identity.pid, pidfd), say)
                 attacher.check_ids()
                 slots = attacher.slots()
-                opened = open_all(plan, as_user)
+                opened = open_all(plan, as_user, passed)
                 try:
                     added = carry_out(attacher, slots, opened)
                 finally:
@@ -404,18 +405,12 @@ class Added:
     memlock: str
 
 
-def open_all(plan: AttachPlan, as_user: Opener) -> dict[int, int]:
+def open_all(plan: AttachPlan, as_user: Opener, passed: frozenset[int]) -> dict[int, int]:
     opened: dict[int, int] = {}
     try:
         for spec in plan.fds:
             if spec.path is None:  # passed in by the caller of vmrun attach
-                try:
-                    os.fstat(spec.fd)
-                except OSError:
-                    raise LaunchError(
-                        f"fd {spec.fd} ({spec.purpose}) is not open in vmrun's process",
-                        f"pass it open, e.g. `vmrun attach NAME FRAGMENT {spec.fd}<>/dev/iommu`",
-                    ) from None
+                fd_open.check_caller_fd(spec, "vmrun attach NAME FRAGMENT", passed)
                 opened[spec.fd] = os.dup(spec.fd)
                 continue
             opened[spec.fd] = fd_open.open_for_qemu(spec, plan.host_root, as_user)

@@ -233,15 +233,8 @@ def open_each(plan: Plan, state: StateDir, opened: dict[int, int], as_user: Open
 
 def check_caller_fds(plan: Plan) -> None:
     for spec in plan.fds:
-        if spec.path is not None:
-            continue
-        try:
-            os.fstat(spec.fd)
-        except OSError:
-            raise LaunchError(
-                f"fd {spec.fd} ({spec.purpose}) is not open in vmrun's process",
-                f"the caller must pass it open, e.g. `vmrun run CONFIG {spec.fd}<>/dev/iommu`",
-            ) from None
+        if spec.path is None:
+            fd_open.check_caller_fd(spec, "vmrun run CONFIG")
 
 
 def place_fds(opened: dict[int, int], caller: list[int]) -> None:

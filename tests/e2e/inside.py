@@ -1711,6 +1711,84 @@ class Outcome:
     log: list[str]
 
 
+def timed_vmrun(vm: VmrunVm, *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    start = time.monotonic()
+    proc = vm.vmrun(*args, check_rc=False)
+    return proc, time.monotonic() - start
+
+
+def peripheral_ids(vm: VmrunVm) -> set[str]:
+    return {p["name"] for p in vm.vmrun("qmp", vm.name, "qom-list", '{"path": "/machine/peripheral"}')}
+
+
+def object_ids(vm: VmrunVm) -> set[str]:
+    return {p["name"] for p in vm.vmrun("qmp", vm.name, "qom-list", '{"path": "/objects"}')}
+
+
+def write_fragment(vm: VmrunVm, name: str, bdf: str) -> str:
+    path = vm.config_path.parent / name
+    path.write_text(f'[[iommufd]]\nid = "iommufd1"\n\n[[vfio]]\nid = "dev1"\nhost = "{bdf}"\niommufd = "iommufd1"\n')
+    return str(path)
+
+
+@scenario
+def vmrun_attach_detach_vfio(bed: Bed) -> dict[str, Any]:
+    """vmrun attach puts a VFIO device with a new iommufd object into a running VM as nobody
+    (memlock raised on the running QEMU); a second VM is refused the held device and is left
+    as it was; detach of a device the guest never releases ends with exit 1, device kept."""
+    bdf = bed.bdfs(2)[1]
+    cdev = bed.cdevs(2)[1]
+    with (
+        vmrun_vm("e2e-attach", vmrun_config("e2e-attach", vfio=[], iommufd=[])) as a,
+        vmrun_vm("e2e-attach-b", vmrun_config("e2e-attach-b", vfio=[], iommufd=[])) as b,
+    ):
+        for vm in (a, b):
+            check(vm.wait_qmp(), f"{vm.name} did not start\n{vm.describe()}")
+            vm.release_qmp()  # vmrun talks to QEMU itself: QEMU serves one QMP client at a time
+        before = memlock_limit(a.pid)
+        frag = write_fragment(a, "frag.toml", bdf)
+        proc, attach_s = timed_vmrun(a, "attach", a.name, frag)
+        check(proc.returncode == 0, f"vmrun attach exited {proc.returncode}\n{proc.stdout}{proc.stderr}")
+        bed.say(proc.stdout.strip())
+        after = memlock_limit(a.pid)
+        need = L2_RAM_MIB * MIB + VMRUN_MEMLOCK_MARGIN_MIB * MIB
+        check(after == need, f"QEMU's memlock after attach is {after}, expected {need} (1 x RAM + margin)")
+        check("dev1" in peripheral_ids(a), f"dev1 is not at /machine/peripheral/dev1 of {a.name}")
+        check("iommufd1" in object_ids(a), f"no iommufd1 object in {a.name}")
+        fds = proc_fd_targets(a.pid)
+        check(cdev in fds.values(), f"QEMU does not hold {cdev}; its fds: {fds}")
+        iommu_fds = [fd for fd, target in fds.items() if target == "/dev/iommu"]
+        check(len(iommu_fds) == 1, f"QEMU should hold one /dev/iommu, holds {iommu_fds}")
+        mode = accounting_mode_of(a.pid, iommu_fds[0])
+        check(mode == 1, f"the attached iommufd has accounting mode {mode}, not per-process (1)")
+        ps = a.vmrun("ps", "--json")
+        shown = [d for vm in ps if vm["name"] == a.name for d in vm["devices"]]
+        check(any("dev1" in d and "attached" in d for d in shown), f"vmrun ps does not show dev1: {shown}")
+
+        # The same device for a second VM while the first holds it: refused, B as before.
+        b_before = (memlock_limit(b.pid), peripheral_ids(b), object_ids(b))
+        proc_b, _ = timed_vmrun(b, "attach", b.name, write_fragment(b, "frag.toml", bdf))
+        check(proc_b.returncode == 1, f"attach of a held device exited {proc_b.returncode}\n{proc_b.stderr}")
+        check("NOT undone" not in proc_b.stderr and "Traceback" not in proc_b.stderr, proc_b.stderr)
+        b_after = (memlock_limit(b.pid), peripheral_ids(b), object_ids(b))
+        check(b_after == b_before, f"{b.name} changed: {b_before} -> {b_after}\n{proc_b.stderr}")
+        bed.say(f"second VM refused: {proc_b.stderr.strip().splitlines()[0]}")
+
+        # The guest is paused and has no OS: it never releases the device.
+        proc, detach_s = timed_vmrun(a, "detach", a.name, "dev1", "--timeout", "3")
+        check(proc.returncode == 1, f"detach from a stuck guest exited {proc.returncode}\n{proc.stderr}")
+        check("keeps running with the device" in proc.stderr, proc.stderr)
+        check("dev1" in peripheral_ids(a) and cdev in proc_fd_targets(a.pid).values(), "dev1 went away")
+        check(memlock_limit(a.pid) == after, "detach changed the memlock limit")
+    return {
+        "attach_seconds": round(attach_s, 2),
+        "detach_timeout_seconds": round(detach_s, 2),
+        "memlock_before": before,
+        "memlock_after": after,
+        "second_vm_refusal": proc_b.stderr.strip(),
+    }
+
+
 def host_state() -> dict[str, Any]:
     """What a scenario may change in L1 and must put back: the edu devices' binding, the
     device nodes with their owners, vmrun's bind records, QEMU processes."""
