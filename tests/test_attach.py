@@ -26,6 +26,9 @@ import tomli_w
 
 from tests.conftest import REPO, is_root
 from tests.test_lifecycle import Running
+from tests.test_vm_devices import tap
+
+__all__ = ["tap"]  # a fixture
 
 FRAGMENT = "frag.toml"
 
@@ -548,5 +551,28 @@ def test_disk_and_nic_come_and_go_in_a_booted_guest(tmp_path: pathlib.Path, worl
             f"guest line after attach: {line}"
         )
         console.close()
+    finally:
+        run.end()
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(not is_root(), reason="needs root to make a tap and run QEMU as nobody")
+def test_tap_attached_to_a_deprivileged_qemu(world: pathlib.Path, tap: str) -> None:
+    """Real QEMU as nobody gets a nic on an existing tap: vmrun opened /dev/net/tun."""
+    cfg = world / "n.toml"
+    cfg.write_text(
+        tomli_w.dumps({"vm": {"name": "n", "memory": "64M", "accel": "tcg", "console": "none", "user": "nobody"}})
+    )
+    run = Running(cfg, "n", "--paused")
+    try:
+        run.wait_running()
+        carrier = pathlib.Path("/sys/class/net") / tap / "carrier"
+        assert carrier.read_text().strip() == "0"
+        proc = vmrun("attach", "n", str(fragment(world, net=[{"id": "net1", "type": "tap", "ifname": tap}])))
+        assert proc.returncode == 0, proc.stderr
+        assert "attached net net1: virtio-net-pci (tap " in proc.stdout
+        assert carrier.read_text().strip() == "1", "QEMU is attached to the tap through vmrun's fd"
+        fds = {os.readlink(f"/proc/{run.pid}/fd/{n}") for n in os.listdir(f"/proc/{run.pid}/fd")}
+        assert "/dev/net/tun" in fds
     finally:
         run.end()
