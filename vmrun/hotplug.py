@@ -84,7 +84,7 @@ def running_vm(name: str) -> RunningVm:
             f"{vm.config} now runs its VM as {launched.vm.user}, but {name} runs as {vm.run_as}",
             "put the config back, or restart the VM",
         )
-    records = tuple(r for r in (Record.of(d) for d in record.get("attached", ())) if r is not None)
+    records = tuple(records_of(record))
     try:
         merged = attachment.running_config(launched, records)
     except ValueError as e:
@@ -112,6 +112,15 @@ def write_record(vm: state.Vm, record: dict[str, Any]) -> None:
         raise VmError(f"cannot update {vm.state_dir}/state.json: {e.strerror}") from None
     finally:
         os.close(directory)
+
+
+def records_of(record: dict[str, Any]) -> list[Record]:
+    return [r for r in (Record.of(d) for d in record.get("attached", ())) if r is not None]
+
+
+def add_records(vm: state.Vm, new: list[Record]) -> None:
+    record = read_record(vm)
+    write_record(vm, with_records(record, [*records_of(record), *new]))
 
 
 def with_records(record: dict[str, Any], records: list[Record]) -> dict[str, Any]:
@@ -382,13 +391,14 @@ def attach(name: str, fragment_file: str, host_root: str, say: Say, passed: froz
                 slots = attacher.slots()
                 opened = open_all(plan, as_user, passed)
                 try:
-                    added = carry_out(attacher, slots, opened)
+                    # Recorded while vmrun still holds QEMU's one QMP session: no other
+                    # attach or detach can read or write state.json meanwhile.
+                    added = carry_out(attacher, slots, opened, lambda new: add_records(running.vm, new))
                 finally:
                     for fd in opened.values():
                         os.close(fd)
         finally:
             os.close(pidfd)
-    write_record(running.vm, with_records(read_record(running.vm), [*running.records, *added.records]))
     for line in added.lines:
         say(line)
     say(f"attached to VM {name} in {elapsed(start)}; {added.memlock}")
@@ -421,7 +431,10 @@ def open_all(plan: AttachPlan, as_user: Opener, passed: frozenset[int]) -> dict[
     return opened
 
 
-def carry_out(attacher: Attacher, slots: list[str | None], opened: dict[int, int]) -> Added:
+def carry_out(
+    attacher: Attacher, slots: list[str | None], opened: dict[int, int], commit: Callable[[list[Record]], None]
+) -> Added:
+    """Every step, then `commit` of what was added; a failure of either undoes every step."""
     plan = attacher.plan
     free = iter(slots)
     records: list[Record] = []
@@ -437,6 +450,7 @@ def carry_out(attacher: Attacher, slots: list[str | None], opened: dict[int, int
             lines.append(
                 f"attached {part.section} {part.id}: {lab['driver']} ({lab['source']}, {lab['backend']}){where}"
             )
+        commit(records)
     except StepFailed as e:
         undone = attacher.tx.rollback()
         raise VmError(
@@ -480,7 +494,8 @@ def detach(name: str, ident: str, timeout: float, say: Say) -> None:
             if r.section == "iommufd" and r.id not in used and r is not target:
                 leftovers += remove_backend(monitor, r)
                 gone.append(r)
-    write_record(running.vm, with_records(read_record(running.vm), [r for r in records if r not in gone]))
+        record = read_record(running.vm)
+        write_record(running.vm, with_records(record, [r for r in records_of(record) if r not in gone]))
     for r in gone:
         say(f"detached {r.section} {r.id}")
     for line in leftovers:
