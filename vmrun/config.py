@@ -708,12 +708,15 @@ ENTRY_SECTIONS: dict[str, tuple[tuple[Key, ...], type[Iommufd | Vfio | Disk | Ne
 
 
 def load_fragment(path: pathlib.Path | str, running: Config, taken: Mapping[str, str]) -> Config:
-    """The entries of a `vmrun attach` fragment, validated as a config's are, and checked
-    against the VM they go into: `taken` maps every id the VM has to what has it, and an
-    iommufd may name one of the VM's objects. The result has the VM's [vm] and only the
-    fragment's entries."""
     path = pathlib.Path(path)
-    raw = read_toml(read_text(path), path)
+    return parse_fragment(read_toml(read_text(path), path), path, running, taken)
+
+
+def parse_fragment(raw: dict[str, Any], path: pathlib.Path, running: Config, taken: Mapping[str, str]) -> Config:
+    """The entries of a `vmrun attach` fragment (its TOML as read), validated as a config's
+    are, and checked against the VM they go into: `taken` maps every id the VM has to what
+    has it, and an iommufd may name one of the VM's objects. The result has the VM's [vm]
+    and only the fragment's entries."""
     reader = Reader(Context(base=path.absolute().parent))
     for name in raw:
         if name == "vm":

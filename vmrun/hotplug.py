@@ -223,9 +223,18 @@ def device_gone(monitor: Monitor, device: str, timeout: float) -> bool:
 
 
 class Attacher:
-    def __init__(self, running: RunningVm, plan: AttachPlan, monitor: Monitor, memlock: Memlock, say: Say) -> None:
+    def __init__(
+        self,
+        running: RunningVm,
+        plan: AttachPlan,
+        raw: dict[str, Any],
+        monitor: Monitor,
+        memlock: Memlock,
+        say: Say,
+    ) -> None:
         self.running = running
         self.plan = plan
+        self.raw = raw  # the fragment's TOML as read
         self.monitor = monitor
         self.memlock = memlock
         self.say = say
@@ -356,7 +365,7 @@ class Attacher:
         return Record(
             section=part.section,
             id=part.id,
-            raw=raw_entry(fragment.file, part.section, part.index),
+            raw=dict(self.raw[part.section][part.index]),
             base=str(pathlib.Path(fragment.file).absolute().parent),
             fragment=str(pathlib.Path(fragment.file).absolute()),
             device=device.id if device is not None else None,
@@ -365,16 +374,13 @@ class Attacher:
         )
 
 
-def raw_entry(path: pathlib.Path, section: str, index: int) -> dict[str, Any]:
-    raw = config.read_toml(config.read_text(path), path)
-    return dict(raw[section][index])
-
-
 def attach(name: str, fragment_file: str, host_root: str, say: Say, passed: frozenset[int]) -> None:
     """`passed`: the fds the caller passed in (fd_open.open_fds, taken before vmrun opened any)."""
     start = time.monotonic()
     running = running_vm(name)
-    fragment = config.load_fragment(fragment_file, running.config, attachment.taken_ids(running.config))
+    path = pathlib.Path(fragment_file)
+    raw = config.read_toml(config.read_text(path), path)  # read once: what is checked is what is recorded
+    fragment = config.parse_fragment(raw, path, running.config, attachment.taken_ids(running.config))
     identity = running.vm.identity
     assert identity is not None
     run_as = host.lookup_user(running.config.vm.user) if running.config.vm.user else None
@@ -386,7 +392,7 @@ def attach(name: str, fragment_file: str, host_root: str, say: Say, passed: froz
         pidfd = state.open_pidfd(identity, identity.lock)
         try:
             with Monitor(running.vm.qmp_socket) as monitor:
-                attacher = Attacher(running, plan, monitor, Memlock(identity.pid, pidfd), say)
+                attacher = Attacher(running, plan, raw, monitor, Memlock(identity.pid, pidfd), say)
                 attacher.check_ids()
                 slots = attacher.slots()
                 opened = open_all(plan, as_user, passed)
