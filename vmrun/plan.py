@@ -565,8 +565,10 @@ def hotplug_slots(config: Config) -> int:
 
 
 def hotplug_port(k: int) -> str:
-    # Each root port needs its own chassis number; the slot stays 0.
-    return qemu_args.option("pcie-root-port", [("id", f"{HOTPLUG_PORT}{k}"), ("chassis", k + 1)])
+    # Each root port needs its own (chassis, slot) pair. vmrun's take chassis numbers from
+    # the top of the 8-bit range down (255, 254, ...; hotplug_slots is at most 32), so root
+    # ports a config adds in `args`, which people number from 1, do not collide with them.
+    return qemu_args.option("pcie-root-port", [("id", f"{HOTPLUG_PORT}{k}"), ("chassis", 255 - k)])
 
 
 def plan(config: Config, facts: HostFacts) -> Plan:
