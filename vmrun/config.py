@@ -21,7 +21,7 @@ from typing import Any
 
 import attrs
 
-from vmrun.errors import ConfigError, Problem
+from vmrun.errors import ConfigError, Problem, Sources
 from vmrun.model import Config, Disk, Forward, Iommufd, Memlock, Net, Vfio, Vm
 from vmrun.sizes import KiB, MiB, SizeError, TiB, format_size, is_size_shaped, parse_size
 
@@ -532,12 +532,19 @@ def did_you_mean(word: str, options: tuple[str, ...] | list[str] | Mapping[str, 
 class Reader:
     """Walks the raw TOML, collecting problems instead of stopping at the first."""
 
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
+    def __init__(self, sources: Sources, base: pathlib.Path | None = None) -> None:
+        self.sources = sources
+        # Relative paths of the config itself start here (default: its directory).
+        self.base = base or pathlib.Path(sources.main).absolute().parent
         self.problems: list[Problem] = []
 
     def problem(self, path: str, message: str, hint: str | None = None) -> None:
-        self.problems.append(Problem(path, message, hint))
+        self.problems.append(Problem(path, message, hint, self.sources.dropin_of(path)))
+
+    def context(self, path: str) -> Context:
+        # A relative path is relative to the file it is written in, drop-ins included.
+        dropin = self.sources.dropin_of(path)
+        return Context(base=pathlib.Path(dropin).absolute().parent if dropin else self.base)
 
     def table(self, raw: dict[str, Any], keys: tuple[Key, ...], path: str) -> dict[str, Any]:
         known = {k.name: k for k in keys}
@@ -551,7 +558,7 @@ class Reader:
                 self.problem(f"{path}{key_part(name)}", "unknown key", hint)
                 continue
             try:
-                values[name] = key.parse(value, self.ctx)
+                values[name] = key.parse(value, self.context(f"{path}.{name}"))
             except Invalid as e:
                 self.problem(f"{path}.{name}{e.sub}", e.message, e.hint)
             except InvalidMany as many:
@@ -635,12 +642,22 @@ def read_text(path: pathlib.Path) -> str:
 
 
 def load(path: pathlib.Path | str) -> Config:
-    """The validated config in `path`; raises ConfigError listing every problem."""
+    """The validated config in `path` with its drop-ins (`PATH.d/*.toml`) merged in;
+    raises ConfigError listing every problem, each naming the file that set the key."""
+    from vmrun import dropins
+
     path = pathlib.Path(path)
-    return parse(read_text(path), path)
+    raw, sources = dropins.merged(path, read_toml(read_text(path), path))
+    return validate(raw, path, sources)
+
+
+def parse(text: str, path: pathlib.Path) -> Config:
+    """The validated config in the TOML `text`, read from `path` (no drop-ins)."""
+    return validate(read_toml(text, path), path, Sources(str(path)))
 
 
 def read_toml(text: str, path: pathlib.Path) -> dict[str, Any]:
+    """The TOML document in `text`, or a ConfigError that names `path`."""
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -663,9 +680,9 @@ def read_toml(text: str, path: pathlib.Path) -> dict[str, Any]:
         ) from None
 
 
-def parse(text: str, path: pathlib.Path) -> Config:
-    raw = read_toml(text, path)
-    reader = Reader(Context(base=path.absolute().parent))
+def validate(raw: dict[str, Any], path: pathlib.Path, sources: Sources) -> Config:
+    """The config model of the (merged) document `raw`; `sources` says who wrote each key."""
+    reader = Reader(sources)
     for name in raw:
         if name not in SECTIONS:
             hint = did_you_mean(name, SECTIONS) or "sections are [vm], [[iommufd]], [[vfio]], [[disk]] and [[net]]"
@@ -695,6 +712,7 @@ def parse(text: str, path: pathlib.Path) -> Config:
         vfio=tuple(Vfio(**d.values) for d in devices),
         disk=tuple(Disk(**d.values) for d in disks),
         net=tuple(Net(**n.values) for n in nets),
+        sources=sources,
     )
 
 
@@ -717,7 +735,7 @@ def parse_fragment(raw: dict[str, Any], path: pathlib.Path, running: Config, tak
     are, and checked against the VM they go into: `taken` maps every id the VM has to what
     has it, and an iommufd may name one of the VM's objects. The result has the VM's [vm]
     and only the fragment's entries."""
-    reader = Reader(Context(base=path.absolute().parent))
+    reader = Reader(Sources(str(path)))
     for name in raw:
         if name == "vm":
             reader.problem("vm", "a fragment adds devices to a running VM; [vm] is the VM's own", "drop [vm]")
@@ -748,7 +766,7 @@ def entry(section: str, raw: dict[str, Any], base: pathlib.Path) -> Iommufd | Vf
     """An entry as a config or fragment in directory `base` wrote it (how `vmrun attach`
     records what it added), read by the same keys; ValueError when it no longer reads."""
     keys, model = ENTRY_SECTIONS[section]
-    reader = Reader(Context(base=base))
+    reader = Reader(Sources(str(base)), base=base)
     values = reader.table(raw, keys, section)
     if reader.problems:
         raise ValueError("; ".join(p.render() for p in reader.problems))
