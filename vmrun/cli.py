@@ -60,6 +60,25 @@ def parser() -> argparse.ArgumentParser:
     add_host_root(p)
 
     p = sub.add_parser(
+        "show",
+        help="print the config as `run` uses it: drop-ins merged, defaults filled in",
+        description="Print a config with its drop-ins (FILE.d/*.toml) merged and every default filled in; "
+        "the text form says which file set each value.",
+    )
+    p.add_argument("file", metavar="FILE")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="print JSON (unset keys are null)")
+    form.add_argument("--toml", action="store_true", help="print TOML, itself a config for the same VM")
+
+    p = sub.add_parser(
+        "schema",
+        help="print a JSON Schema of the config for editors",
+        description="Print a JSON Schema (draft 2020-12) of the config, made from the tables vmrun parses with, "
+        "for taplo, VS Code (Even Better TOML) and other editors.",
+    )
+    p.add_argument("--dropin", action="store_true", help="the schema of a drop-in: no key is required")
+
+    p = sub.add_parser(
         "check",
         help="preflight: is this host ready for the config?",
         description="Check the host for a config: QEMU, /dev/iommu, devices and their IOMMU groups, "
@@ -256,6 +275,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    from vmrun import show
+
+    cfg = config.load(args.file)
+    sys.stdout.write(show.json_text(cfg) if args.json else show.toml_text(cfg) if args.toml else show.text(cfg))
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from vmrun import schema
+
+    sys.stdout.write(schema.text(args.dropin))
+    return EXIT_OK
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from vmrun import check
 
@@ -426,6 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     commands = {
         "plan": cmd_plan,
+        "show": cmd_show,
+        "schema": cmd_schema,
         "check": cmd_check,
         "devices": cmd_devices,
         "bind": cmd_bind,
