@@ -60,6 +60,28 @@ def parser() -> argparse.ArgumentParser:
     add_host_root(p)
 
     p = sub.add_parser(
+        "init",
+        help="write a first config for some of the host's PCI devices",
+        description="Write a config for the named PCI devices with every endpoint of their IOMMU groups, "
+        "one shared iommufd object (--legacy: the legacy VFIO container), default memory and CPUs, and "
+        "QEMU as nobody. Devices still on a host driver are written and named; `vmrun prepare` binds them.",
+    )
+    p.add_argument("name", metavar="VMNAME", help="the VM's name (vm.name)")
+    p.add_argument(
+        "--device",
+        "-d",
+        dest="devices",
+        metavar="ADDR",
+        nargs="+",
+        action="extend",
+        required=True,
+        help="a PCI address as `vmrun devices` shows it",
+    )
+    p.add_argument("--legacy", action="store_true", help="the legacy VFIO container instead of iommufd")
+    add_output(p)
+    add_host_root(p)
+
+    p = sub.add_parser(
         "show",
         help="print the config as `run` uses it: drop-ins merged, defaults filled in",
         description="Print a config with its drop-ins (FILE.d/*.toml) merged and every default filled in; "
@@ -129,6 +151,11 @@ def parser() -> argparse.ArgumentParser:
     add_host_root(p)
     add_lifecycle_parsers(sub)
     return top
+
+
+def add_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", "-o", metavar="FILE", help="write the config to FILE (default: stdout)")
+    p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
 
 
 def seconds(text: str) -> float:
@@ -272,6 +299,25 @@ def cmd_validate(files: list[str]) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     p = make_plan(args.file, args.host_root)
     sys.stdout.write(render.json_text(p) if args.json else render.text(p))
+    return EXIT_OK
+
+
+def say_err(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from vmrun import config_init
+
+    try:
+        result = config_init.build(args.name, addresses(args.devices), host.Host(args.host_root), args.legacy)
+        config_init.output(args.output, result.text, args.force, say_err, "init")
+    except config_init.InitError as e:
+        raise UsageError(str(e)) from None
+    for warning in result.warnings:
+        say_err(f"vmrun init: {warning}")
+    if result.needs_prepare:
+        say_err(f"vmrun init: bind them with: vmrun prepare {args.output or args.name + '.toml'}")
     return EXIT_OK
 
 
@@ -461,6 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {
         "plan": cmd_plan,
         "show": cmd_show,
+        "init": cmd_init,
         "schema": cmd_schema,
         "check": cmd_check,
         "devices": cmd_devices,

@@ -60,12 +60,27 @@ def toml_text(cfg: Config) -> str:
     arrays and tables are left out: they say nothing, and some (forwards of a tap) are
     refused where they do not apply."""
     dropins = [f for f in dict.fromkeys(f for _, f in cfg.sources.written) if f != cfg.sources.main]
-    out = [f"# {cfg.file}" + (f" with {', '.join(dropins)}" if dropins else "") + ", defaults filled in"]
-    for name, value in document(cfg).items():
-        for table in [value] if isinstance(value, dict) else value:
+    head = f"# {cfg.file}" + (f" with {', '.join(dropins)}" if dropins else "") + ", defaults filled in\n\n"
+    return head + config_text(document(cfg))
+
+
+def config_text(doc: dict[str, Any], comments: dict[str, str] | None = None) -> str:
+    """A config document as TOML, the way people write one: [vm], then each [[entry]], one
+    `key = value` a line; a key of `comments` ("vm.args") gets its text as comment lines above it."""
+    comments = comments or {}
+    out: list[str] = []
+    for name, value in doc.items():
+        for i, table in enumerate([value] if isinstance(value, dict) else value):
             out += ["", f"[{name}]" if isinstance(value, dict) else f"[[{name}]]"]
-            out += [f"{config.key_part(k)[1:]} = {value_text(v)}" for k, v in table.items() if v not in (None, [], {})]
-    return "\n".join(out) + "\n"
+            for key, item in table.items():
+                if item in (None, [], {}):
+                    continue
+                where = (
+                    f"{name}{config.key_part(key)}" if isinstance(value, dict) else f"{name}[{i}]{config.key_part(key)}"
+                )
+                out += [f"# {line}" for line in comments.get(where, "").splitlines()]
+                out.append(f"{config.key_part(key)[1:]} = {value_text(item)}")
+    return "\n".join(out).lstrip("\n") + "\n"
 
 
 def value_text(value: object) -> str:
