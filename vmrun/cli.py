@@ -82,6 +82,19 @@ def parser() -> argparse.ArgumentParser:
     add_host_root(p)
 
     p = sub.add_parser(
+        "import",
+        help="write a config from a QEMU command line or a running QEMU",
+        description="Write a config from a QEMU command line (after --) or from the command line and fds of a "
+        "running QEMU (--pid). What vmrun models is mapped to its keys; every other option is kept in "
+        "vm.args with a comment.",
+    )
+    p.add_argument("--name", metavar="VMNAME", help="the VM's name (default: from -name)")
+    p.add_argument("--pid", type=int, metavar="PID", help="read /proc/PID/cmdline and /proc/PID/fd of a running QEMU")
+    add_output(p)
+    add_host_root(p)
+    p.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU ARGS")
+
+    p = sub.add_parser(
         "show",
         help="print the config as `run` uses it: drop-ins merged, defaults filled in",
         description="Print a config with its drop-ins (FILE.d/*.toml) merged and every default filled in; "
@@ -321,6 +334,33 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from vmrun import config_init, importer
+
+    argv = args.qemu_args[1:] if args.qemu_args[:1] == ["--"] else args.qemu_args
+    if bool(argv) == (args.pid is not None):
+        raise UsageError("give a QEMU command line after -- or --pid PID (one of the two)")
+    view = host.Host(args.host_root)
+    user = None
+    source = "the command line"
+    if args.pid is not None:
+        try:
+            argv, fds, user = importer.from_pid(args.pid, view)
+        except OSError as e:
+            raise UsageError(f"cannot read process {args.pid}: {e.strerror}") from None
+        source = f"process {args.pid}"
+    imported = importer.import_argv(argv, fds if args.pid is not None else None, view, args.name)
+    if user is not None:
+        imported.doc["vm"]["user"] = user
+    text = imported.text(source)
+    config.parse(text, pathlib.Path(args.output or "imported.toml"))  # the same checks as any config
+    try:
+        config_init.output(args.output, text, args.force, say_err, "import")
+    except config_init.InitError as e:
+        raise UsageError(str(e)) from None
+    return EXIT_OK
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from vmrun import show
 
@@ -508,6 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plan": cmd_plan,
         "show": cmd_show,
         "init": cmd_init,
+        "import": cmd_import,
         "schema": cmd_schema,
         "check": cmd_check,
         "devices": cmd_devices,
