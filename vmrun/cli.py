@@ -171,6 +171,12 @@ def add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number above 0")
+    return int(text)
+
+
 def seconds(text: str) -> float:
     try:
         value = float(text)
@@ -281,6 +287,14 @@ def add_lifecycle_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
         help=f"seconds per config, launch to the end (default {SMOKE_TIMEOUT:g})",
     )
     p.add_argument("--boot", metavar="REGEX", help="boot the guest and wait for a console line matching REGEX")
+    p.add_argument(
+        "-j",
+        "--jobs",
+        type=positive,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="smoke-test N configs at a time (default: the number of CPUs, here %(default)s)",
+    )
 
     p = sub.add_parser(
         "completion",
@@ -531,7 +545,8 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     except re.error as e:
         raise UsageError(f"--boot {args.boot!r} is not a regular expression: {e}") from None
 
-    results = smoke.run(args.files, args.timeout, boot, args.junit, say)
+    progress = say_err if args.jobs > 1 and len(args.files) > 1 else None
+    results = smoke.run(args.files, args.timeout, boot, args.junit, say, args.jobs, progress)
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
 
 
