@@ -291,9 +291,8 @@ def add_lifecycle_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
         "-j",
         "--jobs",
         type=positive,
-        default=os.cpu_count() or 1,
         metavar="N",
-        help="smoke-test N configs at a time (default: the number of CPUs, here %(default)s)",
+        help="smoke-test N configs at a time (default: the number of CPUs)",
     )
 
     p = sub.add_parser(
@@ -545,8 +544,9 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     except re.error as e:
         raise UsageError(f"--boot {args.boot!r} is not a regular expression: {e}") from None
 
-    progress = say_err if args.jobs > 1 and len(args.files) > 1 else None
-    results = smoke.run(args.files, args.timeout, boot, args.junit, say, args.jobs, progress)
+    jobs = args.jobs or os.cpu_count() or 1
+    progress = say_err if jobs > 1 and len(args.files) > 1 else None
+    results = smoke.run(args.files, args.timeout, boot, args.junit, say, jobs, progress)
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
 
 
