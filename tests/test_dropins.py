@@ -144,3 +144,23 @@ def test_plan_problems_name_the_dropin(tmp_path: pathlib.Path, standard_host: pa
 
 def test_dropin_directory_name() -> None:
     assert dropins.directory(pathlib.Path("a/b.toml")) == pathlib.Path("a/b.toml.d")
+
+
+def test_every_command_sees_the_merged_config(
+    tmp_path: pathlib.Path, standard_host: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "root.raw").write_bytes(b"\0" * 512)
+    path = tree(
+        tmp_path, {"10-mem.toml": '[vm]\nmemory = "2G"\n', "20-gpu.toml": '[[vfio]]\nid = "nic0"\nhost = "7f:00.0"\n'}
+    )
+    dropin = f"{tmp_path}/w.toml.d/20-gpu.toml"
+    for command in (["plan"], ["run", "--dry-run"]):
+        cli.main([*command, str(path), "--host-root", str(standard_host)])
+        out = capsys.readouterr().out
+        assert "  -m 2G \\\n" in out and f"# problem: {dropin}: vfio[1].host: no PCI device" in out, (command, out)
+    cli.main(["check", str(path), "--host-root", str(standard_host)])
+    out = capsys.readouterr().out
+    assert f"fail  {dropin}: vfio[1].host  no PCI device 0000:7f:00.0" in out, out
+    cli.main(["plan", "--json", str(path), "--host-root", str(standard_host)])
+    out = capsys.readouterr().out
+    assert '"-m",\n    "2G"' in out and f"{tmp_path}/w.toml.d/20-gpu.toml: vfio[1].host: no PCI device" in out
