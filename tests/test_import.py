@@ -78,7 +78,7 @@ def test_a_hand_written_command_line(tmp_path: pathlib.Path, standard_host: path
     doc = tomllib.loads(text)
     assert doc["vm"] == {
         "name": "legacy-box",
-        "memory": "2048M",
+        "memory": "2G",
         "accel": "kvm",
         "machine": "q35",
         "firmware": "uefi",

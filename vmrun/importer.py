@@ -20,6 +20,7 @@ import attrs
 
 from vmrun import config, host, show
 from vmrun.plan import QMP_CHARDEV, derived_mac
+from vmrun.sizes import SizeError, format_size, parse_size
 
 # QEMU options that take no value; every other option takes one.
 FLAGS = frozenset(
@@ -311,7 +312,11 @@ class Importer:
         if size is None or len(props) != 1:
             self.keep(i, "memory options beyond the size (slots, maxmem) vmrun does not model")
             return
-        self.vm["memory"] = size + "M" if size.isdigit() else size
+        text = size + "M" if size.isdigit() else size  # QEMU's unit is MiB
+        try:
+            self.vm["memory"] = format_size(parse_size(text))
+        except SizeError:
+            self.vm["memory"] = text  # the config check says what is wrong with it
         self.use(i)
 
     def smp(self, i: int, value: str) -> None:
