@@ -13,7 +13,7 @@ from tests.conftest import REPO
 from tests.test_dropins import BASE, tree
 from vmrun import cli, config, show
 
-CONFIGS = sorted([*(REPO / "configs").glob("*.toml"), *(REPO / "tests" / "golden").glob("*.toml")])
+CONFIGS = sorted(p for d in ("configs", "tests/golden", "tests/smoke") for p in (REPO / d).glob("*.toml"))
 
 
 @pytest.mark.parametrize("file", CONFIGS, ids=[c.stem for c in CONFIGS])

@@ -131,6 +131,15 @@ def test_parallel_smoke_keeps_the_input_order_and_gives_each_config_its_own_stat
 
 
 @pytest.mark.qemu
+def test_the_smoke_configs_pass_side_by_side() -> None:
+    files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests" / "smoke").glob("*.toml"))
+    proc = vmrun("smoke", "-j", "2", *files)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [line.split()[1] for line in proc.stdout.splitlines()[:-1]] == [f"{f}:" for f in files]
+    no_vm_left()
+
+
+@pytest.mark.qemu
 def test_smoke_boots_the_demo_guest_to_its_line() -> None:
     if not (REPO / "build" / "demo" / "vmlinuz").exists():
         pytest.fail("build/demo is missing: scripts/install builds the demo guest")
