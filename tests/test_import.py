@@ -83,6 +83,7 @@ def test_a_hand_written_command_line(tmp_path: pathlib.Path, standard_host: path
         "machine": "q35",
         "firmware": "uefi",
         "cpus": 2,
+        "hotplug_slots": 0,
         "args": ["-cpu", "host,+invtsc", "-overcommit", "mem-lock=off", "-no-reboot", "-machine", "usb=on"],
     }
     assert doc["disk"] == [{"id": "disk0", "path": f"{tmp_path}/root.qcow2", "format": "qcow2"}]
@@ -106,7 +107,7 @@ def test_cli_reads_args_after_the_separator_and_writes_a_file(
     assert cli.main(args) == 0
     assert capsys.readouterr().err == f"vmrun import: wrote {out} (drop-ins go in {out}.d/)\n"
     doc = tomllib.loads(out.read_text())
-    assert doc["vm"] == {"name": "n1", "memory": "1G", "console": "none", "args": ["-S"]}
+    assert doc["vm"] == {"name": "n1", "memory": "1G", "console": "none", "hotplug_slots": 0, "args": ["-S"]}
     assert cli.main(args) == 2
     assert "exists: vmrun import does not overwrite it without --force" in capsys.readouterr().err
 
@@ -118,7 +119,8 @@ def test_cli_reads_a_running_qemu_by_pid(tmp_path: pathlib.Path, capsys: pytest.
     (proc / "cmdline").write_bytes(b"\0".join([b"qemu-system-x86_64", b"-name", b"guest=p1", b"-m", b"512M", b""]))
     (proc / "status").write_text("Name:\tqemu\nUid:\t0\t0\t0\t0\n")
     assert cli.main(["import", "--pid", "4242", "--host-root", str(tmp_path)]) == 0
-    assert tomllib.loads(capsys.readouterr().out)["vm"] == {"name": "p1", "memory": "512M", "console": "none"}
+    doc = tomllib.loads(capsys.readouterr().out)
+    assert doc["vm"] == {"name": "p1", "memory": "512M", "console": "none", "hotplug_slots": 0}
 
 
 def test_cli_wants_a_command_line_or_a_pid(capsys: pytest.CaptureFixture[str]) -> None:

@@ -207,7 +207,7 @@ def test_smoke_usage_errors(tmp_path: pathlib.Path) -> None:
 def test_verify_finds_devices_behind_a_bridge_and_reports_what_is_missing(tmp_path: pathlib.Path) -> None:
     # What QEMU made (a root port with a device behind it) against what configs declare:
     # the check reads query-pci and the QOM tree exactly as it does for VFIO devices.
-    args = ["-device", "pcie-root-port,id=rp0,chassis=1,bus=pcie.0", "-device", "virtio-rng-pci,id=rng9,bus=rp0"]
+    args = ["-device", "pcie-root-port,id=rp0,chassis=99,bus=pcie.0", "-device", "virtio-rng-pci,id=rng9,bus=rp0"]
     cfg_file = write(tmp_path, "mu", {"args": args})
     child = subprocess.Popen(
         [sys.executable, "-m", "vmrun.cli", "run", "--paused", str(cfg_file)],

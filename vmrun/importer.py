@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 
 from vmrun import config, host, show
-from vmrun.plan import QMP_CHARDEV, derived_mac
+from vmrun.plan import DEFAULT_HOTPLUG_SLOTS, QMP_CHARDEV, derived_mac, hotplug_port
 from vmrun.sizes import SizeError, format_size, parse_size
 
 # QEMU options that take no value; every other option takes one.
@@ -132,6 +132,7 @@ class Importer:
         self.chardevs: dict[str, tuple[int, Props]] = {}
         self.netdevs: dict[str, tuple[int, Props]] = {}
         self.machine_extra: Props = []
+        self.hotplug_ports = 0
         self.console_mapped = False
         self.args: list[tuple[str, list[str]]] = []
         for i, opt in enumerate(self.opts):
@@ -209,6 +210,11 @@ class Importer:
             if handler is not None and (len(opt) == 2 or opt[0] in FLAGS):
                 handler(i, opt[1] if len(opt) == 2 else "")
         self.finish_machine()
+        # Empty root ports as vmrun makes them: a number other than its default is a key
+        # (0 too, so the guest's PCI layout stays as the command line had it).
+        q35 = config.is_q35(self.vm.get("machine", "q35"))
+        if self.hotplug_ports != (DEFAULT_HOTPLUG_SLOTS if q35 else 0):
+            self.vm["hotplug_slots"] = self.hotplug_ports
         if not self.console_mapped:
             self.vm["console"] = "none"  # no serial port vmrun would make
         if self.binary is not None and os.path.basename(self.binary) != "qemu-system-x86_64":
@@ -415,6 +421,9 @@ class Importer:
             self.use(i)
         elif driver == "virtio-iommu-pci" and set(rest) <= {"id"}:
             self.vm["viommu"] = "virtio"
+            self.use(i)
+        elif value == hotplug_port(self.hotplug_ports):
+            self.hotplug_ports += 1
             self.use(i)
         elif driver == "VGA" and rest == {"id": "video0"}:
             self.use(i)  # vmrun adds it for a display
