@@ -11,7 +11,6 @@ ended, killed if need be.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import os
 import platform
@@ -30,8 +29,9 @@ from typing import IO, Any
 
 import attrs
 
-from vmrun import config, qmp, state
+from vmrun import config, qmp, smoke_schedule, state
 from vmrun.errors import ConfigError
+from vmrun.host import Host
 from vmrun.model import Config
 
 QUIT_WAIT = 5.0
@@ -379,19 +379,27 @@ def run(
 ) -> list[Result]:
     """Smoke-tests `files`, `jobs` at a time. Each result is said as soon as every config
     before it is done, so the lines (and the JUnit report) keep the order of `files`;
-    `progress` hears of each config the moment it finishes. One failing never stops the rest."""
+    `progress` hears of each config the moment it finishes. One failing never stops the rest;
+    configs that need the same host device, image, tap or port never run at once."""
     start = time.monotonic()
     results: list[Result | None] = [None] * len(files)
     said = 0
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {pool.submit(smoke_one, f, timeout, boot): k for k, f in enumerate(files)}
-        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-            result = results[futures[future]] = future.result()
-            if progress is not None:
-                progress(f"smoke: [{done}/{len(files)}] {result.line()}")
-            while said < len(files) and (r := results[said]) is not None:
-                say(r.line())
-                said += 1
+    host_view = Host("/")
+    claimed = [smoke_schedule.claims(f, host_view) for f in files] if jobs > 1 else [frozenset()] * len(files)
+
+    def work(k: int) -> Result:
+        try:
+            return smoke_one(files[k], timeout, boot)
+        except Exception as e:  # one config's trouble must not take the others down
+            return Result(files[k], False, f"vmrun smoke failed: {e!r}", 0.0)
+
+    for done, (k, result) in enumerate(smoke_schedule.run_exclusive(len(files), claimed, jobs, work), 1):
+        results[k] = result
+        if progress is not None:
+            progress(f"smoke: [{done}/{len(files)}] {result.line()}")
+        while said < len(files) and (r := results[said]) is not None:
+            say(r.line())
+            said += 1
     finished = [r for r in results if r is not None]
     failed = sum(not r.ok for r in finished)
     wall = time.monotonic() - start
