@@ -3,6 +3,7 @@ file that set the key, and every command seeing the merged config."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pytest
@@ -164,3 +165,23 @@ def test_every_command_sees_the_merged_config(
     cli.main(["plan", "--json", str(path), "--host-root", str(standard_host)])
     out = capsys.readouterr().out
     assert '"-m",\n    "2G"' in out and f"{tmp_path}/w.toml.d/20-gpu.toml: vfio[1].host: no PCI device" in out
+
+
+def test_a_dropin_others_could_write_is_refused(tmp_path: pathlib.Path) -> None:
+    # vmrun runs as root: whoever can write a drop-in decides what it opens and as whom.
+    path = tree(tmp_path, {"10-mem.toml": '[vm]\nmemory = "2G"\n'})
+    dropin = tmp_path / "w.toml.d" / "10-mem.toml"
+    dropin.chmod(0o666)
+    with pytest.raises(ConfigError) as e:
+        config.load(path)
+    assert e.value.lines() == [f"{dropin}: is writable by every user (a drop-in changes what vmrun does: chmod o-w)"]
+    dropin.chmod(0o644)
+    (tmp_path / "w.toml.d").chmod(0o777)
+    with pytest.raises(ConfigError, match=r"w\.toml\.d: is writable by every user"):
+        config.load(path)
+    (tmp_path / "w.toml.d").chmod(0o755)
+    if os.geteuid() != 0:
+        return  # only root can give a file away
+    os.chown(dropin, 4242, 4242)
+    with pytest.raises(ConfigError, match=r"10-mem\.toml: is owned by uid 4242, not by the config's owner"):
+        config.load(path)

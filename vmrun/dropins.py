@@ -40,7 +40,31 @@ def dropin_files(config: pathlib.Path) -> list[pathlib.Path]:
     except OSError as e:
         raise ConfigError(str(d), [Problem("", f"cannot read: {e.strerror}", "check its permissions")]) from None
     # Editors leave hidden files (.#x.toml) behind; anything not *.toml is not a drop-in.
-    return [d / n for n in sorted(names) if n.endswith(SUFFIX) and not n.startswith(".")]
+    files = [d / n for n in sorted(names) if n.endswith(SUFFIX) and not n.startswith(".")]
+    owner = os.stat(config).st_uid
+    problems = [p for p in (unsafe(path, owner) for path in (d, *files)) if p is not None]
+    if problems:
+        raise ConfigError(str(config), problems)
+    return files
+
+
+def unsafe(path: pathlib.Path, owner: int) -> Problem | None:
+    """Why `path` may not add to a config: vmrun runs as root, so a drop-in someone else
+    can write would let them change what it does (trusted disks, users, devices)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return Problem("", f"cannot read: {e.strerror}", "check its permissions", str(path))
+    if st.st_uid not in (0, owner):
+        return Problem(
+            "",
+            f"is owned by uid {st.st_uid}, not by the config's owner (uid {owner}) or root",
+            "a drop-in changes what vmrun does: chown it to the config's owner",
+            str(path),
+        )
+    if st.st_mode & stat.S_IWOTH:
+        return Problem("", "is writable by every user", "a drop-in changes what vmrun does: chmod o-w", str(path))
+    return None
 
 
 def merged(config: pathlib.Path, base: dict[str, Any]) -> tuple[dict[str, Any], Sources]:
