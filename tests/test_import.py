@@ -3,14 +3,18 @@ come back as configs that plan the same command line, fd numbers aside."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
+import subprocess
+import sys
+import time
 import tomllib
 
 import pytest
 
 from tests.conftest import REPO, plan_for
-from vmrun import cli, config, host, importer
+from vmrun import cli, config, host, importer, state
 from vmrun.plan import Plan
 
 GOLDEN = sorted((REPO / "tests" / "golden").glob("*.toml"))
@@ -126,3 +130,32 @@ def test_cli_reads_a_running_qemu_by_pid(tmp_path: pathlib.Path, capsys: pytest.
 def test_cli_wants_a_command_line_or_a_pid(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["import"]) == 2
     assert "give a QEMU command line after -- or --pid PID" in capsys.readouterr().err
+
+
+@pytest.mark.qemu
+def test_import_of_a_running_qemu(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A VM vmrun launched (UEFI from fd sets, the QMP socket and lock as fds): what /proc
+    # shows of it imports to the config it came from.
+    source = REPO / "tests" / "smoke" / "uefi.toml"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "vmrun.cli", "run", "--paused", str(source)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while (vm := state.load("smoke-uefi")) is None or not vm.running or vm.pid != child.pid:
+            assert child.poll() is None and time.monotonic() < deadline, child.stderr
+            time.sleep(0.05)
+        out = tmp_path / "imported.toml"
+        assert cli.main(["import", "--pid", str(child.pid), "--output", str(out)]) == 0
+    finally:
+        child.kill()
+        child.wait()
+    capsys.readouterr()
+    assert cli.main(["plan", "--json", str(out)]) == 0
+    imported = json.loads(capsys.readouterr().out)["argv"]
+    assert cli.main(["plan", "--json", str(source)]) == 0
+    planned = json.loads(capsys.readouterr().out)["argv"]
+    assert without_fds(imported) == [*without_fds(planned), "-S"]

@@ -569,7 +569,7 @@ class Imported:
         body = show.config_text({**self.doc, "vm": vm})
         lines = [f"# Imported by `vmrun import` from {source}.", ""]
         head, _, tail = body.partition("\n\n")
-        lines.append(head)
+        lines.append(head.rstrip("\n"))
         if self.args:
             lines.append("args = [")
             for why, tokens in self.args:
