@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from tests import fakehost
 from tests.conftest import plan_for
-from vmrun import config, importer
+from vmrun import config, qemu_cmdline
 from vmrun.errors import ConfigError
 from vmrun.model import Config
 from vmrun.sizes import parse_size
@@ -149,7 +149,7 @@ def qemu_split(value: str) -> list[tuple[str, str | None]]:
     """A -device/-object/... value split as QEMU's option parser does (`vmrun import` reads
     command lines with the same function): (key, value) pairs, (text, None) for an element
     without '=' (the driver)."""
-    return importer.keyvals(value)
+    return qemu_cmdline.keyvals(value)
 
 
 def test_qemu_split() -> None:

@@ -14,7 +14,7 @@ import tomllib
 import pytest
 
 from tests.conftest import REPO, plan_for
-from vmrun import cli, config, host, importer, state
+from vmrun import cli, config, host, importer, qemu_cmdline, state
 from vmrun.plan import Plan
 
 GOLDEN = sorted((REPO / "tests" / "golden").glob("*.toml"))
@@ -25,9 +25,9 @@ def without_fds(argv: list[str]) -> list[str]:
     return [FD_RE.sub("N", a) for a in argv]
 
 
-def fd_infos(p: Plan) -> dict[int, importer.FdInfo]:
+def fd_infos(p: Plan) -> dict[int, qemu_cmdline.FdInfo]:
     """What each fd of a plan is open on, as /proc/PID/fd would show it once QEMU runs."""
-    return {f.fd: importer.FdInfo(f.path if f.kind != "inherited" else None, f.ifname) for f in p.fds}
+    return {f.fd: qemu_cmdline.FdInfo(f.path if f.kind != "inherited" else None, f.ifname) for f in p.fds}
 
 
 @pytest.mark.parametrize("golden", GOLDEN, ids=[g.stem for g in GOLDEN])

@@ -348,7 +348,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from vmrun import config_init, importer
+    from vmrun import config_init, importer, qemu_cmdline
 
     argv = args.qemu_args[1:] if args.qemu_args[:1] == ["--"] else args.qemu_args
     if bool(argv) == (args.pid is not None):
@@ -358,7 +358,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     source = "the command line"
     if args.pid is not None:
         try:
-            argv, fds, user = importer.from_pid(args.pid, view)
+            argv, fds, user = qemu_cmdline.from_pid(args.pid, view)
         except OSError as e:
             raise UsageError(f"cannot read process {args.pid}: {e.strerror}") from None
         source = f"process {args.pid}"
