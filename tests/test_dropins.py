@@ -185,3 +185,10 @@ def test_a_dropin_others_could_write_is_refused(tmp_path: pathlib.Path) -> None:
     os.chown(dropin, 4242, 4242)
     with pytest.raises(ConfigError, match=r"10-mem\.toml: is owned by uid 4242, not by the config's owner"):
         config.load(path)
+
+
+def test_validate_names_the_dropins_it_merged(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tree(tmp_path, {"20-b.toml": "[vm]\ncpus = 3\n", "10-a.toml": '[vm]\nmemory = "2G"\n'})
+    assert cli.main(["validate", str(path)]) == 0
+    d = tmp_path / "w.toml.d"
+    assert capsys.readouterr().out == f"{path}: ok (with {d}/10-a.toml, {d}/20-b.toml)\n"

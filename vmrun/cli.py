@@ -313,12 +313,13 @@ def cmd_validate(files: list[str]) -> int:
     status = EXIT_OK
     for file in files:
         try:
-            config.load(file)
+            cfg = config.load(file)
         except ConfigError as e:
             print(e, file=sys.stderr)
             status = EXIT_USAGE
         else:
-            print(f"{file}: ok")
+            merged = cfg.sources.dropins()
+            print(f"{file}: ok" + (f" (with {', '.join(merged)})" if merged else ""))
     return status
 
 

@@ -65,6 +65,10 @@ class Sources:
         file = self.file_of(path)
         return None if file == self.main else file
 
+    def dropins(self) -> list[str]:
+        """The drop-ins that wrote something that still stands, in the order they apply."""
+        return [f for f in dict.fromkeys(f for _, f in self.written) if f != self.main]
+
     def set_by(self, path: str) -> list[str]:
         """The files that wrote the value at `path` or keys inside it; empty for a default."""
         return list(dict.fromkeys(file for key, file in self.written if path in key_path_parents(key)))

@@ -59,7 +59,7 @@ def toml_text(cfg: Config) -> str:
     """A config file: [vm] then each [[entry]], one `key = value` a line. Unset keys and empty
     arrays and tables are left out: they say nothing, and some (forwards of a tap) are
     refused where they do not apply."""
-    dropins = [f for f in dict.fromkeys(f for _, f in cfg.sources.written) if f != cfg.sources.main]
+    dropins = cfg.sources.dropins()
     head = f"# {cfg.file}" + (f" with {', '.join(dropins)}" if dropins else "") + ", defaults filled in\n\n"
     return head + config_text(document(cfg))
 
