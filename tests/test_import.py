@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-import subprocess
-import sys
-import time
 import tomllib
 
 import pytest
 
 from tests.conftest import REPO, plan_for
-from vmrun import cli, config, host, importer, qemu_cmdline, state
+from tests.test_lifecycle import Running
+from vmrun import cli, config, host, importer, qemu_cmdline
 from vmrun.plan import Plan
 
 GOLDEN = sorted((REPO / "tests" / "golden").glob("*.toml"))
@@ -136,23 +134,15 @@ def test_cli_wants_a_command_line_or_a_pid(capsys: pytest.CaptureFixture[str]) -
 def test_import_of_a_running_qemu(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
     # A VM vmrun launched (UEFI from fd sets, the QMP socket and lock as fds): what /proc
     # shows of it imports to the config it came from.
-    source = REPO / "tests" / "smoke" / "uefi.toml"
-    child = subprocess.Popen(
-        [sys.executable, "-m", "vmrun.cli", "run", "--paused", str(source)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    source = tmp_path / "uefi.toml"
+    source.write_text((REPO / "tests" / "smoke" / "uefi.toml").read_text())
+    vm = Running(source, "smoke-uefi", "--paused")
     try:
-        deadline = time.monotonic() + 30
-        while (vm := state.load("smoke-uefi")) is None or not vm.running or vm.pid != child.pid:
-            assert child.poll() is None and time.monotonic() < deadline, child.stderr
-            time.sleep(0.05)
+        vm.wait_running()
         out = tmp_path / "imported.toml"
-        assert cli.main(["import", "--pid", str(child.pid), "--output", str(out)]) == 0
+        assert cli.main(["import", "--pid", str(vm.pid), "--output", str(out)]) == 0
     finally:
-        child.kill()
-        child.wait()
+        vm.end()
     capsys.readouterr()
     assert cli.main(["plan", "--json", str(out)]) == 0
     imported = json.loads(capsys.readouterr().out)["argv"]
