@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from tests import fakehost
 from tests.conftest import plan_for
-from vmrun import config
+from vmrun import config, qemu_cmdline
 from vmrun.errors import ConfigError
 from vmrun.model import Config
 from vmrun.sizes import parse_size
@@ -146,26 +146,10 @@ def test_a_valid_file_with_bytes_spliced_in_gives_a_config_or_a_config_error(at:
 
 
 def qemu_split(value: str) -> list[tuple[str, str | None]]:
-    """A -device/-object/... value split as QEMU's option parser does: (key, value) pairs,
-    (text, None) for an element without '=' (the driver)."""
-    parts, current, i = [], "", 0
-    while i < len(value):
-        if value[i] == ",":
-            if value[i + 1 : i + 2] == ",":
-                current += ","
-                i += 2
-                continue
-            parts.append(current)
-            current = ""
-        else:
-            current += value[i]
-        i += 1
-    parts.append(current)
-    out: list[tuple[str, str | None]] = []
-    for part in parts:
-        key, eq, val = part.partition("=")
-        out.append((key, val if eq else None))
-    return out
+    """A -device/-object/... value split as QEMU's option parser does (`vmrun import` reads
+    command lines with the same function): (key, value) pairs, (text, None) for an element
+    without '=' (the driver)."""
+    return qemu_cmdline.keyvals(value)
 
 
 def test_qemu_split() -> None:

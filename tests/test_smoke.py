@@ -81,7 +81,7 @@ def test_smoke_passes_and_fails_with_a_junit_report(tmp_path: pathlib.Path) -> N
     assert lines[1].startswith(f"FAIL {bad}: vmrun run ended (exit status 1): vmrun: the plan has problems:"), lines
     assert "vfio[0].host: no PCI device 0000:7f:1f.7 on this host" in lines[1]
     assert lines[2].startswith(f"FAIL {broken}: config: {broken}: vm.memory: "), lines
-    assert lines[3] == "smoke: 1 passed, 2 failed"
+    assert re.fullmatch(r"smoke: 1 passed, 2 failed in [0-9.]+ s \(-j [0-9]+\)", lines[3]), lines
     assert "Traceback" not in proc.stdout + proc.stderr
 
     root = ET.parse(report).getroot()
@@ -95,6 +95,47 @@ def test_smoke_passes_and_fails_with_a_junit_report(tmp_path: pathlib.Path) -> N
     err = cases[str(bad)].find("system-err")
     assert err is not None and (err.text or "").startswith("vmrun: the plan has problems:")
     assert all(float(c.get("time") or "-1") >= 0 for c in cases.values())
+    no_vm_left()
+
+
+@pytest.mark.qemu
+def test_parallel_smoke_keeps_the_input_order_and_gives_each_config_its_own_state(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The private state directories are made here, and must be gone afterwards.
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    # Both named "twin": they only pass side by side with a state directory each.
+    slow = write(tmp_path, "slow", {"name": "twin"})
+    twin = write(tmp_path, "twin")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[vm]\nname = 'x'\n")
+    report = tmp_path / "smoke.xml"
+    proc = vmrun("smoke", "-j", "3", str(slow), str(twin), str(broken), "--junit", str(report))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split()[:2] for line in lines[:3]] == [
+        ["PASS", f"{slow}:"],
+        ["PASS", f"{twin}:"],
+        ["FAIL", f"{broken}:"],
+    ]
+    assert re.fullmatch(r"smoke: 2 passed, 1 failed in [0-9.]+ s \(-j 3\)", lines[3]), lines
+    # As they come: the broken config, which needs no QEMU, is done first.
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("smoke: [")]
+    assert len(progress) == 3 and progress[0].startswith(f"smoke: [1/3] FAIL {broken}:"), proc.stderr
+    cases = [c.get("name") for c in ET.parse(report).getroot().iter("testcase")]
+    assert cases == [str(slow), str(twin), str(broken)]
+    assert list(temp.iterdir()) == []
+    no_vm_left()
+
+
+@pytest.mark.qemu
+def test_the_smoke_configs_pass_side_by_side() -> None:
+    files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests" / "smoke").glob("*.toml"))
+    proc = vmrun("smoke", "-j", "2", *files)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [line.split()[1] for line in proc.stdout.splitlines()[:-1]] == [f"{f}:" for f in files]
     no_vm_left()
 
 
@@ -166,7 +207,7 @@ def test_smoke_usage_errors(tmp_path: pathlib.Path) -> None:
 def test_verify_finds_devices_behind_a_bridge_and_reports_what_is_missing(tmp_path: pathlib.Path) -> None:
     # What QEMU made (a root port with a device behind it) against what configs declare:
     # the check reads query-pci and the QOM tree exactly as it does for VFIO devices.
-    args = ["-device", "pcie-root-port,id=rp0,chassis=1,bus=pcie.0", "-device", "virtio-rng-pci,id=rng9,bus=rp0"]
+    args = ["-device", "pcie-root-port,id=rp0,chassis=99,bus=pcie.0", "-device", "virtio-rng-pci,id=rng9,bus=rp0"]
     cfg_file = write(tmp_path, "mu", {"args": args})
     child = subprocess.Popen(
         [sys.executable, "-m", "vmrun.cli", "run", "--paused", str(cfg_file)],

@@ -70,14 +70,27 @@ def shared_user(plan: Plan) -> list[Finding]:
 
 
 def check(plan: Plan) -> Report:
-    return Report(plan.config, (*plan.findings, *shared_user(plan), *trials(plan)))
+    findings = (*plan.findings, *shared_user(plan), *trials(plan))
+    return Report(plan.config, tuple(located(plan, f) for f in findings))
+
+
+def located(plan: Plan, finding: Finding) -> Finding:
+    """The finding with the drop-in that set its key, when a drop-in did."""
+    file = plan.file_of(finding.problem.path)
+    if file == plan.config:
+        return finding
+    return attrs.evolve(finding, problem=attrs.evolve(finding.problem, file=file))
+
+
+def where(problem: Problem) -> str:
+    return f"{problem.file}: {problem.path}" if problem.file else problem.path
 
 
 def text(report: Report) -> str:
-    width = max([len(f.problem.path) for f in report.findings] + [4])
+    width = max([len(where(f.problem)) for f in report.findings] + [4])
     lines = [f"# vmrun check for {report.config}"]
     for f in report.findings:
-        lines.append(f"{f.status:<4}  {f.problem.path:<{width}}  {f.problem.message}")
+        lines.append(f"{f.status:<4}  {where(f.problem):<{width}}  {f.problem.message}")
         if f.problem.hint:
             lines.append(f"{'':<4}  {'':<{width}}  fix: {f.problem.hint}")
     fails = sum(f.status == "fail" for f in report.findings)
@@ -91,7 +104,13 @@ def to_json(report: Report) -> dict[str, Any]:
         "config": report.config,
         "ok": report.ok,
         "checks": [
-            {"status": f.status, "path": f.problem.path, "message": f.problem.message, "fix": f.problem.hint}
+            {
+                "status": f.status,
+                "file": f.problem.file or report.config,
+                "path": f.problem.path,
+                "message": f.problem.message,
+                "fix": f.problem.hint,
+            }
             for f in report.findings
         ],
     }

@@ -60,6 +60,60 @@ def parser() -> argparse.ArgumentParser:
     add_host_root(p)
 
     p = sub.add_parser(
+        "init",
+        help="write a first config for some of the host's PCI devices",
+        description="Write a config for the named PCI devices with every endpoint of their IOMMU groups, "
+        "one shared iommufd object (--legacy: the legacy VFIO container), default memory and CPUs, and "
+        "QEMU as nobody. Devices still on a host driver are written and named; `vmrun prepare` binds them.",
+    )
+    p.add_argument("name", metavar="VMNAME", help="the VM's name (vm.name)")
+    p.add_argument(
+        "--device",
+        "-d",
+        dest="devices",
+        metavar="ADDR",
+        nargs="+",
+        action="extend",
+        required=True,
+        help="a PCI address as `vmrun devices` shows it",
+    )
+    p.add_argument("--legacy", action="store_true", help="the legacy VFIO container instead of iommufd")
+    add_output(p)
+    add_host_root(p)
+
+    p = sub.add_parser(
+        "import",
+        help="write a config from a QEMU command line or a running QEMU",
+        description="Write a config from a QEMU command line (after --) or from the command line and fds of a "
+        "running QEMU (--pid). What vmrun models is mapped to its keys; every other option is kept in "
+        "vm.args with a comment.",
+    )
+    p.add_argument("--name", metavar="VMNAME", help="the VM's name (default: from -name)")
+    p.add_argument("--pid", type=int, metavar="PID", help="read /proc/PID/cmdline and /proc/PID/fd of a running QEMU")
+    add_output(p)
+    add_host_root(p)
+    p.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU ARGS")
+
+    p = sub.add_parser(
+        "show",
+        help="print the config as `run` uses it: drop-ins merged, defaults filled in",
+        description="Print a config with its drop-ins (FILE.d/*.toml) merged and every default filled in; "
+        "the text form says which file set each value.",
+    )
+    p.add_argument("file", metavar="FILE")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="print JSON (unset keys are null)")
+    form.add_argument("--toml", action="store_true", help="print TOML, itself a config for the same VM")
+
+    p = sub.add_parser(
+        "schema",
+        help="print a JSON Schema of the config for editors",
+        description="Print a JSON Schema (draft 2020-12) of the config, made from the tables vmrun parses with, "
+        "for taplo, VS Code (Even Better TOML) and other editors.",
+    )
+    p.add_argument("--dropin", action="store_true", help="the schema of a drop-in: no key is required")
+
+    p = sub.add_parser(
         "check",
         help="preflight: is this host ready for the config?",
         description="Check the host for a config: QEMU, /dev/iommu, devices and their IOMMU groups, "
@@ -110,6 +164,17 @@ def parser() -> argparse.ArgumentParser:
     add_host_root(p)
     add_lifecycle_parsers(sub)
     return top
+
+
+def add_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", "-o", metavar="FILE", help="write the config to FILE (default: stdout)")
+    p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number above 0")
+    return int(text)
 
 
 def seconds(text: str) -> float:
@@ -222,6 +287,13 @@ def add_lifecycle_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
         help=f"seconds per config, launch to the end (default {SMOKE_TIMEOUT:g})",
     )
     p.add_argument("--boot", metavar="REGEX", help="boot the guest and wait for a console line matching REGEX")
+    p.add_argument(
+        "-j",
+        "--jobs",
+        type=positive,
+        metavar="N",
+        help="smoke-test N configs at a time (default: the number of CPUs)",
+    )
 
     p = sub.add_parser(
         "completion",
@@ -241,18 +313,80 @@ def cmd_validate(files: list[str]) -> int:
     status = EXIT_OK
     for file in files:
         try:
-            config.load(file)
+            cfg = config.load(file)
         except ConfigError as e:
             print(e, file=sys.stderr)
             status = EXIT_USAGE
         else:
-            print(f"{file}: ok")
+            merged = cfg.sources.dropins()
+            print(f"{file}: ok" + (f" (with {', '.join(merged)})" if merged else ""))
     return status
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     p = make_plan(args.file, args.host_root)
     sys.stdout.write(render.json_text(p) if args.json else render.text(p))
+    return EXIT_OK
+
+
+def say_err(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from vmrun import config_init
+
+    try:
+        result = config_init.build(args.name, addresses(args.devices), host.Host(args.host_root), args.legacy)
+        config_init.output(args.output, result.text, args.force, say_err, "init")
+    except config_init.InitError as e:
+        raise UsageError(str(e)) from None
+    for warning in result.warnings:
+        say_err(f"vmrun init: {warning}")
+    if result.needs_prepare:
+        say_err(f"vmrun init: bind them with: vmrun prepare {args.output or args.name + '.toml'}")
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from vmrun import config_init, importer, qemu_cmdline
+
+    argv = args.qemu_args[1:] if args.qemu_args[:1] == ["--"] else args.qemu_args
+    if bool(argv) == (args.pid is not None):
+        raise UsageError("give a QEMU command line after -- or --pid PID (one of the two)")
+    view = host.Host(args.host_root)
+    user = None
+    source = "the command line"
+    if args.pid is not None:
+        try:
+            argv, fds, user = qemu_cmdline.from_pid(args.pid, view)
+        except OSError as e:
+            raise UsageError(f"cannot read process {args.pid}: {e.strerror}") from None
+        source = f"process {args.pid}"
+    imported = importer.import_argv(argv, fds if args.pid is not None else None, view, args.name)
+    if user is not None:
+        imported.doc["vm"]["user"] = user
+    text = imported.text(source)
+    config.parse(text, pathlib.Path(args.output or "imported.toml"))  # the same checks as any config
+    try:
+        config_init.output(args.output, text, args.force, say_err, "import")
+    except config_init.InitError as e:
+        raise UsageError(str(e)) from None
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from vmrun import show
+
+    cfg = config.load(args.file)
+    sys.stdout.write(show.json_text(cfg) if args.json else show.toml_text(cfg) if args.toml else show.text(cfg))
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from vmrun import schema
+
+    sys.stdout.write(schema.text(args.dropin))
     return EXIT_OK
 
 
@@ -411,7 +545,9 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     except re.error as e:
         raise UsageError(f"--boot {args.boot!r} is not a regular expression: {e}") from None
 
-    results = smoke.run(args.files, args.timeout, boot, args.junit, say)
+    jobs = args.jobs or os.cpu_count() or 1
+    progress = say_err if jobs > 1 and len(args.files) > 1 else None
+    results = smoke.run(args.files, args.timeout, boot, args.junit, say, jobs, progress)
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
 
 
@@ -426,6 +562,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     commands = {
         "plan": cmd_plan,
+        "show": cmd_show,
+        "init": cmd_init,
+        "import": cmd_import,
+        "schema": cmd_schema,
         "check": cmd_check,
         "devices": cmd_devices,
         "bind": cmd_bind,

@@ -17,13 +17,13 @@ import stat
 import sys
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
-from vmrun.errors import ConfigError, Problem
+from vmrun.errors import ConfigError, Problem, Sources
 from vmrun.model import Config, Disk, Forward, Iommufd, Memlock, Net, Vfio, Vm
-from vmrun.sizes import KiB, MiB, SizeError, TiB, format_size, is_size_shaped, parse_size
+from vmrun.sizes import SIZE_PATTERN, KiB, MiB, SizeError, TiB, format_size, is_size_shaped, parse_size
 
 # Every pattern is applied with fullmatch: `$` would let a trailing newline through.
 # QEMU accepts ids that start with a letter and go on with letters, digits, '-', '.', '_'.
@@ -159,6 +159,36 @@ def items(texts: Iterator[str], budget: int) -> str:
     return ", ".join(out)
 
 
+@attrs.frozen
+class Traits:
+    """What a parser takes, as JSON Schema (for `vmrun schema`), and how a value it made is
+    written back as TOML (for `vmrun show`); kept beside the parser so neither can drift."""
+
+    schema: dict[str, Any]
+    dump: Callable[[Any], Any] | None = None
+
+
+TRAITS: dict[Callable[..., Any], Traits] = {}
+P = TypeVar("P", bound=Callable[..., Any])
+
+
+def described(schema: dict[str, Any], dump: Callable[[Any], Any] | None = None) -> Callable[[P], P]:
+    """Registers the Traits of the parser it decorates (or is called on)."""
+
+    def register(parse: P) -> P:
+        TRAITS[parse] = Traits(schema, dump)
+        return parse
+
+    return register
+
+
+def json_pattern(pattern: re.Pattern[str] | str) -> str:
+    """A Python pattern applied with fullmatch, as a JSON Schema (ECMA-262) pattern: anchored,
+    named groups plain, so both dialects read it alike."""
+    text = pattern if isinstance(pattern, str) else pattern.pattern
+    return "^(?:" + re.sub(r"\(\?P<\w+>", "(", text) + ")$"
+
+
 def expect(value: object, kind: type, what: str) -> Any:
     # bool is an int in Python but not in TOML: `cpus = true` must not pass as 1.
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -167,6 +197,8 @@ def expect(value: object, kind: type, what: str) -> Any:
 
 
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+NO_NUL = "^[^\\x00]*$"
+NO_CONTROL = "^[^\\x00-\\x1f\\x7f]*$"
 
 
 def no_nul(text: str, sub: str = "") -> str:
@@ -176,6 +208,7 @@ def no_nul(text: str, sub: str = "") -> str:
     return text
 
 
+@described({"type": "string", "pattern": json_pattern(NAME_RE)})
 def vm_name(value: object, ctx: Context) -> str:
     text: str = string()(value, ctx)
     if len(text) > NAME_MAX:
@@ -200,7 +233,8 @@ def string(pattern: re.Pattern[str] | None = None, hint: str | None = None, cont
             raise Invalid(f"{shown(text)} is not allowed here", hint)
         return text
 
-    return parse
+    shape = json_pattern(pattern) if pattern is not None else NO_NUL if controls else NO_CONTROL
+    return described({"type": "string", "minLength": 1, "pattern": shape})(parse)
 
 
 def integer(low: int, high: int, hint: str | None = None) -> Parser:
@@ -210,7 +244,7 @@ def integer(low: int, high: int, hint: str | None = None) -> Parser:
             raise Invalid(f"{shown(number)} is out of range {low}..{high}", hint)
         return number
 
-    return parse
+    return described({"type": "integer", "minimum": low, "maximum": high})(parse)
 
 
 def choice(*options: str) -> Parser:
@@ -220,7 +254,7 @@ def choice(*options: str) -> Parser:
             raise Invalid(f"{shown(text)} is not one of {', '.join(options)}", did_you_mean(text, options))
         return text
 
-    return parse
+    return described({"type": "string", "enum": list(options)})(parse)
 
 
 def size(unit: int, unit_name: str, low: int, high: int) -> Parser:
@@ -244,7 +278,7 @@ def size(unit: int, unit_name: str, low: int, high: int) -> Parser:
             raise Invalid(f"{shown(text)} is out of range {format_size(low)}..{format_size(high)}")
         return n
 
-    return parse
+    return described({"type": "string", "pattern": SIZE_PATTERN}, format_size)(parse)
 
 
 # QEMU takes guest RAM in MiB; 16T is beyond any host vmrun passes devices through on.
@@ -253,6 +287,10 @@ memory_size = size(MiB, "MiB", MiB, 16 * TiB)
 memlock_size = size(KiB, "KiB", KiB, 64 * TiB)
 
 
+@described(
+    {"type": "string", "anyOf": [{"enum": ["auto", "unlimited", "off"]}, {"pattern": SIZE_PATTERN}]},
+    lambda m: m.mode if m.size is None else format_size(m.size),
+)
 def memlock(value: object, ctx: Context) -> Memlock:
     if isinstance(value, str) and value in ("auto", "unlimited", "off"):
         return Memlock(mode=value)  # type: ignore[arg-type]
@@ -263,6 +301,7 @@ def memlock(value: object, ctx: Context) -> Memlock:
     return Memlock(mode="size", size=memlock_size(value, ctx))
 
 
+@described({"type": "string", "minLength": 1, "pattern": NO_CONTROL}, str)
 def file_path(value: object, ctx: Context) -> pathlib.Path:
     text = string(controls=False)(value, ctx)
     try:
@@ -273,11 +312,13 @@ def file_path(value: object, ctx: Context) -> pathlib.Path:
     return pathlib.Path(os.path.normpath(path if path.is_absolute() else ctx.base / path))
 
 
+@described({"type": "string", "minLength": 1, "pattern": NO_CONTROL})
 def qemu_binary(value: object, ctx: Context) -> str:
     text = string(controls=False)(value, ctx)
     return str(file_path(text, ctx)) if "/" in text else text
 
 
+@described({"type": "array", "items": {"type": "string", "pattern": NO_NUL}}, list)
 def string_list(value: object, ctx: Context) -> tuple[str, ...]:
     """Every bad item is its own problem, at `key[i]`."""
     items: list[object] = expect(value, list, "an array of strings")
@@ -292,6 +333,7 @@ def string_list(value: object, ctx: Context) -> tuple[str, ...]:
     return tuple(str(i) for i in items)
 
 
+@described({"type": "string", "pattern": json_pattern(PCI_RE)})
 def pci_address(value: object, ctx: Context) -> str:
     text: str = expect(value, str, "a PCI address string")
     m = PCI_RE.fullmatch(text)
@@ -304,6 +346,7 @@ def pci_address(value: object, ctx: Context) -> str:
     return f"{domain}:{m['bus'].lower()}:{m['dev'].lower()}.{m['fn']}"
 
 
+@described({"type": "string", "pattern": json_pattern(MACHINE_RE)})
 def cpu_model(value: object, ctx: Context) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         raise Invalid(f"is the CPU model, a string, not {shown(value)}", "the number of vCPUs is `cpus`")
@@ -311,6 +354,7 @@ def cpu_model(value: object, ctx: Context) -> str:
     return model
 
 
+@described({"type": "boolean"})
 def boolean(value: object, ctx: Context) -> bool:
     flag: bool = expect(value, bool, "true or false")
     return flag
@@ -321,6 +365,10 @@ FORWARD_RE = re.compile(r"(?:(tcp|udp):)?(?:([0-9]{1,3}(?:\.[0-9]{1,3}){3}):)?([
 FORWARD_HINT = 'write [PROTO:][HOSTADDR:]HOSTPORT:GUESTPORT, e.g. "tcp:2222:22" or "udp:0.0.0.0:5353:53"'
 
 
+@described(
+    {"type": "array", "items": {"type": "string", "pattern": json_pattern(FORWARD_RE)}},
+    lambda fs: [f"{f.protocol}:{f.host_addr}:{f.host_port}:{f.guest_port}" for f in fs],
+)
 def forwards(value: object, ctx: Context) -> tuple[Forward, ...]:
     """Every bad item is its own problem, at `forwards[i]`."""
     items: list[object] = expect(value, list, 'an array of port forwards, e.g. ["tcp:2222:22"]')
@@ -357,6 +405,7 @@ def forward(item: object) -> Forward:
 MAC_RE = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
 
 
+@described({"type": "string", "pattern": json_pattern(MAC_RE)})
 def mac_address(value: object, ctx: Context) -> str:
     text: str = expect(value, str, "a MAC address string")
     if not MAC_RE.fullmatch(text):
@@ -366,6 +415,7 @@ def mac_address(value: object, ctx: Context) -> str:
     return text.lower()
 
 
+@described({"type": "string", "pattern": "^/sys/[^\\x00-\\x1f\\x7f]*$"})
 def sysfs_path(value: object, ctx: Context) -> str:
     text: str = string(controls=False)(value, ctx)
     hint = 'give the device\'s directory under /sys, e.g. "/sys/bus/pci/devices/0000:01:00.0"'
@@ -383,6 +433,14 @@ ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ENV_RESERVED = frozenset({"HOME", "USER", "LOGNAME"})
 
 
+@described(
+    {
+        "type": "object",
+        "propertyNames": {"pattern": json_pattern(ENV_NAME_RE), "not": {"enum": sorted(ENV_RESERVED)}},
+        "additionalProperties": {"type": "string", "pattern": NO_NUL},
+    },
+    dict,
+)
 def environment(value: object, ctx: Context) -> tuple[tuple[str, str], ...]:
     table: dict[str, object] = expect(value, dict, 'a table of environment variables, e.g. { RUST_LOG = "info" }')
     out: list[tuple[str, str]] = []
@@ -409,6 +467,14 @@ PROP_INT_MIN, PROP_INT_MAX = -(2**63), 2**64 - 1
 caller_fd = integer(FIRST_FREE_FD, 65535, "fds 0-2 are stdin, stdout and stderr; pass the device on 3 or above")
 
 
+@described(
+    {
+        "type": "object",
+        "propertyNames": {"pattern": json_pattern(ID_RE), "not": {"enum": sorted(PLANNED_PROPS)}},
+        "additionalProperties": {"type": ["string", "integer", "boolean"]},
+    },
+    dict,
+)
 def props(value: object, ctx: Context) -> tuple[tuple[str, str | int | bool], ...]:
     table: dict[str, object] = expect(value, dict, "a table of device properties")
     out: list[tuple[str, str | int | bool]] = []
@@ -522,6 +588,7 @@ NET_KEYS = (
     Key("model", choice("virtio-net-pci", "e1000e", "e1000"), "NIC model: virtio-net-pci (default), e1000e, e1000"),
 )
 SECTIONS = {"vm": "table", "iommufd": "array", "vfio": "array", "disk": "array", "net": "array"}
+SECTION_KEYS = {"vm": VM_KEYS, "iommufd": IOMMUFD_KEYS, "vfio": VFIO_KEYS, "disk": DISK_KEYS, "net": NET_KEYS}
 
 
 def did_you_mean(word: str, options: tuple[str, ...] | list[str] | Mapping[str, object]) -> str | None:
@@ -532,12 +599,19 @@ def did_you_mean(word: str, options: tuple[str, ...] | list[str] | Mapping[str, 
 class Reader:
     """Walks the raw TOML, collecting problems instead of stopping at the first."""
 
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
+    def __init__(self, sources: Sources, base: pathlib.Path | None = None) -> None:
+        self.sources = sources
+        # Relative paths of the config itself start here (default: its directory).
+        self.base = base or pathlib.Path(sources.main).absolute().parent
         self.problems: list[Problem] = []
 
     def problem(self, path: str, message: str, hint: str | None = None) -> None:
-        self.problems.append(Problem(path, message, hint))
+        self.problems.append(Problem(path, message, hint, self.sources.dropin_of(path)))
+
+    def context(self, path: str) -> Context:
+        # A relative path is relative to the file it is written in, drop-ins included.
+        dropin = self.sources.dropin_of(path)
+        return Context(base=pathlib.Path(dropin).absolute().parent if dropin else self.base)
 
     def table(self, raw: dict[str, Any], keys: tuple[Key, ...], path: str) -> dict[str, Any]:
         known = {k.name: k for k in keys}
@@ -551,7 +625,7 @@ class Reader:
                 self.problem(f"{path}{key_part(name)}", "unknown key", hint)
                 continue
             try:
-                values[name] = key.parse(value, self.ctx)
+                values[name] = key.parse(value, self.context(f"{path}.{name}"))
             except Invalid as e:
                 self.problem(f"{path}.{name}{e.sub}", e.message, e.hint)
             except InvalidMany as many:
@@ -635,12 +709,22 @@ def read_text(path: pathlib.Path) -> str:
 
 
 def load(path: pathlib.Path | str) -> Config:
-    """The validated config in `path`; raises ConfigError listing every problem."""
+    """The validated config in `path` with its drop-ins (`PATH.d/*.toml`) merged in;
+    raises ConfigError listing every problem, each naming the file that set the key."""
+    from vmrun import dropins
+
     path = pathlib.Path(path)
-    return parse(read_text(path), path)
+    raw, sources = dropins.merged(path, read_toml(read_text(path), path))
+    return validate(raw, path, sources)
+
+
+def parse(text: str, path: pathlib.Path) -> Config:
+    """The validated config in the TOML `text`, read from `path` (no drop-ins)."""
+    return validate(read_toml(text, path), path, Sources(str(path)))
 
 
 def read_toml(text: str, path: pathlib.Path) -> dict[str, Any]:
+    """The TOML document in `text`, or a ConfigError that names `path`."""
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -663,9 +747,9 @@ def read_toml(text: str, path: pathlib.Path) -> dict[str, Any]:
         ) from None
 
 
-def parse(text: str, path: pathlib.Path) -> Config:
-    raw = read_toml(text, path)
-    reader = Reader(Context(base=path.absolute().parent))
+def validate(raw: dict[str, Any], path: pathlib.Path, sources: Sources) -> Config:
+    """The config model of the (merged) document `raw`; `sources` says who wrote each key."""
+    reader = Reader(sources)
     for name in raw:
         if name not in SECTIONS:
             hint = did_you_mean(name, SECTIONS) or "sections are [vm], [[iommufd]], [[vfio]], [[disk]] and [[net]]"
@@ -695,6 +779,7 @@ def parse(text: str, path: pathlib.Path) -> Config:
         vfio=tuple(Vfio(**d.values) for d in devices),
         disk=tuple(Disk(**d.values) for d in disks),
         net=tuple(Net(**n.values) for n in nets),
+        sources=sources,
     )
 
 
@@ -717,7 +802,7 @@ def parse_fragment(raw: dict[str, Any], path: pathlib.Path, running: Config, tak
     are, and checked against the VM they go into: `taken` maps every id the VM has to what
     has it, and an iommufd may name one of the VM's objects. The result has the VM's [vm]
     and only the fragment's entries."""
-    reader = Reader(Context(base=path.absolute().parent))
+    reader = Reader(Sources(str(path)))
     for name in raw:
         if name == "vm":
             reader.problem("vm", "a fragment adds devices to a running VM; [vm] is the VM's own", "drop [vm]")
@@ -748,7 +833,7 @@ def entry(section: str, raw: dict[str, Any], base: pathlib.Path) -> Iommufd | Vf
     """An entry as a config or fragment in directory `base` wrote it (how `vmrun attach`
     records what it added), read by the same keys; ValueError when it no longer reads."""
     keys, model = ENTRY_SECTIONS[section]
-    reader = Reader(Context(base=base))
+    reader = Reader(Sources(str(base)), base=base)
     values = reader.table(raw, keys, section)
     if reader.problems:
         raise ValueError("; ".join(p.render() for p in reader.problems))

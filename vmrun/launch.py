@@ -341,7 +341,7 @@ def launch(plan: Plan, execve: Exec = os.execve) -> NoReturn:
     """Carry out `plan` and exec QEMU. Raises LaunchError before exec when a step fails."""
     if plan.problems:
         raise LaunchError(
-            "the plan has problems:\n" + "\n".join(f"  {p.render(plan.config)}" for p in plan.problems),
+            "the plan has problems:\n" + "\n".join(f"  {p.render(plan.file_of(p.path))}" for p in plan.problems),
             "fix them, then run again; `vmrun plan` shows the whole plan",
         )
     ensure_stdio()

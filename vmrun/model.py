@@ -7,6 +7,8 @@ from typing import Literal
 
 import attrs
 
+from vmrun.errors import Sources
+
 MemlockMode = Literal["auto", "unlimited", "off", "size"]
 Driver = Literal["vfio-pci", "vfio-platform", "vfio-ap", "vfio-ccw"]
 PropValue = str | int | bool
@@ -110,6 +112,10 @@ class Config:
     vfio: tuple[Vfio, ...] = ()
     disk: tuple[Disk, ...] = ()
     net: tuple[Net, ...] = ()
+    # Which file (the config or a drop-in) wrote each key; not part of what the VM is.
+    sources: Sources = attrs.field(
+        default=attrs.Factory(lambda self: Sources(str(self.file)), takes_self=True), eq=False
+    )
 
     def caller_fds(self) -> set[int]:
         """Fds the caller opened and vmrun passes on untouched."""

@@ -13,7 +13,7 @@ import attrs
 
 from vmrun import qemu_args
 from vmrun.config import is_q35
-from vmrun.errors import Problem
+from vmrun.errors import Problem, Sources
 from vmrun.host import DeviceFacts, HostFacts, User
 from vmrun.memlock import MemlockPlan, memlock_plan
 from vmrun.model import Config
@@ -84,6 +84,11 @@ class Plan:
     findings: tuple[Finding, ...] = ()
     # What QEMU creates for each config entry, typed: `vmrun attach` sends these over QMP.
     parts: tuple[Part, ...] = ()
+    sources: Sources | None = None  # which file set each key: the config or a drop-in
+
+    def file_of(self, path: str) -> str:
+        """The file to name in a problem at `path`: the drop-in that set the key, or the config."""
+        return self.sources.file_of(path) if self.sources is not None else self.config
 
     def with_status(self, status: Status) -> tuple[Problem, ...]:
         return tuple(f.problem for f in self.findings if f.status == status)
@@ -215,6 +220,7 @@ class Planner:
             env=self.environment(),
             findings=tuple(self.checks.findings),
             parts=tuple(self.parts),
+            sources=self.config.sources,
         )
 
     def part(self, section: str, index: int, pieces: list[Piece]) -> list[tuple[str, ...]]:

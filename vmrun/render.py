@@ -57,7 +57,7 @@ def text(plan: Plan, show_problems: bool = True) -> str:
     out.append("# env: " + " ".join(shlex.quote(f"{k}={v}") for k, v in plan.env))
     out += [f"# note: {n.render()}" for n in plan.notes]
     if show_problems:
-        out += [f"# problem: {p.render(plan.config)}" for p in plan.problems]
+        out += [f"# problem: {p.render(plan.file_of(p.path))}" for p in plan.problems]
     return "\n".join(out) + "\n"
 
 
@@ -95,7 +95,7 @@ def to_json(plan: Plan) -> dict[str, Any]:
         },
         "env": dict(plan.env),
         "notes": [n.render() for n in plan.notes],
-        "problems": [p.render(plan.config) for p in plan.problems],
+        "problems": [p.render(plan.file_of(p.path)) for p in plan.problems],
     }
 
 

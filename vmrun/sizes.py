@@ -14,6 +14,8 @@ _UNITS = {"K": KiB, "M": MiB, "G": GiB, "T": TiB}
 # ASCII only: under IGNORECASE alone, [KMGT] also matches the Kelvin sign (U+212A) and
 # [iI] a dotted capital I, which are not units.
 _SIZE = re.compile(r" *([0-9]+(?:\.[0-9]+)?) *([KMGT])(?:i?B)? *", re.IGNORECASE | re.ASCII)
+# The same shape for JSON Schema (ECMA-262 has no IGNORECASE flag in a pattern).
+SIZE_PATTERN = "^ *[0-9]+(\\.[0-9]+)? *[KMGTkmgt]([iI]?[bB])? *$"
 # More digits than any real size (16T is 14 digits in bytes), few enough that the exact
 # arithmetic below stays cheap whatever a config says.
 MAX_DIGITS = 24

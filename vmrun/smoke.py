@@ -16,9 +16,11 @@ import os
 import platform
 import queue
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -27,8 +29,9 @@ from typing import IO, Any
 
 import attrs
 
-from vmrun import config, qmp, state
+from vmrun import config, qmp, smoke_schedule, state
 from vmrun.errors import ConfigError
+from vmrun.host import Host
 from vmrun.model import Config
 
 QUIT_WAIT = 5.0
@@ -136,9 +139,10 @@ def open_fds(fds: Iterable[int]) -> list[int]:
 class Child:
     """`vmrun run --paused FILE` as a child, its console and stderr read as they come."""
 
-    def __init__(self, file: str, console_on_stdout: bool, caller_fds: Iterable[int] = ()) -> None:
+    def __init__(self, file: str, console_on_stdout: bool, state_base: str, caller_fds: Iterable[int] = ()) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vmrun.cli", "run", "--paused", file],
+            env={**os.environ, "VMRUN_STATE_DIR": state_base},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -219,7 +223,7 @@ class Child:
             t.join(timeout=1)
 
 
-def connect(child: Child, name: str, deadline: float) -> tuple[qmp.Monitor, state.Vm]:
+def connect(child: Child, name: str, state_base: str, deadline: float) -> tuple[qmp.Monitor, state.Vm]:
     """The child's QMP session, once vmrun has recorded it as the VM's QEMU."""
     last_error = ""
     while True:
@@ -229,7 +233,7 @@ def connect(child: Child, name: str, deadline: float) -> tuple[qmp.Monitor, stat
         left = deadline - time.monotonic()
         if left <= 0:
             raise Failed("QMP did not answer in time" + (f" ({last_error})" if last_error else ""))
-        vm = state.load(name)
+        vm = state.load(name, state_base)
         # A socket file from an earlier run refuses; this run's is ours once the pid is the child's.
         if vm is not None and vm.state == "running" and vm.pid == child.proc.pid:
             try:
@@ -265,6 +269,16 @@ def wait_for_line(child: Child, pattern: re.Pattern[str], deadline: float) -> fl
 
 
 def smoke_one(file: str, timeout: float, boot: re.Pattern[str] | None) -> Result:
+    """One config smoke-tested with a state directory of its own: configs running side by
+    side (or a VM of the same name already running) never share a lock or a socket."""
+    state_base = tempfile.mkdtemp(prefix="vmrun-smoke-")
+    try:
+        return smoke_in(file, timeout, boot, state_base)
+    finally:
+        shutil.rmtree(state_base, ignore_errors=True)
+
+
+def smoke_in(file: str, timeout: float, boot: re.Pattern[str] | None, state_base: str) -> Result:
     start = time.monotonic()
     deadline = start + timeout
 
@@ -286,9 +300,9 @@ def smoke_one(file: str, timeout: float, boot: re.Pattern[str] | None) -> Result
     console = cfg.vm.console
     if boot is not None and console not in ("stdio", "socket"):
         return result(False, f'vm.console is "{console}": no serial console to match --boot against')
-    child = Child(file, console_on_stdout=console == "stdio", caller_fds=cfg.caller_fds())
+    child = Child(file, console_on_stdout=console == "stdio", state_base=state_base, caller_fds=cfg.caller_fds())
     try:
-        m, vm = connect(child, name, deadline)
+        m, vm = connect(child, name, state_base, deadline)
         try:
             expected = Expected.of(cfg)
             verify(m, expected, deadline)
@@ -308,15 +322,15 @@ def smoke_one(file: str, timeout: float, boot: re.Pattern[str] | None) -> Result
     except qmp.QmpError as e:
         return result(False, f"QMP: {e.what}", child)
     finally:
-        quit_child(child, name)
+        quit_child(child, name, state_base)
         child.end()
 
 
-def quit_child(child: Child, name: str) -> None:
+def quit_child(child: Child, name: str, state_base: str) -> None:
     """QMP quit, so QEMU exits cleanly; end() kills whatever does not."""
     if child.proc.poll() is not None:
         return
-    vm = state.load(name)
+    vm = state.load(name, state_base)
     if vm is not None and vm.pid == child.proc.pid:
         with contextlib.suppress(qmp.QmpError), qmp.Monitor(vm.qmp_socket, connect_timeout=2.0) as m:
             m.execute("quit", timeout=2.0)
@@ -360,17 +374,38 @@ def run(
     boot: re.Pattern[str] | None,
     junit_path: str | None,
     say: Callable[[str], None],
+    jobs: int = 1,
+    progress: Callable[[str], None] | None = None,
 ) -> list[Result]:
+    """Smoke-tests `files`, `jobs` at a time. Each result is said as soon as every config
+    before it is done, so the lines (and the JUnit report) keep the order of `files`;
+    `progress` hears of each config the moment it finishes. One failing never stops the rest;
+    configs that need the same host device, image, tap or port never run at once."""
     start = time.monotonic()
-    results = []
-    for file in files:
-        r = smoke_one(file, timeout, boot)
-        say(r.line())
-        results.append(r)
-    failed = sum(not r.ok for r in results)
-    say(f"smoke: {len(results) - failed} passed, {failed} failed")
+    results: list[Result | None] = [None] * len(files)
+    said = 0
+    host_view = Host("/")
+    claimed = [smoke_schedule.claims(f, host_view) for f in files] if jobs > 1 else [frozenset()] * len(files)
+
+    def work(k: int) -> Result:
+        try:
+            return smoke_one(files[k], timeout, boot)
+        except Exception as e:  # one config's trouble must not take the others down
+            return Result(files[k], False, f"vmrun smoke failed: {e!r}", 0.0)
+
+    for done, (k, result) in enumerate(smoke_schedule.run_exclusive(len(files), claimed, jobs, work), 1):
+        results[k] = result
+        if progress is not None:
+            progress(f"smoke: [{done}/{len(files)}] {result.line()}")
+        while said < len(files) and (r := results[said]) is not None:
+            say(r.line())
+            said += 1
+    finished = [r for r in results if r is not None]
+    failed = sum(not r.ok for r in finished)
+    wall = time.monotonic() - start
+    say(f"smoke: {len(finished) - failed} passed, {failed} failed in {wall:.1f} s (-j {max(1, jobs)})")
     if junit_path is not None:
-        data = junit(results, time.monotonic() - start)
+        data = junit(finished, wall)
         tmp = f"{junit_path}.tmp"
         try:
             with open(tmp, "wb") as f:
@@ -378,4 +413,4 @@ def run(
             os.replace(tmp, junit_path)
         except OSError as e:
             raise state.VmError(f"cannot write {junit_path}: {e.strerror}", "give --junit a writable path") from None
-    return results
+    return finished

@@ -5,10 +5,14 @@
 #    source ~/.local/share/bash_completion/vmrun
 # See also: https://github.com/scop/bash-completion/blob/main/doc/configuration.md
 
-_shtab_vmrun_subparsers=(validate plan check devices bind unbind prepare run ps status stop qmp attach detach smoke completion)
+_shtab_vmrun_subparsers=(validate plan init import show schema check devices bind unbind prepare run ps status stop qmp attach detach smoke completion)
 
 _shtab_vmrun_validate_option_strings=(-h --help)
 _shtab_vmrun_plan_option_strings=(-h --help --json --host-root)
+_shtab_vmrun_init_option_strings=(-h --help --device -d --legacy --output -o --force --host-root)
+_shtab_vmrun_import_option_strings=(-h --help --name --pid --output -o --force --host-root)
+_shtab_vmrun_show_option_strings=(-h --help --json --toml)
+_shtab_vmrun_schema_option_strings=(-h --help --dropin)
 _shtab_vmrun_check_option_strings=(-h --help --json --host-root)
 _shtab_vmrun_devices_option_strings=(-h --help --group --json --host-root)
 _shtab_vmrun_bind_option_strings=(-h --help --host-root)
@@ -21,13 +25,22 @@ _shtab_vmrun_stop_option_strings=(-h --help --timeout)
 _shtab_vmrun_qmp_option_strings=(-h --help)
 _shtab_vmrun_attach_option_strings=(-h --help --host-root)
 _shtab_vmrun_detach_option_strings=(-h --help --timeout)
-_shtab_vmrun_smoke_option_strings=(-h --help --junit --timeout --boot)
+_shtab_vmrun_smoke_option_strings=(-h --help --junit --timeout --boot -j --jobs)
 _shtab_vmrun_completion_option_strings=(-h --help)
 _shtab_vmrun_option_strings=(-h --help --version)
 
 _shtab_vmrun_validate_pos_0_COMPGEN=_shtab_compgen_files
 _shtab_vmrun_plan_pos_0_COMPGEN=_shtab_compgen_files
 _shtab_vmrun_plan___host_root_COMPGEN=_shtab_compgen_dirs
+_shtab_vmrun_init___device_COMPGEN=_vmrun_pci_addresses
+_shtab_vmrun_init__d_COMPGEN=_vmrun_pci_addresses
+_shtab_vmrun_init___output_COMPGEN=_shtab_compgen_files
+_shtab_vmrun_init__o_COMPGEN=_shtab_compgen_files
+_shtab_vmrun_init___host_root_COMPGEN=_shtab_compgen_dirs
+_shtab_vmrun_import___output_COMPGEN=_shtab_compgen_files
+_shtab_vmrun_import__o_COMPGEN=_shtab_compgen_files
+_shtab_vmrun_import___host_root_COMPGEN=_shtab_compgen_dirs
+_shtab_vmrun_show_pos_0_COMPGEN=_shtab_compgen_files
 _shtab_vmrun_check_pos_0_COMPGEN=_shtab_compgen_files
 _shtab_vmrun_check___host_root_COMPGEN=_shtab_compgen_dirs
 _shtab_vmrun_devices_pos_0_COMPGEN=_vmrun_pci_addresses
@@ -50,7 +63,7 @@ _shtab_vmrun_smoke_pos_0_COMPGEN=_shtab_compgen_files
 _shtab_vmrun_smoke___junit_COMPGEN=_shtab_compgen_files
 
 _shtab_vmrun_completion_pos_0_choices=(bash zsh)
-_shtab_vmrun_pos_0_choices=(validate plan check devices bind unbind prepare run ps status stop qmp attach detach smoke completion)
+_shtab_vmrun_pos_0_choices=(validate plan init import show schema check devices bind unbind prepare run ps status stop qmp attach detach smoke completion)
 
 _shtab_vmrun_validate_pos_0_nargs=+
 _shtab_vmrun_validate__h_nargs=0
@@ -58,6 +71,23 @@ _shtab_vmrun_validate___help_nargs=0
 _shtab_vmrun_plan__h_nargs=0
 _shtab_vmrun_plan___help_nargs=0
 _shtab_vmrun_plan___json_nargs=0
+_shtab_vmrun_init__h_nargs=0
+_shtab_vmrun_init___help_nargs=0
+_shtab_vmrun_init___device_nargs=+
+_shtab_vmrun_init__d_nargs=+
+_shtab_vmrun_init___legacy_nargs=0
+_shtab_vmrun_init___force_nargs=0
+_shtab_vmrun_import_pos_0_nargs=...
+_shtab_vmrun_import__h_nargs=0
+_shtab_vmrun_import___help_nargs=0
+_shtab_vmrun_import___force_nargs=0
+_shtab_vmrun_show__h_nargs=0
+_shtab_vmrun_show___help_nargs=0
+_shtab_vmrun_show___json_nargs=0
+_shtab_vmrun_show___toml_nargs=0
+_shtab_vmrun_schema__h_nargs=0
+_shtab_vmrun_schema___help_nargs=0
+_shtab_vmrun_schema___dropin_nargs=0
 _shtab_vmrun_check__h_nargs=0
 _shtab_vmrun_check___help_nargs=0
 _shtab_vmrun_check___json_nargs=0
