@@ -2,23 +2,28 @@
 
 Exit status: 0 success; 1 the host cannot do what the config asks, or the launch failed;
 2 bad input (config errors, wrong command line). Errors never show a traceback.
+
+`vmrun run` must start fast (benchmarks/launch.py): this module imports argparse and the
+error types only, each command imports what it needs when it runs, and only the sub-parser
+of the command given is built. tests/test_lean_launch.py keeps it so.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-import attrs
+from vmrun import __version__
+from vmrun.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BadName, ConfigError, LaunchError, VmError
 
-from vmrun import __version__, config, host, render
-from vmrun.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, LaunchError
-from vmrun.plan import Plan, plan
-from vmrun.state import BadName, VmError
+if TYPE_CHECKING:
+    from vmrun.plan import Plan
+
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+    AddParser = Callable[[Subparsers, str], None]
+    Handler = Callable[[argparse.Namespace], int]
 
 
 class UsageError(Exception):
@@ -34,7 +39,9 @@ def add_host_root(p: argparse.ArgumentParser) -> None:
     )
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line: every command's sub-parser, or only the one named `only` (building
+    them all takes longer than some commands run)."""
     top = argparse.ArgumentParser(
         prog="vmrun",
         description="Declarative QEMU launcher for VFIO passthrough with iommufd and fd passing.",
@@ -42,16 +49,24 @@ def parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--version", action="version", version=f"vmrun {__version__}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add, _) in COMMANDS.items():
+        if only is None or only == name:
+            add(sub, name)
+    return top
 
+
+def add_validate(sub: Subparsers, name: str) -> None:
     p = sub.add_parser(
-        "validate",
+        name,
         help="check config files; print every problem",
         description="Check config files without looking at the host.",
     )
     p.add_argument("files", nargs="+", metavar="FILE")
 
+
+def add_plan(sub: Subparsers, name: str) -> None:
     p = sub.add_parser(
-        "plan",
+        name,
         help="print what `run` would do",
         description="Print the command line, fds, memlock and identity of a launch.",
     )
@@ -59,8 +74,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_host_root(p)
 
+
+def add_init(sub: Subparsers, name: str) -> None:
     p = sub.add_parser(
-        "init",
+        name,
         help="write a first config for some of the host's PCI devices",
         description="Write a config for the named PCI devices with every endpoint of their IOMMU groups, "
         "one shared iommufd object (--legacy: the legacy VFIO container), default memory and CPUs, and "
@@ -81,8 +98,10 @@ def parser() -> argparse.ArgumentParser:
     add_output(p)
     add_host_root(p)
 
+
+def add_import(sub: Subparsers, name: str) -> None:
     p = sub.add_parser(
-        "import",
+        name,
         help="write a config from a QEMU command line or a running QEMU",
         description="Write a config from a QEMU command line (after --) or from the command line and fds of a "
         "running QEMU (--pid). What vmrun models is mapped to its keys; every other option is kept in "
@@ -94,8 +113,10 @@ def parser() -> argparse.ArgumentParser:
     add_host_root(p)
     p.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU ARGS")
 
+
+def add_show(sub: Subparsers, name: str) -> None:
     p = sub.add_parser(
-        "show",
+        name,
         help="print the config as `run` uses it: drop-ins merged, defaults filled in",
         description="Print a config with its drop-ins (FILE.d/*.toml) merged and every default filled in; "
         "the text form says which file set each value.",
@@ -105,16 +126,20 @@ def parser() -> argparse.ArgumentParser:
     form.add_argument("--json", action="store_true", help="print JSON (unset keys are null)")
     form.add_argument("--toml", action="store_true", help="print TOML, itself a config for the same VM")
 
+
+def add_schema(sub: Subparsers, name: str) -> None:
     p = sub.add_parser(
-        "schema",
+        name,
         help="print a JSON Schema of the config for editors",
         description="Print a JSON Schema (draft 2020-12) of the config, made from the tables vmrun parses with, "
         "for taplo, VS Code (Even Better TOML) and other editors.",
     )
     p.add_argument("--dropin", action="store_true", help="the schema of a drop-in: no key is required")
 
+
+def add_check(sub: Subparsers, name: str) -> None:
     p = sub.add_parser(
-        "check",
+        name,
         help="preflight: is this host ready for the config?",
         description="Check the host for a config: QEMU, /dev/iommu, devices and their IOMMU groups, "
         "memlock, the run-as user. Exit status 0 when the VM can launch, 1 otherwise.",
@@ -123,8 +148,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_host_root(p)
 
+
+def add_devices(sub: Subparsers, name: str) -> None:
     p = sub.add_parser(
-        "devices",
+        name,
         help="list the host's PCI devices",
         description="List PCI devices with their driver, IOMMU group and VFIO cdev.",
     )
@@ -133,24 +160,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     add_host_root(p)
 
-    for name, text in (
-        ("bind", "bind devices to vfio-pci, remembering their driver"),
-        ("unbind", "give devices back to the driver they had before `vmrun bind`"),
-    ):
-        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
-        p.add_argument("addresses", nargs="+", metavar="ADDR")
-        add_host_root(p)
 
+def add_bind(sub: Subparsers, name: str) -> None:
+    text = {
+        "bind": "bind devices to vfio-pci, remembering their driver",
+        "unbind": "give devices back to the driver they had before `vmrun bind`",
+    }[name]
+    p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+    p.add_argument("addresses", nargs="+", metavar="ADDR")
+    add_host_root(p)
+
+
+def add_prepare(sub: Subparsers, name: str) -> None:
     p = sub.add_parser(
-        "prepare",
+        name,
         help="bind every PCI device of a config to vfio-pci",
         description="Bind every PCI device that a config names to vfio-pci.",
     )
     p.add_argument("file", metavar="FILE")
     add_host_root(p)
 
+
+def add_run(sub: Subparsers, name: str) -> None:
     p = sub.add_parser(
-        "run",
+        name,
         help="launch QEMU as the config says",
         description="Open the devices, set limits, drop privileges and exec QEMU.",
     )
@@ -162,8 +195,6 @@ def parser() -> argparse.ArgumentParser:
         help="start with the guest's CPUs stopped (QEMU -S); `vmrun qmp NAME cont` starts them",
     )
     add_host_root(p)
-    add_lifecycle_parsers(sub)
-    return top
 
 
 def add_output(p: argparse.ArgumentParser) -> None:
@@ -192,10 +223,9 @@ DETACH_TIMEOUT = 30.0  # hotplug.DETACH_TIMEOUT: not imported, `run` must start 
 SMOKE_TIMEOUT = 60.0  # a TCG boot to a console line fits; KVM needs far less
 
 
-def add_lifecycle_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    # Their modules (QMP, asyncio, psutil) are imported by the handlers: `run` must start fast.
+def add_ps(sub: Subparsers, name: str) -> None:
     p = sub.add_parser(
-        "ps",
+        name,
         help="list the running VMs",
         description="List the VMs running under the state directory: name, QEMU's pid and user, uptime, "
         "resident memory, devices.",
@@ -204,8 +234,10 @@ def add_lifecycle_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("-q", "--quiet", action="store_true", help="print only the names")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+
+def add_status(sub: Subparsers, name: str) -> None:
     p = sub.add_parser(
-        "status",
+        name,
         help="show one VM's run state and process",
         description="Show a running VM's state as QEMU reports it (QMP query-status: running, paused, ...) "
         "and its process: pid, user, uptime, memory, CPU.",
@@ -213,8 +245,10 @@ def add_lifecycle_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("name", metavar="NAME")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+
+def add_stop(sub: Subparsers, name: str) -> None:
     p = sub.add_parser(
-        "stop",
+        name,
         help="shut a VM down: ACPI powerdown, then QMP quit, SIGTERM, SIGKILL",
         description="Press the guest's ACPI power button and wait; if the VM is still there, ask QEMU to quit "
         "over QMP, then send SIGTERM, then SIGKILL. Each step is printed as it happens. "
@@ -230,8 +264,10 @@ def add_lifecycle_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
         "1/6 each for quit and SIGTERM",
     )
 
+
+def add_qmp(sub: Subparsers, name: str) -> None:
     p = sub.add_parser(
-        "qmp",
+        name,
         help="run a QMP command on a VM and print the result",
         description="Run one QMP command on a running VM and print QEMU's answer as JSON, "
         'e.g. `vmrun qmp NAME query-status` or `vmrun qmp NAME qom-list \'{"path": "/objects"}\'`.',
@@ -240,8 +276,10 @@ def add_lifecycle_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("qmp_command", metavar="CMD")
     p.add_argument("qmp_args", metavar="ARGS-JSON", nargs="?", help="the command's arguments as a JSON object")
 
+
+def add_attach(sub: Subparsers, name: str) -> None:
     p = sub.add_parser(
-        "attach",
+        name,
         help="hot-plug the devices of a fragment into a running VM",
         description="Add the [[vfio]], [[iommufd]], [[disk]] and [[net]] entries of FRAGMENT (written as in a "
         "config) to the running VM NAME: vmrun opens each file as at launch (as the VM's user), passes the fds "
@@ -253,8 +291,10 @@ def add_lifecycle_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("fragment", metavar="FRAGMENT")
     add_host_root(p)
 
+
+def add_detach(sub: Subparsers, name: str) -> None:
     p = sub.add_parser(
-        "detach",
+        name,
         help="unplug a device that vmrun attach added",
         description="Ask the guest to release the device ID (device_del), wait for QEMU to report it gone, "
         "then remove what backed it (block nodes, netdev, an iommufd object no device uses any more). A guest "
@@ -270,8 +310,10 @@ def add_lifecycle_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
         help=f"seconds to wait for the guest to release the device (default {DETACH_TIMEOUT:g})",
     )
 
+
+def add_smoke(sub: Subparsers, name: str) -> None:
     p = sub.add_parser(
-        "smoke",
+        name,
         help="launch configs paused and check their devices over QMP (CI)",
         description="For each config, launch it as `run` would but paused, check over QMP that every "
         "[[vfio]] device and [[iommufd]] object exists, then quit. With --boot, start the CPUs and wait "
@@ -295,8 +337,10 @@ def add_lifecycle_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
         help="smoke-test N configs at a time (default: the number of CPUs)",
     )
 
+
+def add_completion(sub: Subparsers, name: str) -> None:
     p = sub.add_parser(
-        "completion",
+        name,
         help="print a shell completion script",
         description="Print a completion script for bash or zsh, e.g. "
         "`vmrun completion bash > /etc/bash_completion.d/vmrun`.",
@@ -305,13 +349,18 @@ def add_lifecycle_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def make_plan(file: str, host_root: str) -> Plan:
+    from vmrun import config, host
+    from vmrun.plan import plan
+
     cfg = config.load(file)
     return plan(cfg, host.gather(cfg, host_root))
 
 
-def cmd_validate(files: list[str]) -> int:
+def cmd_validate(args: argparse.Namespace) -> int:
+    from vmrun import config
+
     status = EXIT_OK
-    for file in files:
+    for file in args.files:
         try:
             cfg = config.load(file)
         except ConfigError as e:
@@ -324,6 +373,8 @@ def cmd_validate(files: list[str]) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from vmrun import render
+
     p = make_plan(args.file, args.host_root)
     sys.stdout.write(render.json_text(p) if args.json else render.text(p))
     return EXIT_OK
@@ -334,7 +385,7 @@ def say_err(line: str) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from vmrun import config_init
+    from vmrun import config_init, host
 
     try:
         result = config_init.build(args.name, addresses(args.devices), host.Host(args.host_root), args.legacy)
@@ -349,7 +400,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from vmrun import config_init, importer, qemu_cmdline
+    import pathlib
+
+    from vmrun import config, config_init, host, importer, qemu_cmdline
 
     argv = args.qemu_args[1:] if args.qemu_args[:1] == ["--"] else args.qemu_args
     if bool(argv) == (args.pid is not None):
@@ -376,7 +429,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from vmrun import show
+    from vmrun import config, show
 
     cfg = config.load(args.file)
     sys.stdout.write(show.json_text(cfg) if args.json else show.toml_text(cfg) if args.toml else show.text(cfg))
@@ -391,6 +444,8 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    import json
+
     from vmrun import check
 
     report = check.check(make_plan(args.file, args.host_root))
@@ -402,6 +457,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def addresses(values: list[str]) -> list[str]:
+    import pathlib
+
+    from vmrun import config
+
     out, bad = [], []
     for value in values:
         try:
@@ -414,7 +473,11 @@ def addresses(values: list[str]) -> list[str]:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from vmrun import pci
+    import json
+
+    import attrs
+
+    from vmrun import host, pci
 
     wanted = set(addresses(args.addresses))
     devices = [
@@ -430,6 +493,10 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def config_addresses(file: str) -> list[str]:
+    import os
+
+    from vmrun import config
+
     cfg = config.load(file)
     out = []
     for dev in cfg.vfio:
@@ -441,6 +508,7 @@ def config_addresses(file: str) -> list[str]:
 
 
 def cmd_bind(args: argparse.Namespace) -> int:
+    from vmrun import host
     from vmrun.bind import Binder
 
     binder = Binder(host.Host(args.host_root))
@@ -456,17 +524,28 @@ def cmd_bind(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from vmrun.launch import launch  # only `run` needs the module with side effects
+    import attrs
 
-    p = make_plan(args.file, args.host_root)
-    if args.paused:
-        # Last, after vm.args: QEMU creates the whole machine, the CPUs wait for QMP `cont`.
-        p = attrs.evolve(p, options=(*p.options, ("-S",)))
-    if args.dry_run:
-        sys.stdout.write(render.text(p))
-        return EXIT_FAILED if p.problems else EXIT_OK
-    sys.stdout.flush()
-    launch(p)
+    from vmrun import config, host
+    from vmrun.launch import ensure_stdio, launch  # only `run` needs the module with side effects
+    from vmrun.opener import Opener
+    from vmrun.plan import plan
+
+    ensure_stdio()  # first: the opener's socket must not take the number of a closed stdio fd
+    cfg = config.load(args.file)
+    # One helper opens files as the VM user for the plan's facts and for the launch: one fork, not two.
+    with Opener(host.lookup_user(cfg.vm.user) if cfg.vm.user else None) as opener:
+        p = plan(cfg, host.gather(cfg, args.host_root, opener=opener))
+        if args.paused:
+            # Last, after vm.args: QEMU creates the whole machine, the CPUs wait for QMP `cont`.
+            p = attrs.evolve(p, options=(*p.options, ("-S",)))
+        if args.dry_run:
+            from vmrun import render
+
+            sys.stdout.write(render.text(p))
+            return EXIT_FAILED if p.problems else EXIT_OK
+        sys.stdout.flush()
+        launch(p, opener=opener)
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -477,6 +556,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
     from vmrun import lifecycle
 
     status = lifecycle.status(args.name)
@@ -495,6 +576,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_qmp(args: argparse.Namespace) -> int:
+    import json
+
     from vmrun import qmp, state
 
     arguments = None
@@ -536,6 +619,7 @@ def cmd_detach(args: argparse.Namespace) -> int:
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:
+    import os
     import re
 
     from vmrun import smoke
@@ -558,33 +642,61 @@ def cmd_completion(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# Each command: how its sub-parser is made, and what runs it. In the order `--help` lists them.
+COMMANDS: dict[str, tuple[AddParser, Handler]] = {
+    "validate": (add_validate, cmd_validate),
+    "plan": (add_plan, cmd_plan),
+    "init": (add_init, cmd_init),
+    "import": (add_import, cmd_import),
+    "show": (add_show, cmd_show),
+    "schema": (add_schema, cmd_schema),
+    "check": (add_check, cmd_check),
+    "devices": (add_devices, cmd_devices),
+    "bind": (add_bind, cmd_bind),
+    "unbind": (add_bind, cmd_bind),
+    "prepare": (add_prepare, cmd_bind),
+    "run": (add_run, cmd_run),
+    "ps": (add_ps, cmd_ps),
+    "status": (add_status, cmd_status),
+    "stop": (add_stop, cmd_stop),
+    "qmp": (add_qmp, cmd_qmp),
+    "attach": (add_attach, cmd_attach),
+    "detach": (add_detach, cmd_detach),
+    "smoke": (add_smoke, cmd_smoke),
+    "completion": (add_completion, cmd_completion),
+}
+
+
+def plain_run(argv: list[str]) -> argparse.Namespace | None:
+    """`run`'s arguments when written plainly (`run [--dry-run] [--paused] [--host-root DIR] FILE`,
+    options spelled out, in any order), read without building a parser; None for anything
+    else, which argparse parses and explains. argparse's first parser costs as much as
+    planning a VM (it imports shutil and locale and looks up translations), and `vmrun run`
+    is what scripts and services call."""
+    if not argv or argv[0] != "run":
+        return None
+    args = argparse.Namespace(command="run", file=None, dry_run=False, paused=False, host_root="/")
+    words = iter(argv[1:])
+    for word in words:
+        if word in ("--dry-run", "--paused"):
+            setattr(args, word[2:].replace("-", "_"), True)
+        elif word == "--host-root":
+            args.host_root = next(words, "-")
+            if args.host_root.startswith("-"):
+                return None
+        elif word.startswith("-") or args.file is not None:
+            return None
+        else:
+            args.file = word
+    return args if args.file is not None else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    commands = {
-        "plan": cmd_plan,
-        "show": cmd_show,
-        "init": cmd_init,
-        "import": cmd_import,
-        "schema": cmd_schema,
-        "check": cmd_check,
-        "devices": cmd_devices,
-        "bind": cmd_bind,
-        "unbind": cmd_bind,
-        "prepare": cmd_bind,
-        "run": cmd_run,
-        "ps": cmd_ps,
-        "status": cmd_status,
-        "stop": cmd_stop,
-        "qmp": cmd_qmp,
-        "attach": cmd_attach,
-        "detach": cmd_detach,
-        "smoke": cmd_smoke,
-        "completion": cmd_completion,
-    }
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # A command word first: its own parser is all that is needed (help, errors and all).
+    args = plain_run(argv) or parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
     try:
-        if args.command == "validate":
-            return cmd_validate(args.files)
-        return commands[args.command](args)
+        return COMMANDS[args.command][1](args)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return EXIT_USAGE

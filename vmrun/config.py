@@ -7,7 +7,6 @@ parsing, the did-you-mean for unknown keys and the documentation cannot drift ap
 from __future__ import annotations
 
 import datetime
-import difflib
 import ipaddress
 import json
 import os
@@ -592,6 +591,8 @@ SECTION_KEYS = {"vm": VM_KEYS, "iommufd": IOMMUFD_KEYS, "vfio": VFIO_KEYS, "disk
 
 
 def did_you_mean(word: str, options: tuple[str, ...] | list[str] | Mapping[str, object]) -> str | None:
+    import difflib  # only for a config with a typo
+
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f"did you mean {close[0]!r}?" if close else None
 

@@ -103,3 +103,11 @@ class Failure(Exception):
 
 class LaunchError(Failure):
     """A step of the launch (or of preparing the host for it) failed."""
+
+
+class VmError(Failure):
+    """A VM cannot be found, reached or stopped."""
+
+
+class BadName(ValueError):
+    """Not a VM name (the command line's fault: exit status 2)."""

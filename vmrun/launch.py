@@ -199,10 +199,17 @@ def open_data(plan: Plan, spec: FdSpec) -> int:
         raise LaunchError(f"cannot make or open {spec.path} ({spec.purpose}): {e.strerror}") from None
 
 
-def open_planned(plan: Plan, state: StateDir) -> dict[int, int]:
-    """Open every planned file; returns {planned number: fd as opened}. All or nothing."""
+def open_planned(plan: Plan, state: StateDir, opener: Opener | None = None) -> dict[int, int]:
+    """Open every planned file; returns {planned number: fd as opened}. All or nothing.
+
+    `opener` (closed here, as QEMU must not inherit its helper) is used when it opens as
+    plan.run_as: then no second helper is started.
+    """
     opened: dict[int, int] = {}
-    with Opener(plan.run_as) as as_user:
+    if opener is not None and opener.user != Opener(plan.run_as).user:
+        opener.close()
+        opener = None
+    with opener if opener is not None else Opener(plan.run_as) as as_user:
         return open_each(plan, state, opened, as_user)
 
 
@@ -337,8 +344,11 @@ def close_other_fds(keep: set[int]) -> None:
     os.closerange(start, highest)
 
 
-def launch(plan: Plan, execve: Exec = os.execve) -> NoReturn:
-    """Carry out `plan` and exec QEMU. Raises LaunchError before exec when a step fails."""
+def launch(plan: Plan, execve: Exec = os.execve, opener: Opener | None = None) -> NoReturn:
+    """Carry out `plan` and exec QEMU. Raises LaunchError before exec when a step fails.
+
+    `opener`: the one the plan's facts were read with, if any; it opens the files too.
+    """
     if plan.problems:
         raise LaunchError(
             "the plan has problems:\n" + "\n".join(f"  {p.render(plan.file_of(p.path))}" for p in plan.problems),
@@ -347,7 +357,7 @@ def launch(plan: Plan, execve: Exec = os.execve) -> NoReturn:
     ensure_stdio()
     check_caller_fds(plan)
     state = StateDir(plan)
-    opened = open_planned(plan, state)
+    opened = open_planned(plan, state, opener)
     # Before the fds move: the directory's own fd may sit on a planned number.
     state.write_state("exec")
     state.close()

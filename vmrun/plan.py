@@ -6,7 +6,6 @@ what `vmrun plan` prints and what the launch carries out step by step.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Literal
 
 import attrs
@@ -584,5 +583,20 @@ def plan(config: Config, facts: HostFacts) -> Plan:
 
 def derived_mac(vm_name: str, dev_id: str) -> str:
     """A stable, locally administered address: the same VM keeps its MAC across runs."""
-    digest = hashlib.sha256(f"{vm_name}/{dev_id}".encode()).digest()
+    digest = sha256(f"{vm_name}/{dev_id}".encode())
     return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+def sha256(data: bytes) -> bytes:
+    """SHA-256 by CPython's own module where it has one (_sha256; _sha2 from 3.12 on): hashlib
+    loads OpenSSL first, which would cost `vmrun run` more than the rest of the plan."""
+    import importlib
+
+    for name in ("_sha2", "_sha256"):
+        try:
+            return bytes(importlib.import_module(name).sha256(data).digest())
+        except ImportError:
+            pass
+    import hashlib
+
+    return hashlib.sha256(data).digest()

@@ -4,6 +4,7 @@ the opener share. Each is one system call away from the kernel; the callers deci
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from typing import TYPE_CHECKING
 
@@ -16,9 +17,15 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 
+@functools.cache
+def libc() -> ctypes.CDLL:
+    # Loaded once: each CDLL makes its own function classes, and the launch calls prctl for
+    # every capability.
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def prctl(option: int, *args: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(option, *args, *[0] * (4 - len(args))) != 0:
+    if libc().prctl(option, *args, *[0] * (4 - len(args))) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 

@@ -14,13 +14,13 @@ import json
 import os
 import pathlib
 import re
-import shutil
-import subprocess
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
 if TYPE_CHECKING:
+    import subprocess
+
     from vmrun.host import User
 
 # The PATH QEMU and its probes get, and where a bare vm.qemu name is looked up.
@@ -54,10 +54,17 @@ def cache_file() -> pathlib.Path:
 def resolve(binary: str) -> str | None:
     if "/" in binary:
         return os.path.abspath(binary) if os.access(binary, os.X_OK) else None
-    return shutil.which(binary, path=MINIMAL_PATH)
+    # shutil.which's walk; shutil itself would bring its compression modules into every launch.
+    for directory in MINIMAL_PATH.split(os.pathsep):
+        path = os.path.join(directory, binary)
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
 
 
 def run_help(path: str, *args: str, as_user: User | None = None) -> subprocess.Popen[str]:
+    import subprocess  # only when the cache has no answer: a launch with a fresh cache spawns nothing
+
     switch: dict[str, Any] = {}
     env = {"PATH": MINIMAL_PATH, "LC_ALL": "C", "HOME": "/"}
     if as_user is not None and as_user.uid != os.geteuid():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from fractions import Fraction
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -44,10 +43,13 @@ def parse_size(text: str) -> int:
     digits = len(number) - ("." in number)
     if digits > MAX_DIGITS:
         raise SizeError(text, f"has {digits} digits, at most {MAX_DIGITS}")
-    value = Fraction(number) * _UNITS[unit.upper()]
-    if value.denominator != 1:
+    # "1.5G" is 15 * GiB / 10: integers alone keep it exact.
+    whole, _, fraction = number.partition(".")
+    scale: int = 10 ** len(fraction)
+    value, rest = divmod(int(whole + fraction) * _UNITS[unit.upper()], scale)
+    if rest:
         raise SizeError(text, "is not a whole number of bytes")
-    return int(value)
+    return value
 
 
 def format_size(n: int) -> str:

@@ -27,20 +27,15 @@ from typing import Any, Literal
 import attrs
 
 from vmrun import config, host, statedir
-from vmrun.errors import Failure
+
+# Defined with the other error types, so `vmrun run` can catch them without importing this module.
+from vmrun.errors import BadName as BadName
+from vmrun.errors import VmError as VmError
 
 # running: proven to be the VM's QEMU; starting: the launching vmrun, before it execs QEMU;
 # stale: the lock is held, but not by the process recorded; stopped: nobody holds the lock;
 # unknown: the lock is held, and vmrun may not look into the recorded process to tell.
 State = Literal["running", "starting", "stale", "stopped", "unknown"]
-
-
-class VmError(Failure):
-    """A VM cannot be found, reached or stopped."""
-
-
-class BadName(ValueError):
-    pass
 
 
 @attrs.frozen

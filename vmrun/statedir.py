@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import socket
 import stat
 
@@ -181,7 +180,8 @@ def read_file(directory: int, dir_path: str, name: str, limit: int = MAX_RECORD)
 
 def write_file(directory: int, name: str, data: bytes, mode: int = 0o644) -> None:
     """Replace `name` in `directory` at once: a new file, never one a link points to."""
-    tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    # What secrets.token_hex does, without the modules `secrets` brings along (random, hmac, base64).
+    tmp = f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=directory)
     try:
         with os.fdopen(fd, "wb", closefd=False) as f:
