@@ -138,6 +138,7 @@ AS_NOBODY = """
 import os, pwd, sys
 import psutil
 from vmrun import check, cli, host, launch, lifecycle, plan, qmp, render, state, statedir
+cli.parser()  # argparse imports more (shutil, locale) when it first builds a parser: as root, who can read them
 nobody = pwd.getpwnam("nobody")
 keep = os.environ.get("NOBODY_STATE_DIR")
 os.environ.clear()
