@@ -3,22 +3,25 @@
 Exit status: 0 success; 1 the host cannot do what the config asks, or the launch failed;
 2 bad input (config errors, wrong command line). Errors never show a traceback.
 
-`vmrun run` must start fast (benchmarks/launch.py): this module imports argparse and the
-error types only, each command imports what it needs when it runs, and only the sub-parser
-of the command given is built. tests/test_lean_launch.py keeps it so.
+`vmrun run` must start fast (benchmarks/launch.py): this module imports the error types
+only, each command imports what it needs when it runs, only the sub-parser of the command
+given is built, and a plain `vmrun run` is read without argparse at all.
+tests/test_lean_launch.py keeps it so.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+import types
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from vmrun import __version__
 from vmrun.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BadName, ConfigError, LaunchError, VmError
 
 if TYPE_CHECKING:
+    import argparse
+
     from vmrun.plan import Plan
 
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -42,6 +45,8 @@ def add_host_root(p: argparse.ArgumentParser) -> None:
 def parser(only: str | None = None) -> argparse.ArgumentParser:
     """The command line: every command's sub-parser, or only the one named `only` (building
     them all takes longer than some commands run)."""
+    import argparse
+
     top = argparse.ArgumentParser(
         prog="vmrun",
         description="Declarative QEMU launcher for VFIO passthrough with iommufd and fd passing.",
@@ -209,6 +214,8 @@ def positive(text: str) -> int:
 
 
 def seconds(text: str) -> float:
+    import argparse
+
     try:
         value = float(text)
     except ValueError:
@@ -675,7 +682,8 @@ def plain_run(argv: list[str]) -> argparse.Namespace | None:
     is what scripts and services call."""
     if not argv or argv[0] != "run":
         return None
-    args = argparse.Namespace(command="run", file=None, dry_run=False, paused=False, host_root="/")
+    # What argparse's Namespace would hold, without importing argparse (and gettext) for it.
+    args = types.SimpleNamespace(command="run", file=None, dry_run=False, paused=False, host_root="/")
     words = iter(argv[1:])
     for word in words:
         if word in ("--dry-run", "--paused"):
@@ -688,7 +696,7 @@ def plain_run(argv: list[str]) -> argparse.Namespace | None:
             return None
         else:
             args.file = word
-    return args if args.file is not None else None
+    return cast("argparse.Namespace", args) if args.file is not None else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
