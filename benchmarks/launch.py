@@ -21,7 +21,10 @@ first (with a fresh cache, a launch spawns no QEMU), bytecode is cached as an in
 package has it, and everything lives in one temporary directory, on tmpfs where there is
 one (as a root vmrun's state directory, /run/vmrun, is).
 
-    benchmarks/launch.py [--runs N] [--qemu PATH]
+    benchmarks/launch.py [--runs N] [--qemu PATH] [--also CHECKOUT]...
+
+--also measures the vmrun of another checkout (say, a worktree of main) in the same
+interleaved runs: on a shared machine, figures from two separate runs do not compare.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=30, help="runs of each command (default 30)")
     ap.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary (default qemu-system-x86_64)")
+    ap.add_argument("--also", action="append", default=[], metavar="CHECKOUT", help="also time this checkout's vmrun")
     args = ap.parse_args()
     qemu = shutil.which(args.qemu)
     if qemu is None:
@@ -111,8 +115,9 @@ def main() -> None:
             "VMRUN_STATE_DIR": str(d / "state"),
             "XDG_CACHE_HOME": str(d / "cache"),
             "PYTHONPYCACHEPREFIX": str(d / "pyc"),
-            "PYTHONPATH": os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"]]),
         }
+        path = {"PYTHONPATH": os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"]])}
+        env |= path
         cfg = write_config(d, qemu)
         planned = subprocess.run([*VMRUN, "plan", "--json", str(cfg)], env=env, capture_output=True, text=True)
         if planned.returncode != 0 or json.loads(planned.stdout)["problems"]:
@@ -124,6 +129,10 @@ def main() -> None:
             "QEMU directly": (plan["argv"], plan["env"]),
             "vmrun run": ([*VMRUN, "run", str(cfg)], env),
         }
+        for other in args.also:
+            tree = pathlib.Path(other).resolve()
+            other_env = env | {"PYTHONPATH": path["PYTHONPATH"].replace(str(REPO), str(tree), 1)}
+            commands[f"vmrun run ({tree.name})"] = ([*VMRUN, "run", str(cfg)], other_env)
         for argv, e in commands.values():  # warm: bytecode, capability cache, page cache
             check(argv, e)
         wall: dict[str, list[float]] = {name: [] for name in commands}
@@ -147,11 +156,11 @@ def main() -> None:
         m = {name: statistics.median(v) for name, v in t.items()}
         base = m["python3 -c pass"]
         attrs_cost = m["python3 -c 'import attrs'"] - base
-        overhead = m["vmrun run"] - m["QEMU directly"]
-        print(
-            f"{label}: overhead of vmrun run {overhead * 1000:.1f} ms = {overhead / base:.1f} x python3 -c pass"
-            f" (import attrs alone: {attrs_cost / base:.1f} x)"
-        )
+        print(f"{label}: import attrs alone {attrs_cost / base:.1f} x python3 -c pass")
+        for name in commands:
+            if name.startswith("vmrun run"):
+                overhead = m[name] - m["QEMU directly"]
+                print(f"{label}: overhead of {name} {overhead * 1000:.1f} ms = {overhead / base:.1f} x python3 -c pass")
 
 
 if __name__ == "__main__":
