@@ -42,7 +42,9 @@ import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-PYTHON = [sys.executable, "-S"]
+# -S: no site hooks; -P: not the current directory first on sys.path, so each checkout's own
+# vmrun is the one imported.
+PYTHON = [sys.executable, "-S", "-P"]
 # What the `vmrun` console script runs.
 VMRUN = [*PYTHON, "-c", "import sys; from vmrun.cli import main; sys.exit(main())"]
 QUIET = [
@@ -147,7 +149,7 @@ def main() -> None:
         shutil.rmtree(d)
 
     print(f"QEMU: {qemu} with the plan's argv and -version (parses its command line, then exits)")
-    print(f"python: {sys.executable} -S; {args.runs} runs of each, interleaved; medians:")
+    print(f"python: {sys.executable} -S -P; {args.runs} runs of each, interleaved; medians:")
     print(f"  {'':<28} {'wall':>9} {'cpu':>9}")
     for name in commands:
         w, c = statistics.median(wall[name]), statistics.median(cpu[name])

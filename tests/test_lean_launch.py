@@ -67,10 +67,11 @@ CONSOLE_SCRIPT = "import sys; from vmrun.cli import main; sys.exit(main())"
 
 
 def imported_by(argv: list[str], env: dict[str, str]) -> set[str]:
-    """The modules a bare interpreter (no site hooks) imports running `vmrun ARGV`, from -X importtime."""
+    """The modules a bare interpreter (no site hooks, vmrun from this checkout) imports running
+    `vmrun ARGV`, from -X importtime."""
     paths = [str(REPO), sysconfig.get_paths()["purelib"]]
     proc = subprocess.run(
-        [sys.executable, "-S", "-X", "importtime", "-c", CONSOLE_SCRIPT, *argv],
+        [sys.executable, "-S", "-P", "-X", "importtime", "-c", CONSOLE_SCRIPT, *argv],
         env={**env, "PYTHONPATH": os.pathsep.join(paths)},
         capture_output=True,
         text=True,
