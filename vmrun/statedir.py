@@ -209,7 +209,7 @@ def remove(directory: int, name: str, inode: int | None = None) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=directory)
         return
-    aside = f".{name}.{secrets.token_hex(8)}.old"
+    aside = f".{name}.{os.urandom(8).hex()}.old"
     try:
         os.rename(name, aside, src_dir_fd=directory, dst_dir_fd=directory)
     except FileNotFoundError:
