@@ -33,7 +33,13 @@ FORBIDDEN = {
     "vmrun.hotplug",
     "vmrun.attachment",
     "vmrun.smoke",
+    "vmrun.smoke_schedule",
     "vmrun.completion",
+    "vmrun.config_init",  # init, import, show, schema
+    "vmrun.importer",
+    "vmrun.qemu_cmdline",
+    "vmrun.show",
+    "vmrun.schema",
     # running VMs, QEMU's capability probe, other commands
     "qemu",
     "qemu.qmp",
@@ -181,6 +187,10 @@ EXAMPLES = {
     "detach": ["detach", "vm", "gpu0"],
     "smoke": ["smoke", "a.toml", "--boot", "login:"],
     "completion": ["completion", "bash"],
+    "init": ["init", "vm", "-d", "01:00.0", "--legacy"],
+    "import": ["import", "--name", "vm", "--", "-m", "1G"],
+    "show": ["show", "a.toml", "--toml"],
+    "schema": ["schema", "--dropin"],
 }
 
 

@@ -105,6 +105,8 @@ def add_init(sub: Subparsers, name: str) -> None:
 
 
 def add_import(sub: Subparsers, name: str) -> None:
+    import argparse
+
     p = sub.add_parser(
         name,
         help="write a config from a QEMU command line or a running QEMU",
@@ -208,6 +210,8 @@ def add_output(p: argparse.ArgumentParser) -> None:
 
 
 def positive(text: str) -> int:
+    import argparse
+
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number above 0")
     return int(text)
