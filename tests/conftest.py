@@ -35,17 +35,27 @@ def plan_for(
     root: pathlib.Path,
     caps: QemuCaps | None = FAKE_CAPS,
     launcher: Launcher = ROOT,
+    allowed_cpus: frozenset[int] = frozenset(range(8)),
 ) -> Plan:
     cfg = config.load(path)
     # Files are opened as the caller, not the VM user: a plan must not depend on whether
     # the checkout is readable for nobody (a clone under a 0700 home is not).
     with Opener(None) as opener:
-        return plan(cfg, host.gather(cfg, root, qemu_caps=lambda _: caps, launcher=launcher, opener=opener))
+        # A fixed set of CPUs vmrun may use: the plan caps prealloc threads by it.
+        facts = host.gather(
+            cfg, root, qemu_caps=lambda _: caps, launcher=launcher, opener=opener, allowed_cpus=allowed_cpus
+        )
+        return plan(cfg, facts)
 
 
 @pytest.fixture(scope="session")
 def standard_host(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return fakehost.build(tmp_path_factory.mktemp("host"), fakehost.STANDARD)
+
+
+@pytest.fixture(scope="session")
+def numa_host(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return fakehost.build(tmp_path_factory.mktemp("numa-host"), fakehost.TWO_NODES)
 
 
 @pytest.fixture(scope="session")

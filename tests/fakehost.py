@@ -27,6 +27,25 @@ class FakePci:
     vendor: str = "0x1234"
     device: str = "0x11e8"
     class_code: str = "0x00ff00"
+    numa_node: int | None = None  # None: no numa_node file; -1: the kernel does not know
+
+
+@attrs.frozen
+class FakePool:
+    """A huge-page pool: hugepages-<size_kib>kB with nr_hugepages and free_hugepages."""
+
+    size_kib: int
+    total: int
+    free: int
+
+
+@attrs.frozen
+class FakeNode:
+    """/sys/devices/system/node/nodeN: its cpulist and huge-page pools."""
+
+    id: int
+    cpulist: str
+    pools: tuple[FakePool, ...] = ()
 
 
 @attrs.frozen
@@ -38,6 +57,8 @@ class FakeHost:
     node_mode: int = 0o600
     taps: tuple[str, ...] = ()
     uefi: bool = False
+    numa_nodes: tuple[FakeNode, ...] = ()
+    pools: tuple[FakePool, ...] = ()  # /sys/kernel/mm/hugepages, the whole host
 
 
 def node(path: pathlib.Path, char: bool, mode: int, rdev: tuple[int, int]) -> None:
@@ -63,8 +84,22 @@ def firmware(variant: str, features: list[str]) -> dict[str, object]:
     }
 
 
+def pools(directory: pathlib.Path, specs: tuple[FakePool, ...]) -> None:
+    for pool in specs:
+        d = directory / f"hugepages-{pool.size_kib}kB"
+        d.mkdir(parents=True)
+        (d / "nr_hugepages").write_text(f"{pool.total}\n")
+        (d / "free_hugepages").write_text(f"{pool.free}\n")
+
+
 def build(root: pathlib.Path, spec: FakeHost) -> pathlib.Path:
     sys_ = root / "sys"
+    for n in spec.numa_nodes:
+        node_dir = sys_ / "devices" / "system" / "node" / f"node{n.id}"
+        node_dir.mkdir(parents=True)
+        (node_dir / "cpulist").write_text(n.cpulist + "\n")
+        pools(node_dir / "hugepages", n.pools)
+    pools(sys_ / "kernel" / "mm" / "hugepages", spec.pools)
     for d in spec.devices:
         real = sys_ / "devices" / "pci0000:00" / d.address
         real.mkdir(parents=True)
@@ -72,6 +107,8 @@ def build(root: pathlib.Path, spec: FakeHost) -> pathlib.Path:
         (real / "device").write_text(d.device + "\n")
         (real / "class").write_text(d.class_code + "\n")
         (real / "driver_override").write_text("(null)\n")
+        if d.numa_node is not None:
+            (real / "numa_node").write_text(f"{d.numa_node}\n")
         bus = sys_ / "bus" / "pci" / "devices"
         bus.mkdir(parents=True, exist_ok=True)
         (bus / d.address).symlink_to(f"../../../devices/pci0000:00/{d.address}")
@@ -133,4 +170,21 @@ STANDARD = FakeHost(
     ),
     taps=("tap0",),
     uefi=True,
+)
+
+# Two NUMA nodes of four CPUs each. 01:00.0 and 02:00.0 sit on node 1, 03:00.0 on node 0,
+# 05:00.0 reports no node (-1). Node 1 has 4096 free 2M pages (8G) and 8 free 1G pages;
+# node 0 has 100 free 2M pages and no 1G pages at all.
+TWO_NODES = FakeHost(
+    devices=(
+        FakePci("0000:01:00.0", group=1, cdev=0, numa_node=1),
+        FakePci("0000:02:00.0", group=2, cdev=1, numa_node=1),
+        FakePci("0000:03:00.0", group=3, cdev=2, numa_node=0),
+        FakePci("0000:05:00.0", group=5, cdev=3, numa_node=-1),
+    ),
+    numa_nodes=(
+        FakeNode(0, "0-3", (FakePool(2048, 100, 100),)),
+        FakeNode(1, "4-7", (FakePool(2048, 4096, 4096), FakePool(1048576, 8, 8))),
+    ),
+    pools=(FakePool(2048, 4196, 4196), FakePool(1048576, 8, 8)),
 )

@@ -23,9 +23,13 @@ def normalise(text: str) -> str:
 
 
 @pytest.mark.parametrize("config", CASES, ids=[c.stem for c in CASES])
-def test_golden_plan(config: pathlib.Path, standard_host: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_golden_plan(
+    config: pathlib.Path, standard_host: pathlib.Path, numa_host: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("VMRUN_STATE_DIR", "/run/vmrun")
-    got = normalise(render.text(plan_for(config.relative_to(REPO), standard_host)))
+    # numa-*: on fakehost.TWO_NODES, a host with two NUMA nodes and huge pages.
+    host = numa_host if config.stem.startswith("numa-") else standard_host
+    got = normalise(render.text(plan_for(config.relative_to(REPO), host)))
     expected_file = config.with_suffix(".args")
     if os.environ.get("VMRUN_REGEN_GOLDEN") == "1":
         expected_file.write_text(got)

@@ -22,7 +22,17 @@ import attrs
 
 from vmrun.errors import ConfigError, Problem, Sources
 from vmrun.model import Config, Disk, Forward, Iommufd, Memlock, Net, Vfio, Vm
-from vmrun.sizes import SIZE_PATTERN, KiB, MiB, SizeError, TiB, format_size, is_size_shaped, parse_size
+from vmrun.sizes import (
+    HUGEPAGE_SIZES,
+    SIZE_PATTERN,
+    KiB,
+    MiB,
+    SizeError,
+    TiB,
+    format_size,
+    is_size_shaped,
+    parse_size,
+)
 
 # Every pattern is applied with fullmatch: `$` would let a trailing newline through.
 # QEMU accepts ids that start with a letter and go on with letters, digits, '-', '.', '_'.
@@ -42,6 +52,7 @@ RESERVED_IDS = {
     "fw-vars": "the UEFI variable store's block node",  # Planner.firmware, -blockdev (and fw-vars-file)
     "console": "the serial console's chardev",  # Planner.console, -chardev
     "vmrun-qmp": "vmrun's QMP chardev",  # Planner.state_fds, -chardev (plan.QMP_CHARDEV)
+    "guest-ram": "the guest RAM's memory backend",  # placement.RAM_ID, -object memory-backend-*
 }
 # ID-b1, ID-b2, ...: the backing layers' node names, from Planner.disk.
 BACKING_NODE_RE = re.compile(r".*-b[0-9]+")
@@ -300,6 +311,31 @@ def memlock(value: object, ctx: Context) -> Memlock:
     return Memlock(mode="size", size=memlock_size(value, ctx))
 
 
+# Linux's MAX_NUMNODES is at most 1024 (NODES_SHIFT 10).
+MAX_NUMA_NODE = 1023
+
+
+@described(
+    {
+        "anyOf": [
+            {"type": "string", "enum": ["auto", "off"]},
+            {"type": "integer", "minimum": 0, "maximum": MAX_NUMA_NODE},
+        ]
+    }
+)
+def numa(value: object, ctx: Context) -> str | int:
+    if value in ("auto", "off"):
+        return str(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value <= MAX_NUMA_NODE:
+            raise Invalid(f"{shown(value)} is out of range 0..{MAX_NUMA_NODE}", "a host NUMA node as lscpu shows it")
+        return value
+    raise Invalid(
+        f"{shown(value)} is not a NUMA setting",
+        'use "auto" (next to the devices), "off", or a host node number such as 1',
+    )
+
+
 @described({"type": "string", "minLength": 1, "pattern": NO_CONTROL}, str)
 def file_path(value: object, ctx: Context) -> pathlib.Path:
     text = string(controls=False)(value, ctx)
@@ -550,6 +586,11 @@ VM_KEYS = (
     Key("env", environment, "environment variables added to QEMU's minimal environment"),
     Key("sandbox", boolean, "QEMU's seccomp sandbox (default true)"),
     Key("hotplug_slots", integer(0, 32), "empty PCIe root ports for `vmrun attach` (q35 only; default 4 on q35)"),
+    Key("hugepages", choice("off", *HUGEPAGE_SIZES), 'guest RAM on huge pages: "off" (default), "2M" or "1G"'),
+    Key(
+        "prealloc", boolean, "fault in all guest RAM at start, one thread per vCPU (default false; on with huge pages)"
+    ),
+    Key("numa", numa, 'host NUMA node of guest RAM and QEMU\'s CPUs: "auto" (default: the devices\' node), "off" or N'),
 )
 IOMMUFD_KEYS = (
     Key("id", string(ID_RE, ID_HINT), "id of the iommufd object", required=True),
@@ -954,6 +995,22 @@ def check_vm(r: Reader, vm: dict[str, Any]) -> None:
             "vm.hotplug_slots",
             f"hot-plug slots are PCIe root ports, which need a q35 machine, not {vm['machine']}",
             f"drop it: on {vm['machine']} `vmrun attach` plugs devices into the root bus",
+        )
+    page = HUGEPAGE_SIZES.get(vm.get("hugepages", "off"))
+    memory = vm.get("memory")
+    if page is not None and memory is not None and memory % page:
+        # QEMU refuses a huge-page backend whose size is not a whole number of pages.
+        whole = [k * page for k in (memory // page, memory // page + 1) if k]
+        r.problem(
+            "vm.memory",
+            f"{format_size(memory)} is not a whole number of {vm['hugepages']} huge pages",
+            "round it: " + " or ".join(f'"{format_size(k)}"' for k in whole) + ", or use smaller pages",
+        )
+    if vm.get("prealloc") is False and page is not None:
+        r.problem(
+            "vm.prealloc",
+            "cannot be false with huge pages: vmrun reserves them at start, so a shortage fails there, not later",
+            'drop prealloc, or set hugepages = "off"',
         )
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import attrs
 
 from vmrun.model import Config, Vfio
+from vmrun.numa import MemoryFacts, device_node, memory_facts
 from vmrun.opener import Opener, describe_type, not_an_image
 from vmrun.qemu_caps import QemuCaps, probe
 
@@ -57,6 +58,7 @@ class DeviceFacts:
     cdev: str | None = None  # /dev/vfio/devices/vfioN, from <dev>/vfio-dev/vfioN
     cdev_node: Node | None = None
     group_node: Node | None = None  # /dev/vfio/<group>, for the legacy backend
+    numa_node: int | None = None  # the host NUMA node it sits on; None: unknown
 
 
 @attrs.frozen
@@ -123,6 +125,7 @@ class HostFacts:
     net_interfaces: frozenset[str] = frozenset()
     caller: User | None = None  # who runs vmrun: QEMU's identity when the config names no user
     locale: tuple[tuple[str, str], ...] = ()  # the caller's LANG and TZ, all QEMU keeps of its environment
+    memory: MemoryFacts = attrs.field(factory=MemoryFacts)  # NUMA nodes, huge pages, CPUs vmrun may use
 
 
 class Host:
@@ -194,6 +197,7 @@ class Host:
             cdev=cdev,
             cdev_node=self.node(cdev) if cdev else None,
             group_node=self.node(f"/dev/vfio/{group}") if group else None,
+            numa_node=device_node(self.read(f"{sysfs}/numa_node")),
         )
 
 
@@ -442,11 +446,13 @@ def gather(
     qemu_caps: Callable[[str], QemuCaps | None] | None = None,
     launcher: Launcher | None = None,
     opener: Opener | None = None,
+    allowed_cpus: frozenset[int] | None = None,
 ) -> HostFacts:
     """Everything the plan needs to know about this host for `config`.
 
     Files QEMU will get are opened as the VM user (through `opener`, made here when not
-    given), so the facts say what that user may open, not what root may.
+    given), so the facts say what that user may open, not what root may. `allowed_cpus`
+    defaults to the CPUs this process may run on.
     """
     host = Host(root)
     launcher = launcher or current_launcher()
@@ -495,4 +501,5 @@ def gather(
         net_interfaces=interfaces,
         caller=user_by_uid(launcher.uid),
         locale=tuple((k, os.environ[k]) for k in LOCALE_VARS if os.environ.get(k)),
+        memory=memory_facts(host.root, frozenset(os.sched_getaffinity(0)) if allowed_cpus is None else allowed_cpus),
     )

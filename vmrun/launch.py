@@ -14,6 +14,7 @@ import json
 import os
 import resource
 import signal
+import sys
 import termios
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import attrs
 from vmrun import fd_open, statedir
 from vmrun.errors import LaunchError
 from vmrun.memlock import UNLIMITED
+from vmrun.numa import format_cpulist
 from vmrun.opener import Opener
 from vmrun.plan import FdSpec, Plan
 from vmrun.privileges import (
@@ -278,6 +280,38 @@ def set_memlock(limit: int | None) -> None:
         ) from None
 
 
+def set_cpu_affinity(plan: Plan, say: Callable[[str], None]) -> None:
+    """Put QEMU on the CPUs of its RAM's node, as far as vmrun itself may run there.
+
+    Set here, not by QEMU: its sandbox (resourcecontrol=deny) refuses sched_setaffinity.
+    """
+    wanted = plan.cpu_affinity
+    if wanted is None:
+        return
+    allowed = os.sched_getaffinity(0)
+    usable = set(wanted) & allowed
+    node = f"NUMA node {plan.numa_node}'s" if plan.numa_node is not None else "the planned"
+    if not usable:
+        say(
+            f"vmrun: none of {node} CPUs ({format_cpulist(wanted)}) is allowed to vmrun"
+            f" (it may use {format_cpulist(allowed)}): QEMU's CPU affinity stays as it is"
+        )
+        return
+    if usable != set(wanted):
+        say(
+            f"vmrun: QEMU runs on CPUs {format_cpulist(usable)}, the part of {node} CPUs"
+            f" ({format_cpulist(wanted)}) that vmrun may use"
+        )
+    try:
+        os.sched_setaffinity(0, usable)
+    except OSError as e:
+        raise LaunchError(f"cannot set QEMU's CPU affinity to {format_cpulist(usable)}: {e.strerror}") from None
+
+
+def warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def leave_terminal() -> None:
     """Give up the controlling terminal, keeping stdio and the process group.
 
@@ -364,6 +398,7 @@ def launch(plan: Plan, execve: Exec = os.execve, opener: Opener | None = None) -
     caller = [f.fd for f in plan.fds if f.kind == "inherited"]
     place_fds(opened, caller)
     set_memlock(plan.memlock.limit)
+    set_cpu_affinity(plan, warn)
     drop_privileges(plan)
     close_other_fds({0, 1, 2, *(f.fd for f in plan.fds)})
     argv = plan.argv

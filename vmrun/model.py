@@ -10,6 +10,9 @@ import attrs
 from vmrun.errors import Sources
 
 MemlockMode = Literal["auto", "unlimited", "off", "size"]
+HugePages = Literal["off", "2M", "1G"]
+# "auto": next to the passed-through devices; "off": no binding; an int: that host node.
+Numa = Literal["auto", "off"] | int
 Driver = Literal["vfio-pci", "vfio-platform", "vfio-ap", "vfio-ccw"]
 PropValue = str | int | bool
 
@@ -43,6 +46,9 @@ class Vm:
     env: tuple[tuple[str, str], ...] = ()  # added to QEMU's minimal environment
     sandbox: bool = True  # QEMU's seccomp sandbox
     hotplug_slots: int | None = None  # empty root ports for `vmrun attach`; None: 4 on q35, else 0
+    hugepages: HugePages = "off"  # guest RAM on huge pages of this size
+    prealloc: bool = False  # fault all guest RAM in at start (always with huge pages)
+    numa: Numa = "auto"
 
 
 @attrs.frozen

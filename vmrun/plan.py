@@ -16,6 +16,7 @@ from vmrun.errors import Problem, Sources
 from vmrun.host import DeviceFacts, HostFacts, User
 from vmrun.memlock import MemlockPlan, memlock_plan
 from vmrun.model import Config
+from vmrun.placement import memory_plan
 from vmrun.qemu_caps import MINIMAL_PATH
 from vmrun.qemu_parts import FDSET_PREFIX, Part, Piece
 from vmrun.requirements import Finding, Requirements, Status
@@ -89,6 +90,11 @@ class Plan:
         """The file to name in a problem at `path`: the drop-in that set the key, or the config."""
         return self.sources.file_of(path) if self.sources is not None else self.config
 
+    # Host CPUs QEMU is to run on (those of numa_node), set by the launch before exec;
+    # None: QEMU keeps vmrun's affinity.
+    cpu_affinity: tuple[int, ...] | None = None
+    numa_node: int | None = None  # the host node guest RAM is bound to
+
     def with_status(self, status: Status) -> tuple[Problem, ...]:
         return tuple(f.problem for f in self.findings if f.status == status)
 
@@ -145,6 +151,7 @@ class Planner:
         self.checks.qemu()
         self.checks.identity()
         self.checks.memlock(memlock)
+        ram = memory_plan(self.config, self.facts, self.checks)
         for key, path in (("vm.kernel", vm.kernel), ("vm.initrd", vm.initrd)):
             if path is None:
                 continue
@@ -169,7 +176,7 @@ class Planner:
         net_opts = [o for i in range(len(self.config.net)) for o in self.part("net", i, self.net(i))]
         console_opts = self.console()
         state_opts = self.state_fds()
-        machine = [vm.machine, *pflash]
+        machine = [vm.machine, *pflash, *ram.machine]
         if vm.viommu == "intel" and vm.accel == "kvm":
             machine.append("kernel-irqchip=split")  # interrupt remapping needs it under KVM
         options: list[tuple[str, ...]] = [
@@ -186,6 +193,7 @@ class Planner:
         options += [
             ("-m", format_size(vm.memory)),
             ("-smp", str(vm.cpus)),
+            *ram.options,
             ("-nodefaults",),
             ("-no-user-config",),
             *self.sandbox(),
@@ -220,6 +228,8 @@ class Planner:
             findings=tuple(self.checks.findings),
             parts=tuple(self.parts),
             sources=self.config.sources,
+            cpu_affinity=ram.cpu_affinity,
+            numa_node=ram.node,
         )
 
     def part(self, section: str, index: int, pieces: list[Piece]) -> list[tuple[str, ...]]:

@@ -7,6 +7,7 @@ import shlex
 from typing import Any
 
 from vmrun.memlock import UNLIMITED
+from vmrun.placement import describe_affinity
 from vmrun.plan import Plan
 
 
@@ -55,6 +56,8 @@ def text(plan: Plan, show_problems: bool = True) -> str:
         u = plan.run_as
         out.append(f"# run as: {u.name} (uid {u.uid}, gid {u.gid}, groups {','.join(map(str, u.groups))})")
     out.append("# env: " + " ".join(shlex.quote(f"{k}={v}") for k, v in plan.env))
+    if plan.cpu_affinity is not None:
+        out.append(f"# cpu affinity: {describe_affinity(plan.cpu_affinity, plan.numa_node)} (set by vmrun before exec)")
     out += [f"# note: {n.render()}" for n in plan.notes]
     if show_problems:
         out += [f"# problem: {p.render(plan.file_of(p.path))}" for p in plan.problems]
@@ -94,6 +97,8 @@ def to_json(plan: Plan) -> dict[str, Any]:
             "groups": list(plan.run_as.groups),
         },
         "env": dict(plan.env),
+        "cpu_affinity": None if plan.cpu_affinity is None else list(plan.cpu_affinity),
+        "numa_node": plan.numa_node,
         "notes": [n.render() for n in plan.notes],
         "problems": [p.render(plan.file_of(p.path)) for p in plan.problems],
     }

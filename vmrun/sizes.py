@@ -8,6 +8,8 @@ KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 TiB = 1024 * GiB
+# The huge page sizes a VM may ask for (vm.hugepages), as x86_64 offers them.
+HUGEPAGE_SIZES = {"2M": 2 * MiB, "1G": GiB}
 
 _UNITS = {"K": KiB, "M": MiB, "G": GiB, "T": TiB}
 # ASCII only: under IGNORECASE alone, [KMGT] also matches the Kelvin sign (U+212A) and
