@@ -156,7 +156,35 @@ def l1_argv(kernel: Path, results: Path, n_edu: int, memory: str) -> list[str]:
         "-no-reboot",
         "-serial", "mon:stdio",
     ]  # fmt: skip
+    argv += numa_topology(memory)
     return argv
+
+
+# The edu device on L1's NUMA node 1 (see numa_topology): behind its own host bridge and
+# root port, so its bus number (0x81) sorts after the edu devices on pcie.0, which keep
+# their addresses and their places in inside.py's list.
+NUMA_EDU_BUS = 0x81
+NUMA_EDU_NODE = 1
+
+
+def numa_topology(memory: str) -> list[str]:
+    """Two NUMA nodes in L1 (a CPU and half the RAM each) and an edu device on node 1.
+
+    A pxb-pcie is an extra PCI host bridge that ACPI places on a node (_PXM), which is how
+    a real host's device gets the numa_node that vmrun's numa = "auto" reads.
+    """
+    units = {"M": 1, "G": 1024}
+    total = int(memory[:-1]) * units[memory[-1].upper()]
+    node0 = total // 2
+    return [
+        "-object", f"memory-backend-ram,id=l1-ram0,size={node0}M",
+        "-object", f"memory-backend-ram,id=l1-ram1,size={total - node0}M",
+        "-numa", "node,nodeid=0,cpus=0,memdev=l1-ram0",
+        "-numa", f"node,nodeid={NUMA_EDU_NODE},cpus=1,memdev=l1-ram1",
+        "-device", f"pxb-pcie,id=pxb1,bus_nr={NUMA_EDU_BUS - 1},numa_node={NUMA_EDU_NODE},bus=pcie.0",
+        "-device", "pcie-root-port,id=pxb1-port0,bus=pxb1,chassis=1,slot=0",
+        "-device", "edu,bus=pxb1-port0",
+    ]  # fmt: skip
 
 
 # L1 hangs now and then under TCG: a vCPU idles and its timer never fires again (the kernel
@@ -193,7 +221,8 @@ def run_in_bed(
     command: Sequence[str],
     timeout: float,
     n_edu: int = 2,
-    memory: str = "2G",
+    # 2G for the scenarios, plus room on node 1 for a 512M guest on 2M pages beside one on 4K pages.
+    memory: str = "3G",
     *,
     results_dir: Path | None = None,
     env: Mapping[str, str] | None = None,

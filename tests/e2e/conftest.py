@@ -101,3 +101,20 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         memlock = run.data["scenarios"].get("memlock_bisect", {}).get("details", {})
         for setup, (need, auto) in memlock.get("need_vs_vmrun_auto_mib", {}).items():
             tr.write_line(f"  memlock, {setup}: need {need} MiB, vmrun auto {auto:g} MiB")
+        placement_summary(tr, run.data["scenarios"].get("vmrun_numa_hugepages", {}).get("details", {}))
+
+
+def placement_summary(tr: Any, details: dict[str, Any]) -> None:
+    """The 4 KiB vs 2 MiB start times and where guest RAM went, from vmrun_numa_hugepages."""
+    medians = details.get("median_start_to_qmp_ready_s")
+    if not medians:
+        return
+    tr.write_line(
+        f"  512 MiB guest, QEMU start to QMP ready (RAM pinned): 4K pages {medians['4K']:.2f}s,"
+        f" 2M pages {medians['2M']:.2f}s, ratio {details['ratio_4k_over_2m']}"
+    )
+    for key, runs in details.get("runs", {}).items():
+        if runs:
+            tr.write_line(
+                f"  {key} numa_maps: {runs[0]['numa_maps'][0]}  Cpus_allowed_list={runs[0]['Cpus_allowed_list']}"
+            )

@@ -27,6 +27,7 @@ import shutil
 import signal
 import socket
 import stat
+import statistics
 import struct
 import subprocess
 import sys
@@ -296,6 +297,8 @@ class Vm:
 
     def wait_qmp(self, timeout: float = L2_START_TIMEOUT) -> bool:
         """True once QMP answers (devices are realized by then); False if QEMU exited."""
+        if self.qmp is not None:
+            return True  # QEMU serves one QMP client at a time: this one
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.poll() is not None:
@@ -536,11 +539,13 @@ def errno_in_child(user: str, action: Callable[[], object]) -> int:
 
 @scenario
 def bed_sanity(bed: Bed) -> dict[str, Any]:
-    """/dev/iommu and two vfio cdevs exist; both edu devices are bound to vfio-pci."""
+    """/dev/iommu and three vfio cdevs exist; every edu device (two on pcie.0, one on NUMA
+    node 1) is bound to vfio-pci."""
     check(Path("/dev/iommu").is_char_device(), "/dev/iommu is missing or not a char device")
     cdevs = sorted(str(p) for p in Path("/dev/vfio/devices").glob("vfio*"))
-    check(len(cdevs) == 2, f"expected 2 vfio cdevs in /dev/vfio/devices, found {cdevs}")
-    check(len(bed.edu) == 2, f"expected 2 edu devices, found {bed.edu}")
+    check(len(cdevs) == 3, f"expected 3 vfio cdevs in /dev/vfio/devices, found {cdevs}")
+    check(len(bed.edu) == 3, f"expected 3 edu devices, found {bed.edu}")
+    check(numa_edu(bed) == bed.edu[2], f"the edu device on node {NUMA_NODE} must sort last: {bed.edu}")
     for d in bed.edu:
         check(d.driver == "vfio-pci", f"edu {d.bdf} is bound to {d.driver}, not vfio-pci")
         check(d.group is not None, f"edu {d.bdf} has no iommu_group (is the vIOMMU on?)")
@@ -1787,6 +1792,184 @@ def vmrun_attach_detach_vfio(bed: Bed) -> dict[str, Any]:
         "memlock_after": after,
         "second_vm_refusal": proc_b.stderr.strip(),
     }
+
+
+# --------------------------------------------------------------------------- guest memory placement
+
+# bed.numa_topology: L1 has two NUMA nodes (CPU 0 and CPU 1) and one edu device on node 1.
+NUMA_NODE = 1
+NUMA_RAM_MIB = 512
+HUGEPAGES_2M = Path(f"/sys/devices/system/node/node{NUMA_NODE}/hugepages/hugepages-2048kB")
+
+
+def numa_edu(bed: Bed) -> EduDevice:
+    """The edu device on NUMA node 1 (behind L1's pxb-pcie)."""
+    on_node = [d for d in bed.edu if read_int(Path(f"/sys/bus/pci/devices/{d.bdf}/numa_node")) == NUMA_NODE]
+    check(len(on_node) == 1, f"expected one edu device on NUMA node {NUMA_NODE}, found {on_node} among {bed.edu}")
+    return on_node[0]
+
+
+def read_int(path: Path) -> int:
+    return int(path.read_text().strip())
+
+
+@contextlib.contextmanager
+def reserved_hugepages(count: int) -> Iterator[int]:
+    """`count` 2M pages reserved on node 1 for the block, released after it."""
+    (HUGEPAGES_2M / "nr_hugepages").write_text(f"{count}\n")
+    try:
+        yield read_int(HUGEPAGES_2M / "free_hugepages")
+    finally:
+        (HUGEPAGES_2M / "nr_hugepages").write_text("0\n")
+
+
+def wait_for_exec(vm: Vm, timeout: float = 30.0) -> float:
+    """The moment the launched vmrun became QEMU (its comm changes at execve)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            comm = Path(f"/proc/{vm.pid}/comm").read_text().strip()
+        except FileNotFoundError:
+            comm = ""
+        if comm.startswith("qemu-system"):
+            return time.monotonic()
+        if vm.poll() is not None:
+            raise Failed(f"vmrun exited before it became QEMU\n{vm.describe()}")
+        time.sleep(0.005)
+    raise Failed(f"vmrun did not exec QEMU within {timeout}s\n{vm.describe()}")
+
+
+def guest_ram_maps(pid: int, mib: int) -> list[str]:
+    """The numa_maps lines of guest RAM: the mapping(s) holding `mib` MiB or more."""
+    lines = []
+    for line in Path(f"/proc/{pid}/numa_maps").read_text().splitlines():
+        fields = dict(f.split("=", 1) for f in line.split()[2:] if "=" in f)
+        page_kib = int(fields.get("kernelpagesize_kB", "4"))
+        pages = sum(int(v) for k, v in fields.items() if k.startswith("N") and k[1:].isdigit())
+        if pages * page_kib >= mib * 1024:
+            lines.append(line)
+    return lines
+
+
+def placed_vm(bed: Bed, name: str, hugepages: str) -> dict[str, Any]:
+    """A 512 MiB VM with the node-1 device, numa = "auto": its start time and where its RAM is."""
+    dev = numa_edu(bed)
+    config = vmrun_config(
+        name,
+        vfio=[{"id": "numa0", "host": dev.bdf, "iommufd": "iommufd0"}],
+        memory=f"{NUMA_RAM_MIB}M",
+        hugepages=hugepages,
+    )
+    with vmrun_vm(name, config) as vm:
+        check(vm.plan["cpu_affinity"] is not None, f"plan binds no CPUs: {vm.plan}")
+        exec_at = wait_for_exec(vm)
+        require_started(vm, ["numa0"])
+        ready = time.monotonic() - exec_at
+        seen = check_as_planned(vm, ["numa0"])
+        node_cpus = Path(f"/sys/devices/system/node/node{NUMA_NODE}/cpulist").read_text().strip()
+        status = proc_status(vm.pid)
+        maps = guest_ram_maps(vm.pid, NUMA_RAM_MIB)
+        vmpin_kib = int(status["VmPin"].split()[0])
+    return {
+        "start_to_qmp_ready_s": round(ready, 3),
+        "plan_cpu_affinity": vm.plan["cpu_affinity"],
+        "node_cpulist": node_cpus,
+        "Cpus_allowed_list": status["Cpus_allowed_list"],
+        "numa_maps": maps,
+        "VmPin_kB": vmpin_kib,
+        "memlock_bytes": seen["memlock_bytes"],
+        "ram_backend": next(a for a in seen["argv"] if "id=guest-ram" in a),
+    }
+
+
+@scenario
+def vmrun_numa_hugepages(bed: Bed) -> dict[str, Any]:
+    """numa = "auto" binds a VM's RAM and CPUs to its device's node (L1 node 1), on 2M pages
+    when asked; too few free pages is a plan problem; 4 KiB vs 2 MiB start times."""
+    dev = numa_edu(bed)
+    need = NUMA_RAM_MIB // 2
+    # No pages reserved yet: the plan refuses with the figures, before anything starts.
+    cfg = vmrun_config(
+        "e2e-numa-short",
+        vfio=[{"id": "numa0", "host": dev.bdf, "iommufd": "iommufd0"}],
+        memory=f"{NUMA_RAM_MIB}M",
+        hugepages="2M",
+    )
+    work_dir = private_dir("numa-plan-", None)
+    try:
+        (work_dir / "vm.toml").write_text(cfg)
+        proc = subprocess.run(
+            [str(VMRUN), "plan", "--json", str(work_dir / "vm.toml")], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    short = [p for p in json.loads(proc.stdout or "{}").get("problems", []) if "vm.hugepages" in p]
+    check(
+        len(short) == 1 and f"needs {need} free 2M pages" in short[0] and f"NUMA node {NUMA_NODE}" in short[0],
+        f"expected one vm.hugepages problem naming {need} pages on node {NUMA_NODE}\n{shown(proc)}",
+    )
+    bed.say(f"without reserved pages: {short[0]}")
+    runs: dict[str, list[dict[str, Any]]] = {"4K": [], "2M": []}
+    with reserved_hugepages(need) as free:
+        check(free >= need, f"L1 reserved only {free} of {need} 2M pages on node {NUMA_NODE}")
+        # Alternating, so that a slower phase of L1 weighs on both alike.
+        for _ in range(2):
+            for pages, key in (("off", "4K"), ("2M", "2M")):
+                runs[key].append(placed_vm(bed, f"e2e-numa-{key.lower()}", pages))
+                bed.say(f"{key}: {runs[key][-1]['start_to_qmp_ready_s']} s to QMP ready")
+        memlock_low = memlock_below_ram(bed, dev)
+    for key, seen_runs in runs.items():
+        for seen in seen_runs:
+            check(
+                seen["Cpus_allowed_list"] == seen["node_cpulist"],
+                f"{key}: QEMU may run on CPUs {seen['Cpus_allowed_list']}, node {NUMA_NODE} has {seen['node_cpulist']}",
+            )
+            maps = seen["numa_maps"]
+            check(len(maps) == 1, f"{key}: expected one guest RAM mapping in numa_maps, found {maps}")
+            check(f"bind:{NUMA_NODE}" in maps[0], f"{key}: guest RAM is not bound to node {NUMA_NODE}: {maps[0]}")
+            others = [f for f in maps[0].split() if f[0] == "N" and f[1:].split("=")[0].isdigit()]
+            others = [f for f in others if not f.startswith(f"N{NUMA_NODE}=")]
+            check(not others, f"{key}: guest RAM has pages on other nodes ({others}): {maps[0]}")
+            # Huge pages change how memory is pinned, not how much: the same VmPin, within
+            # vmrun's memlock=auto (RAM + margin).
+            check(
+                NUMA_RAM_MIB * 1024 <= seen["VmPin_kB"] <= seen["memlock_bytes"] // 1024,
+                f"{key}: VmPin {seen['VmPin_kB']} kB outside [{NUMA_RAM_MIB} MiB, memlock {seen['memlock_bytes']}]",
+            )
+        huge = all("huge" in s["numa_maps"][0] and "kernelpagesize_kB=2048" in s["numa_maps"][0] for s in seen_runs)
+        check(
+            huge == (key == "2M"),
+            f"{key}: guest RAM {'not ' if key == '2M' else ''}on 2M pages: {[s['numa_maps'] for s in seen_runs]}",
+        )
+    med = {k: statistics.median(s["start_to_qmp_ready_s"] for s in v) for k, v in runs.items()}
+    return {
+        "device": dev.bdf,
+        "plan_problem_without_pages": short[0],
+        "runs": runs,
+        "median_start_to_qmp_ready_s": med,
+        "ratio_4k_over_2m": round(med["4K"] / med["2M"], 2),
+        "memlock_below_ram": memlock_low,
+    }
+
+
+def memlock_below_ram(bed: Bed, dev: EduDevice) -> str:
+    """With huge pages the pinned RAM is still charged to RLIMIT_MEMLOCK: 500M < 512M fails."""
+    name = "e2e-numa-lowlock"
+    config = vmrun_config(
+        name,
+        vfio=[{"id": "numa0", "host": dev.bdf, "iommufd": "iommufd0"}],
+        memory=f"{NUMA_RAM_MIB}M",
+        hugepages="2M",
+        memlock="500M",
+    )
+    with vmrun_vm(name, config) as vm:
+        started = vm.wait_qmp()
+        check(not started, f"QEMU started with RLIMIT_MEMLOCK 500M below {NUMA_RAM_MIB} MiB of huge-page RAM")
+        err = vm.stderr()
+        check("Cannot allocate memory" in err, f"QEMU failed, but not for want of locked memory:\n{err}")
+    line = next((x for x in err.splitlines() if "Cannot allocate memory" in x), err)
+    bed.say(f"memlock 500M with 512M on 2M pages: {line}")
+    return line
 
 
 def host_state() -> dict[str, Any]:
