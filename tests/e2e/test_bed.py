@@ -17,7 +17,9 @@ pytestmark = pytest.mark.e2e
 # machine of Nov 29 2026 it takes 316-328 s with QEMU's seccomp sandbox on in every vmrun
 # launch (and about the same with it off: L2 starts take 1.2-3 s each there), a quarter
 # of it the memlock bisection, and up to 420 s while other tests ran beside it. The budget
-# leaves room for a slower CI machine.
+# leaves room for a slower CI machine. L1 with two NUMA nodes, 3G and the huge-page
+# scenario (vmrun_numa_hugepages, ~45 s): 418 s at a load average of 5 (other helpers'
+# tests beside it).
 MAX_SECONDS = float(os.environ.get("VMRUN_E2E_MAX_SECONDS", "480"))
 
 
