@@ -174,7 +174,6 @@ def test_cli_check_shows_the_shortage(
         ({"numa": 1024}, "vm.numa: 1024 is out of range 0..1023"),
         ({"memory": "1536M", "hugepages": "1G"}, "vm.memory: 1536M is not a whole number of 1G huge pages"),
         ({"memory": "1025M", "hugepages": "2M"}, "vm.memory: 1025M is not a whole number of 2M huge pages"),
-        ({"hugepages": "2M", "prealloc": False}, "vm.prealloc: cannot be false with huge pages"),
     ],
 )
 def test_key_validation(tmp_path: pathlib.Path, vm: Mapping[str, Any], expected: str) -> None:

@@ -317,10 +317,11 @@ MAX_NUMA_NODE = 1023
 
 @described(
     {
+        "type": ["string", "integer"],
         "anyOf": [
             {"type": "string", "enum": ["auto", "off"]},
             {"type": "integer", "minimum": 0, "maximum": MAX_NUMA_NODE},
-        ]
+        ],
     }
 )
 def numa(value: object, ctx: Context) -> str | int:
@@ -1005,12 +1006,6 @@ def check_vm(r: Reader, vm: dict[str, Any]) -> None:
             "vm.memory",
             f"{format_size(memory)} is not a whole number of {vm['hugepages']} huge pages",
             "round it: " + " or ".join(f'"{format_size(k)}"' for k in whole) + ", or use smaller pages",
-        )
-    if vm.get("prealloc") is False and page is not None:
-        r.problem(
-            "vm.prealloc",
-            "cannot be false with huge pages: vmrun reserves them at start, so a shortage fails there, not later",
-            'drop prealloc, or set hugepages = "off"',
         )
 
 

@@ -61,6 +61,7 @@ class Importer:
         self.chardevs: dict[str, tuple[int, Props]] = {}
         self.netdevs: dict[str, tuple[int, Props]] = {}
         self.machine_extra: Props = []
+        self.ram_imported = False  # vmrun's guest-ram backend became hugepages/prealloc/numa
         self.hotplug_ports = 0
         self.console_mapped = False
         self.args: list[tuple[str, list[str]]] = []
@@ -181,6 +182,8 @@ class Importer:
 
     def finish_machine(self) -> None:
         extra = self.machine_extra
+        if self.ram_imported:
+            extra = [kv for kv in extra if kv != ("memory-backend", "guest-ram")]  # vmrun adds it
         if self.vm.get("viommu") == "intel" and self.vm.get("accel", "kvm") == "kvm":
             extra = [(k, v) for k, v in extra if (k, v) != ("kernel-irqchip", "split")]  # vmrun adds it
         if self.pflash_nodes(extra):
@@ -325,9 +328,32 @@ class Importer:
 
     # -- objects and devices --------------------------------------------------------------
 
+    def ram_backend(self, i: int, driver: str, rest: dict[str, str | None]) -> bool:
+        """vmrun's own guest RAM backend (placement.RAM_ID) back to hugepages, prealloc, numa."""
+        known = {"id", "size", "hugetlb", "hugetlbsize", "prealloc", "prealloc-threads", "host-nodes", "policy"}
+        if rest.get("id") != "guest-ram" or set(rest) - known:
+            return False
+        huge = rest.get("hugetlbsize") if driver == "memory-backend-memfd" and rest.get("hugetlb") == "on" else None
+        if huge is not None and huge not in ("2M", "1G"):
+            return False
+        node = rest.get("host-nodes")
+        if node is not None and (not node.isdigit() or rest.get("policy") != "bind"):
+            return False
+        if huge is not None:
+            self.vm["hugepages"] = huge
+        elif rest.get("prealloc") == "on":
+            self.vm["prealloc"] = True
+        if node is not None:
+            self.vm["numa"] = int(node)
+        self.ram_imported = True
+        self.use(i)
+        return True
+
     def object_opt(self, i: int, value: str) -> None:
         props = keyvals(value)
         rest = dict(props[1:])
+        if props[0][0] in ("memory-backend-memfd", "memory-backend-ram") and self.ram_backend(i, props[0][0], rest):
+            return
         if props[0] != ("iommufd", None) or "id" not in rest or set(rest) - {"id", "fd"}:
             return
         entry: dict[str, Any] = {"id": rest["id"]}
