@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from vmrun import dropins  # at import time: a de-privileged caller may not read the package later
 from vmrun.errors import ConfigError, Problem, Sources
 from vmrun.model import Config, Disk, Forward, Iommufd, Memlock, Net, Vfio, Vm
 from vmrun.sizes import (
@@ -754,8 +755,6 @@ def read_text(path: pathlib.Path) -> str:
 def load(path: pathlib.Path | str) -> Config:
     """The validated config in `path` with its drop-ins (`PATH.d/*.toml`) merged in;
     raises ConfigError listing every problem, each naming the file that set the key."""
-    from vmrun import dropins
-
     path = pathlib.Path(path)
     raw, sources = dropins.merged(path, read_toml(read_text(path), path))
     return validate(raw, path, sources)
