@@ -150,6 +150,25 @@ def test_caller_fd_not_open_is_reported_before_exec(
     assert "vmrun: fd 40 (iommufd iommufd0 (from the caller)) is not open in vmrun's process" in stderr
 
 
+def test_caller_fd_is_not_mistaken_for_one_vmrun_opened(
+    tmp_path: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path
+) -> None:
+    # vmrun's own descriptors (the opener's socket, the state directory) take the lowest
+    # free numbers: a config naming fd 3 or 4 that the caller did not pass must be refused,
+    # not filled with one of those.
+    # A disk, so the opener's socket is open while the launch checks the caller's fds.
+    image = outdir / "disk.raw"
+    image.write_bytes(b"\0" * 4096)
+    image.chmod(0o666)
+    vm: dict[str, Any] = {"memlock": "off", **({"user": "nobody"} if is_root() else {})}
+    for fd in (3, 4, 5):
+        cfg = config(
+            outdir, dict(vm), iommufd=[{"id": "iommufd0", "fd": fd}], vfio=[], disk=[{"id": "d0", "path": str(image)}]
+        )
+        stderr = run_refused(cfg, outdir, host_tree)
+        assert f"vmrun: fd {fd} (iommufd iommufd0 (from the caller)) is not open in vmrun's process" in stderr
+
+
 def test_unopenable_device_is_reported_before_exec(
     tmp_path: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path
 ) -> None:

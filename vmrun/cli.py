@@ -537,12 +537,13 @@ def cmd_bind(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import attrs
 
-    from vmrun import config, host
+    from vmrun import config, fd_open, host
     from vmrun.launch import ensure_stdio, launch  # only `run` needs the module with side effects
     from vmrun.opener import Opener
     from vmrun.plan import plan
 
     ensure_stdio()  # first: the opener's socket must not take the number of a closed stdio fd
+    passed = fd_open.open_fds()  # the caller's fds, before vmrun opens any of its own
     cfg = config.load(args.file)
     # One helper opens files as the VM user for the plan's facts and for the launch: one fork, not two.
     with Opener(host.lookup_user(cfg.vm.user) if cfg.vm.user else None) as opener:
@@ -556,7 +557,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             sys.stdout.write(render.text(p))
             return EXIT_FAILED if p.problems else EXIT_OK
         sys.stdout.flush()
-        launch(p, opener=opener)
+        launch(p, opener=opener, passed=passed)
 
 
 def cmd_ps(args: argparse.Namespace) -> int:

@@ -240,10 +240,10 @@ def open_each(plan: Plan, state: StateDir, opened: dict[int, int], as_user: Open
     return opened
 
 
-def check_caller_fds(plan: Plan) -> None:
+def check_caller_fds(plan: Plan, passed: frozenset[int] | None) -> None:
     for spec in plan.fds:
         if spec.path is None:
-            fd_open.check_caller_fd(spec, "vmrun run CONFIG")
+            fd_open.check_caller_fd(spec, "vmrun run CONFIG", passed)
 
 
 def place_fds(opened: dict[int, int], caller: list[int]) -> None:
@@ -378,10 +378,14 @@ def close_other_fds(keep: set[int]) -> None:
     os.closerange(start, highest)
 
 
-def launch(plan: Plan, execve: Exec = os.execve, opener: Opener | None = None) -> NoReturn:
+def launch(
+    plan: Plan, execve: Exec = os.execve, opener: Opener | None = None, passed: frozenset[int] | None = None
+) -> NoReturn:
     """Carry out `plan` and exec QEMU. Raises LaunchError before exec when a step fails.
 
     `opener`: the one the plan's facts were read with, if any; it opens the files too.
+    `passed`: the fds open when vmrun started (fd_open.open_fds), i.e. the caller's: by
+    now the opener's socket may sit on a number a config names as a caller fd.
     """
     if plan.problems:
         raise LaunchError(
@@ -389,7 +393,7 @@ def launch(plan: Plan, execve: Exec = os.execve, opener: Opener | None = None) -
             "fix them, then run again; `vmrun plan` shows the whole plan",
         )
     ensure_stdio()
-    check_caller_fds(plan)
+    check_caller_fds(plan, passed)
     state = StateDir(plan)
     opened = open_planned(plan, state, opener)
     # Before the fds move: the directory's own fd may sit on a planned number.
