@@ -23,7 +23,7 @@ from vmrun.plan import FdSpec, Planner
 from vmrun.qemu_parts import Part
 
 Entry = Iommufd | Vfio | Disk | Net
-SECTIONS = ("iommufd", "vfio", "disk", "net")
+SECTIONS = tuple(config_mod.ENTRY_SECTIONS)  # iommufd, vfio, disk, net
 ENTRY_PATH_RE = re.compile(r"(iommufd|vfio|disk|net)\[([0-9]+)\](.*)")
 
 
@@ -69,13 +69,8 @@ class Record:
 def with_entries(base: Config, entries: Iterable[tuple[str, Entry]]) -> Config:
     """`base` with `entries` appended to their sections."""
     added = list(entries)
-    return attrs.evolve(
-        base,
-        iommufd=(*base.iommufd, *(e for s, e in added if s == "iommufd" and isinstance(e, Iommufd))),
-        vfio=(*base.vfio, *(e for s, e in added if s == "vfio" and isinstance(e, Vfio))),
-        disk=(*base.disk, *(e for s, e in added if s == "disk" and isinstance(e, Disk))),
-        net=(*base.net, *(e for s, e in added if s == "net" and isinstance(e, Net))),
-    )
+    grown: dict[str, Any] = {s: (*getattr(base, s), *(e for t, e in added if t == s)) for s in SECTIONS}
+    return attrs.evolve(base, **grown)
 
 
 def entries_of(config: Config) -> list[tuple[str, Entry]]:

@@ -10,13 +10,14 @@ device goes in, and put back if the attach fails.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import pathlib
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -24,13 +25,12 @@ import attrs
 from vmrun import attachment, config, fd_open, host, state, statedir
 from vmrun.attachment import AttachPlan, Record
 from vmrun.errors import ConfigError, Problem
-from vmrun.memlock import UNLIMITED
+from vmrun.memlock import UNLIMITED, format_limit
 from vmrun.model import Config
 from vmrun.opener import Opener
 from vmrun.plan import HOTPLUG_PORT
 from vmrun.qemu_parts import Part, Piece
 from vmrun.qmp import CommandFailed, Monitor, QmpError
-from vmrun.sizes import format_mib
 from vmrun.state import VmError
 
 UNDO_DEVICE_TIMEOUT = 10.0
@@ -39,10 +39,6 @@ Say = Callable[[str], None]
 
 class UnknownId(VmError):
     """detach was given an id that vmrun did not attach (bad input: exit status 2)."""
-
-
-def shown_limit(limit: int) -> str:
-    return "unlimited" if limit == UNLIMITED else format_mib(limit)
 
 
 def elapsed(start: float) -> str:
@@ -58,7 +54,6 @@ def qmp_text(command: str, arguments: dict[str, Any]) -> str:
 @attrs.frozen
 class RunningVm:
     vm: state.Vm
-    record: dict[str, Any]
     launched: Config
     records: tuple[Record, ...]
     config: Config  # launched + attached
@@ -89,29 +84,32 @@ def running_vm(name: str) -> RunningVm:
         merged = attachment.running_config(launched, records)
     except ValueError as e:
         raise VmError(str(e)) from None
-    return RunningVm(vm, record, launched, records, merged)
+    return RunningVm(vm, launched, records, merged)
+
+
+@contextlib.contextmanager
+def vm_directory(vm: state.Vm) -> Iterator[int]:
+    """The running VM's state directory as an fd (see statedir), closed on leaving."""
+    directory = state.open_vm_dir(vm.name, os.path.dirname(vm.state_dir))
+    if directory is None:
+        raise VmError(f"VM {vm.name} has no state directory any more")
+    try:
+        yield directory
+    finally:
+        os.close(directory)
 
 
 def read_record(vm: state.Vm) -> dict[str, Any]:
-    directory = state.open_vm_dir(vm.name, os.path.dirname(vm.state_dir))
-    if directory is None:
-        raise VmError(f"VM {vm.name} has no state directory any more")
-    try:
+    with vm_directory(vm) as directory:
         return state.read_record(directory, vm.state_dir)[0]
-    finally:
-        os.close(directory)
 
 
 def write_record(vm: state.Vm, record: dict[str, Any]) -> None:
-    directory = state.open_vm_dir(vm.name, os.path.dirname(vm.state_dir))
-    if directory is None:
-        raise VmError(f"VM {vm.name} has no state directory any more")
-    try:
-        statedir.write_file(directory, "state.json", (json.dumps(record, indent=1) + "\n").encode())
-    except OSError as e:
-        raise VmError(f"cannot update {vm.state_dir}/state.json: {e.strerror}") from None
-    finally:
-        os.close(directory)
+    with vm_directory(vm) as directory:
+        try:
+            statedir.write_file(directory, "state.json", (json.dumps(record, indent=1) + "\n").encode())
+        except OSError as e:
+            raise VmError(f"cannot update {vm.state_dir}/state.json: {e.strerror}") from None
 
 
 def records_of(record: dict[str, Any]) -> list[Record]:
@@ -169,9 +167,8 @@ class Memlock:
 class Transaction:
     """QMP steps, each with its undo; `rollback` runs the undos of the steps done, backwards."""
 
-    def __init__(self, monitor: Monitor, say: Say) -> None:
+    def __init__(self, monitor: Monitor) -> None:
         self.monitor = monitor
-        self.say = say
         self.undos: list[tuple[str, Callable[[], str | None]]] = []
 
     def run(self, command: str, arguments: dict[str, Any]) -> Any:
@@ -230,15 +227,13 @@ class Attacher:
         raw: dict[str, Any],
         monitor: Monitor,
         memlock: Memlock,
-        say: Say,
     ) -> None:
         self.running = running
         self.plan = plan
         self.raw = raw  # the fragment's TOML as read
         self.monitor = monitor
         self.memlock = memlock
-        self.say = say
-        self.tx = Transaction(monitor, say)
+        self.tx = Transaction(monitor)
         self.fd_names: dict[int, str] = {}
         self.fdsets: dict[int, int] = {}
 
@@ -284,17 +279,17 @@ class Attacher:
         new = self.plan.memlock.limit
         soft, hard = self.memlock.before
         if new is None or (soft == UNLIMITED or (new != UNLIMITED and soft >= new)):
-            return f"memlock stays {shown_limit(soft)}"
+            return f"memlock stays {format_limit(soft)}"
         if not host.current_launcher().cap_sys_resource:
             raise VmError(
-                f"VM {self.running.vm.name} needs RLIMIT_MEMLOCK {shown_limit(new)} with the fragment"
-                f" ({self.plan.memlock.derivation}); its QEMU has {shown_limit(soft)}, and vmrun may not raise it",
+                f"VM {self.running.vm.name} needs RLIMIT_MEMLOCK {format_limit(new)} with the fragment"
+                f" ({self.plan.memlock.derivation}); its QEMU has {format_limit(soft)}, and vmrun may not raise it",
                 "run vmrun attach as root (it needs CAP_SYS_RESOURCE); nothing was changed",
             )
         # Soft and hard alike, as at launch: QEMU must not raise its own limit.
         self.memlock.set((new, new))
-        self.tx.on_undo(f"RLIMIT_MEMLOCK back to {shown_limit(soft)}", lambda: self.memlock.set((soft, hard)))
-        return f"memlock {shown_limit(soft)} -> {shown_limit(new)} ({self.plan.memlock.derivation})"
+        self.tx.on_undo(f"RLIMIT_MEMLOCK back to {format_limit(soft)}", lambda: self.memlock.set((soft, hard)))
+        return f"memlock {format_limit(soft)} -> {format_limit(new)} ({self.plan.memlock.derivation})"
 
     def pass_fd(self, piece: Piece, opened: dict[int, int]) -> None:
         assert piece.fd is not None
@@ -304,7 +299,7 @@ class Attacher:
             command, args = piece.qmp(self.fd_names, self.fdsets)
             answer = self.tx.run(command, args)
             fdset = int(answer["fdset-id"])
-            self.fdsets[int(dict(piece.props)["set"])] = fdset  # type: ignore[arg-type]
+            self.fdsets[piece.fdset] = fdset
             self.tx.on_undo(f"remove-fd {fdset}", lambda: self.undo_command("remove-fd", {"fdset-id": fdset}))
             return
         name = f"vmrun-{piece.kind}-{piece.id}"
@@ -358,7 +353,7 @@ class Attacher:
             if piece.kind == "device":
                 continue
             if piece.kind == "add-fd":
-                backend.append(("remove-fd", {"fdset-id": self.fdsets[int(dict(piece.props)["set"])]}))  # type: ignore[arg-type]
+                backend.append(("remove-fd", {"fdset-id": self.fdsets[piece.fdset]}))
             else:
                 backend.append(piece.undo())
         device = part.device
@@ -392,7 +387,7 @@ def attach(name: str, fragment_file: str, host_root: str, say: Say, passed: froz
         pidfd = state.open_pidfd(identity, identity.lock)
         try:
             with Monitor(running.vm.qmp_socket) as monitor:
-                attacher = Attacher(running, plan, raw, monitor, Memlock(identity.pid, pidfd), say)
+                attacher = Attacher(running, plan, raw, monitor, Memlock(identity.pid, pidfd))
                 attacher.check_ids()
                 slots = attacher.slots()
                 opened = open_all(plan, as_user, passed)
@@ -497,7 +492,7 @@ def detach(name: str, ident: str, timeout: float, say: Say) -> None:
         # An iommufd object vmrun attached goes with its last device.
         used = {d.iommufd for d in running.config.vfio if d.id != target.id}
         for r in remaining:
-            if r.section == "iommufd" and r.id not in used and r is not target:
+            if r.section == "iommufd" and r.id not in used:
                 leftovers += remove_backend(monitor, r)
                 gone.append(r)
         record = read_record(running.vm)

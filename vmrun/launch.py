@@ -24,7 +24,7 @@ import attrs
 
 from vmrun import fd_open, statedir
 from vmrun.errors import LaunchError
-from vmrun.memlock import UNLIMITED
+from vmrun.memlock import format_limit
 from vmrun.numa import format_cpulist
 from vmrun.opener import Opener
 from vmrun.plan import FdSpec, Plan
@@ -38,7 +38,6 @@ from vmrun.privileges import (
     no_new_privs,
     prctl,
 )
-from vmrun.sizes import format_mib
 
 Exec = Callable[[str, list[str], dict[str, str]], NoReturn]
 
@@ -272,10 +271,8 @@ def set_memlock(limit: int | None) -> None:
         resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, limit))
     except (ValueError, OSError):
         hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
-        have = "unlimited" if hard == UNLIMITED else format_mib(hard)
-        need = "unlimited" if limit == UNLIMITED else format_mib(limit)
         raise LaunchError(
-            f"cannot set RLIMIT_MEMLOCK to {need}: the hard limit is {have}",
+            f"cannot set RLIMIT_MEMLOCK to {format_limit(limit)}: the hard limit is {format_limit(hard)}",
             "run vmrun as root, or raise the caller's limit (systemd LimitMEMLOCK=, ulimit -l)",
         ) from None
 

@@ -20,6 +20,11 @@ MARGIN = 64 * MiB
 UNLIMITED = resource.RLIM_INFINITY
 
 
+def format_limit(limit: int) -> str:
+    """A memlock limit as people read it: whole MiB, or "unlimited"."""
+    return "unlimited" if limit == UNLIMITED else format_mib(limit)
+
+
 @attrs.frozen
 class MemlockPlan:
     limit: int | None  # bytes; UNLIMITED; None: vmrun leaves the inherited limit alone
@@ -28,8 +33,7 @@ class MemlockPlan:
     def describe(self) -> str:
         if self.limit is None:
             return f"untouched ({self.derivation})"
-        shown = "unlimited" if self.limit == UNLIMITED else format_mib(self.limit)
-        return f"{shown} ({self.derivation})"
+        return f"{format_limit(self.limit)} ({self.derivation})"
 
 
 def address_spaces(config: Config) -> list[str]:

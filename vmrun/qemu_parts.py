@@ -36,6 +36,13 @@ class Piece:
         return (f"-{self.kind}", qemu_args.option(self.type, self.props))
 
     @property
+    def fdset(self) -> int:
+        """add-fd: the number of the fd set in the plan (QEMU's may differ over QMP)."""
+        value = dict(self.props)["set"]
+        assert isinstance(value, int), self
+        return value
+
+    @property
     def id(self) -> str:
         """The id QEMU knows this piece by (a block node's node-name)."""
         for key, value in self.props:
