@@ -6,7 +6,11 @@ Both sides start the same QEMU with the same command line: vmrun's plan for a sm
 `vm.args`, so QEMU parses the whole command line and exits before it creates a machine.
 The direct side execs the very argv and environment `vmrun plan --json` prints; vmrun's
 side is a real `vmrun run`: state directory, lock, opener, limits, privilege drop (to
-`nobody` when run as root), exec. The runs are interleaved and their medians compared:
+`nobody` when run as root), exec. It is timed twice: as a config is launched again and
+again, from the plan the last launch kept (plan_cache: the config and every host fact
+compared, nothing planned), and planning (the kept plan removed before each run, so it
+loads the config, reads the host, plans and keeps the plan). The runs are interleaved and
+their medians compared:
 
     overhead = median(vmrun run) - median(QEMU directly), as a multiple of
                median(python3 -c pass) on the interpreter vmrun runs on
@@ -47,6 +51,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 PYTHON = [sys.executable, "-S", "-P"]
 # What the `vmrun` console script runs.
 VMRUN = [*PYTHON, "-c", "import sys; from vmrun.cli import main; sys.exit(main())"]
+PLANNING = "vmrun run, planning"
 QUIET = [
     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
     (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
@@ -130,7 +135,10 @@ def main() -> None:
             "python3 -c 'import attrs'": ([*PYTHON, "-c", "import attrs"], env),
             "QEMU directly": (plan["argv"], plan["env"]),
             "vmrun run": ([*VMRUN, "run", str(cfg)], env),
+            # The same launch with no kept plan (plan_cache): it plans first, and keeps the plan.
+            PLANNING: ([*VMRUN, "run", str(cfg)], env),
         }
+        kept = d / "state" / ".plans"
         for other in args.also:
             tree = pathlib.Path(other).resolve()
             other_env = env | {"PYTHONPATH": path["PYTHONPATH"].replace(str(REPO), str(tree), 1)}
@@ -142,6 +150,8 @@ def main() -> None:
         names = list(commands)
         for i in range(args.runs):
             for name in names[i % len(names) :] + names[: i % len(names)]:  # rotate the order
+                if name == PLANNING:
+                    shutil.rmtree(kept, ignore_errors=True)
                 w, c = timed(*commands[name])
                 wall[name].append(w)
                 cpu[name].append(c)
@@ -160,7 +170,7 @@ def main() -> None:
         attrs_cost = m["python3 -c 'import attrs'"] - base
         print(f"{label}: import attrs alone {attrs_cost / base:.1f} x python3 -c pass")
         for name in commands:
-            if name.startswith("vmrun run"):
+            if name.startswith("vmrun run"):  # the kept plan's, planning, --also's
                 overhead = m[name] - m["QEMU directly"]
                 print(f"{label}: overhead of {name} {overhead * 1000:.1f} ms = {overhead / base:.1f} x python3 -c pass")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -124,24 +125,48 @@ def launch_config(outdir: pathlib.Path, host_tree: pathlib.Path) -> pathlib.Path
     return path
 
 
+# What a launch from a kept plan (plan_cache) does without as well: the typed model and all
+# that attrs brings, the TOML parser, pathlib, the planner.
+PLANNING = {
+    "attrs",
+    "typing",
+    "inspect",
+    "pathlib",
+    "tomllib",
+    "vmrun.config",
+    "vmrun.model",
+    "vmrun.host",
+    "vmrun.plan",
+}
+
+
 def test_run_imports_only_what_launching_needs(
     launch_config: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path
 ) -> None:
     run = ["run", str(launch_config), "--host-root", str(host_tree)]
     env = dict(os.environ)
-    # The first launch probes QEMU (and may import subprocess); the one measured finds the cache fresh.
+    # The first launch probes QEMU (and may import subprocess); the ones measured find the cache fresh.
     first = subprocess.run([sys.executable, "-m", "vmrun.cli", *run], env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     probes = outdir / "probes.log"
     probed = probes.read_text() if probes.exists() else ""
-    (outdir / "record.json").unlink()
+    kept = pathlib.Path(env["VMRUN_STATE_DIR"]) / ".plans"
+    assert len(list(kept.iterdir())) == 1
 
-    modules = imported_by(run, env)
+    for planning in (True, False):  # a plan made afresh, then the one it kept
+        if planning:
+            shutil.rmtree(kept)
+        (outdir / "record.json").unlink()
 
-    assert (outdir / "record.json").exists(), "QEMU did not run: the import check saw no launch"
-    assert "vmrun.launch" in modules and "vmrun.opener" in modules  # the path really was the launch's
-    assert not modules & FORBIDDEN, f"`vmrun run` imported {sorted(modules & FORBIDDEN)}"
-    assert (probes.read_text() if probes.exists() else "") == probed, "a fresh capability cache spawned QEMU"
+        modules = imported_by(run, env)
+
+        assert (outdir / "record.json").exists(), "QEMU did not run: the import check saw no launch"
+        assert "vmrun.launch" in modules and "vmrun.opener" in modules  # the path really was the launch's
+        assert ("vmrun.plan" in modules) == planning
+        assert not modules & FORBIDDEN, f"`vmrun run` imported {sorted(modules & FORBIDDEN)}"
+        if not planning:
+            assert not modules & PLANNING, f"a launch from a kept plan imported {sorted(modules & PLANNING)}"
+        assert (probes.read_text() if probes.exists() else "") == probed, "a fresh capability cache spawned QEMU"
 
 
 def test_plain_run_arguments_read_as_argparse_reads_them() -> None:

@@ -13,7 +13,7 @@ import tomli_w
 
 from tests import fakehost
 from tests.conftest import plan_for
-from vmrun import config, launch, numa, render
+from vmrun import config, cpulist, host_read, launch, numa, render
 from vmrun.errors import ConfigError, LaunchError
 from vmrun.memlock import MemlockPlan
 from vmrun.plan import Plan
@@ -190,10 +190,11 @@ def test_key_values(tmp_path: pathlib.Path) -> None:
 
 
 def test_cpulist_round_trip() -> None:
-    assert numa.parse_cpulist("0-3,8,10-11\n") == (0, 1, 2, 3, 8, 10, 11)
-    assert numa.format_cpulist((0, 1, 2, 3, 8, 10, 11)) == "0-3,8,10-11"
-    assert numa.parse_cpulist("") == ()
-    assert numa.device_node("-1") is None and numa.device_node(None) is None and numa.device_node("1") == 1
+    assert cpulist.parse_cpulist("0-3,8,10-11\n") == (0, 1, 2, 3, 8, 10, 11)
+    assert cpulist.format_cpulist((0, 1, 2, 3, 8, 10, 11)) == "0-3,8,10-11"
+    assert cpulist.parse_cpulist("") == ()
+    assert host_read.device_node("-1") is None and host_read.device_node(None) is None
+    assert host_read.device_node("1") == 1 and host_read.device_node("x") is None
 
 
 def plan_with_affinity(cpus: tuple[int, ...] | None) -> Plan:

@@ -15,11 +15,12 @@ from typing import Any
 import attrs
 
 from vmrun import config as config_mod
-from vmrun.errors import ConfigError, Problem
+from vmrun.errors import ConfigError
 from vmrun.host import HostFacts, User
 from vmrun.memlock import MemlockPlan, memlock_plan
 from vmrun.model import Config, Disk, Iommufd, Net, Vfio
 from vmrun.plan import FdSpec, Planner
+from vmrun.problems import Problem
 from vmrun.qemu_parts import Part
 
 Entry = Iommufd | Vfio | Disk | Net

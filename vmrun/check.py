@@ -6,9 +6,9 @@ from typing import Any
 
 import attrs
 
-from vmrun.errors import Problem
 from vmrun.ioctls import trial_per_process_accounting
 from vmrun.plan import Plan
+from vmrun.problems import Problem
 from vmrun.requirements import Finding
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 import sys
 import types
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, cast
 
 from vmrun import __version__
 from vmrun.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BadName, ConfigError, LaunchError, VmError
+
+TYPE_CHECKING = False  # as in host_read: typing itself costs a launch 15 ms
 
 if TYPE_CHECKING:
     import argparse
@@ -535,19 +536,40 @@ def cmd_bind(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import attrs
-
-    from vmrun import config, fd_open, host
+    from vmrun import fd_open, plan_cache
     from vmrun.launch import ensure_stdio, launch  # only `run` needs the module with side effects
-    from vmrun.opener import Opener
-    from vmrun.plan import plan
 
     ensure_stdio()  # first: the opener's socket must not take the number of a closed stdio fd
     passed = fd_open.open_fds()  # the caller's fds, before vmrun opens any of its own
+    if not args.dry_run:
+        # The last launch's plan, when nothing it came from has changed (see plan_cache):
+        # then no config, model or planner is imported at all.
+        kept = plan_cache.load(args.file, args.host_root)
+        if kept is not None:
+            p, opener = kept
+            if args.paused:
+                p.argv.append("-S")
+            sys.stdout.flush()
+            launch(p, opener=opener, passed=passed)
+        before = plan_cache.key(args.file, args.host_root)
+    return plan_and_run(args, passed, before if not args.dry_run else None)
+
+
+def plan_and_run(args: argparse.Namespace, passed: frozenset[int], key: dict[str, object] | None) -> int:
+    import attrs
+
+    from vmrun import config, host, host_read, plan_cache
+    from vmrun.launch import launch
+    from vmrun.opener import Opener
+    from vmrun.plan import plan
+
     cfg = config.load(args.file)
     # One helper opens files as the VM user for the plan's facts and for the launch: one fork, not two.
     with Opener(host.lookup_user(cfg.vm.user) if cfg.vm.user else None) as opener:
-        p = plan(cfg, host.gather(cfg, args.host_root, opener=opener))
+        record, facts = host.gather_record(cfg, args.host_root, opener=opener)
+        p = plan(cfg, facts)
+        if key is not None:
+            plan_cache.store(key, args.file, args.host_root, host_read.query(cfg), record, p)
         if args.paused:
             # Last, after vm.args: QEMU creates the whole machine, the CPUs wait for QMP `cont`.
             p = attrs.evolve(p, options=(*p.options, ("-S",)))
@@ -701,7 +723,7 @@ def plain_run(argv: list[str]) -> argparse.Namespace | None:
             return None
         else:
             args.file = word
-    return cast("argparse.Namespace", args) if args.file is not None else None
+    return args if args.file is not None else None  # type: ignore[return-value]  # a Namespace in all but name
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,8 +21,9 @@ from typing import Any, TypeVar
 import attrs
 
 from vmrun import dropins  # at import time: a de-privileged caller may not read the package later
-from vmrun.errors import ConfigError, Problem, Sources
+from vmrun.errors import ConfigError
 from vmrun.model import Config, Disk, Forward, Iommufd, Memlock, Net, Vfio, Vm
+from vmrun.problems import Problem, Sources
 from vmrun.sizes import (
     HUGEPAGE_SIZES,
     SIZE_PATTERN,

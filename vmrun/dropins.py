@@ -14,7 +14,8 @@ import pathlib
 import stat
 from typing import Any, TypeGuard
 
-from vmrun.errors import ConfigError, Problem, Sources
+from vmrun.errors import ConfigError
+from vmrun.problems import Problem, Sources
 
 SUFFIX = ".toml"
 

@@ -1,32 +1,39 @@
-"""Read-only facts about the host that the plan needs, read under a root directory.
+"""Read-only facts about the host that the plan needs, read under a root directory, typed.
 
-Tests point `root` at a fake tree (plain files, symlinks, mknod'ed nodes); nothing here
-opens a device, writes, or changes the process. The plan consumes a HostFacts value.
+The reading itself is host_read's (plain data, shared with the plan cache); this module
+turns its record into the HostFacts value the plan consumes. Tests point `root` at a fake
+tree (plain files, symlinks, mknod'ed nodes); nothing here opens a device, writes, or
+changes the process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import grp
-import json
 import os
 import pathlib
-import pwd
-import resource
-import stat
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 
-from vmrun.model import Config, Vfio
-from vmrun.numa import MemoryFacts, device_node, memory_facts
-from vmrun.opener import Opener, describe_type, not_an_image
+from vmrun import host_read, numa
+from vmrun.host_read import MAX_BACKING_DEPTH as MAX_BACKING_DEPTH
+from vmrun.host_read import data_base as data_base
+from vmrun.host_read import state_base as state_base
+from vmrun.model import Config
+from vmrun.numa import MemoryFacts
+from vmrun.opener import Opener
 from vmrun.qemu_caps import QemuCaps, probe
 
-CAP_IPC_LOCK = 14
-CAP_SYS_RESOURCE = 24
 VFIO_OK_DRIVERS = ("vfio-pci", "pci-stub", "pcieport")
+
+
+class Host(host_read.Host):
+    """host_read's view of the host, for the tools that work on it (devices, bind, init, import)."""
+
+    def under(self, path: str) -> pathlib.Path:
+        return pathlib.Path(self.at(path))
 
 
 @attrs.frozen
@@ -128,316 +135,71 @@ class HostFacts:
     memory: MemoryFacts = attrs.field(factory=MemoryFacts)  # NUMA nodes, huge pages, CPUs vmrun may use
 
 
-class Host:
-    """A view of the host under `root` (normally /)."""
-
-    def __init__(self, root: str | os.PathLike[str] = "/") -> None:
-        self.root = pathlib.Path(root)
-
-    def under(self, path: str) -> pathlib.Path:
-        return self.root / path.lstrip("/")
-
-    def node(self, path: str) -> Node | None:
-        try:
-            st = self.under(path).stat()
-        except OSError:
-            return None
-        return Node(path, stat.S_ISCHR(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
-
-    def read(self, path: str) -> str | None:
-        try:
-            return self.under(path).read_text().strip()
-        except OSError:
-            return None
-
-    def link_name(self, path: str) -> str | None:
-        """The last component of a symlink's target: how sysfs names drivers and groups."""
-        try:
-            return os.path.basename(os.readlink(self.under(path)))
-        except OSError:
-            return None
-
-    def cdev(self, sysfs: str) -> str | None:
-        """The VFIO cdev of the device at `sysfs` (from its vfio-dev/vfioN), None if it has none."""
-        try:
-            names = sorted(n for n in os.listdir(self.under(f"{sysfs}/vfio-dev")) if n.startswith("vfio"))
-        except OSError:
-            return None
-        return f"/dev/vfio/devices/{names[0]}" if names else None
-
-    def group_members(self, group: str) -> list[str]:
-        """The addresses of the devices in IOMMU group `group`."""
-        try:
-            return sorted(os.listdir(self.under(f"/sys/kernel/iommu_groups/{group}/devices")))
-        except OSError:
-            return []
-
-    def device(self, dev: Vfio) -> DeviceFacts:
-        if dev.host is not None:
-            sysfs = f"/sys/bus/pci/devices/{dev.host}"
-        elif dev.sysfsdev is not None:
-            sysfs = dev.sysfsdev
-        else:
-            return DeviceFacts(sysfs=None)  # passed by the caller as an fd: nothing to look up
-        if not self.under(sysfs).exists():
-            return DeviceFacts(sysfs=None)
-        group = self.link_name(f"{sysfs}/iommu_group")
-        members: list[tuple[str, str | None]] = []
-        if group is not None:
-            members = [
-                (n, self.link_name(f"/sys/kernel/iommu_groups/{group}/devices/{n}/driver"))
-                for n in self.group_members(group)
-            ]
-        cdev = self.cdev(sysfs)
-        return DeviceFacts(
-            sysfs=sysfs,
-            driver=self.link_name(f"{sysfs}/driver"),
-            iommu_group=group,
-            group_members=tuple(members),
-            cdev=cdev,
-            cdev_node=self.node(cdev) if cdev else None,
-            group_node=self.node(f"/dev/vfio/{group}") if group else None,
-            numa_node=device_node(self.read(f"{sysfs}/numa_node")),
-        )
+def node(record: dict[str, Any] | None) -> Node | None:
+    return None if record is None else Node(**record)
 
 
-FIRMWARE_DIRS = ("/etc/qemu/firmware", "/usr/share/qemu/firmware")
-QCOW2_MAGIC = b"QFI\xfb"
+def user(record: dict[str, Any] | None) -> User | None:
+    return None if record is None else User(**{**record, "groups": tuple(record["groups"])})
 
 
-def find_uefi(host: Host) -> Firmware | None:
-    """The first plain (no Secure Boot, no SMM) x86_64 UEFI flash build, by descriptor priority."""
-    names: dict[str, str] = {}
-    for directory in reversed(FIRMWARE_DIRS):  # /etc overrides /usr/share by file name
-        try:
-            for name in os.listdir(host.under(directory)):
-                if name.endswith(".json"):
-                    names[name] = f"{directory}/{name}"
-        except OSError:
-            continue
-    for name in sorted(names):
-        text = host.read(names[name])
-        try:
-            desc = json.loads(text or "")
-            mapping = desc["mapping"]
-            archs = {t["architecture"] for t in desc["targets"]}
-            features = set(desc.get("features", []))
-            if (
-                "uefi" in desc["interface-types"]
-                and mapping.get("device") == "flash"
-                and "x86_64" in archs
-                and not features & {"secure-boot", "requires-smm", "enrolled-keys"}
-            ):
-                return Firmware(names[name], mapping["executable"]["filename"], mapping["nvram-template"]["filename"])
-        except (ValueError, KeyError, TypeError):
-            continue  # a descriptor we cannot read is one we cannot use
-    return None
-
-
-QCOW2_BACKING_FORMAT_EXT = 0xE2792ACA
-QCOW2_DATA_FILE_EXT = 0x44415441
-QCOW2_INCOMPAT_DATA_FILE = 1 << 2
-MAX_BACKING_DEPTH = 16
-
-
-@attrs.frozen
-class Header:
-    format: str  # qcow2, or raw for anything else
-    backing: str | None = None  # the backing file name as the header says it
-    backing_format: str | None = None  # from the header extension
-    data_file: str | None = None  # a qcow2 external data file's name ("" when the header names none)
-
-
-def read_header(fd: int) -> Header:
-    """What an image's first bytes say about it, read from an open fd."""
-    header = os.pread(fd, 112, 0)
-    if header[:4] != QCOW2_MAGIC or len(header) < 72:
-        return Header("raw")
-    version = int.from_bytes(header[4:8], "big")
-    offset = int.from_bytes(header[8:16], "big")
-    size = int.from_bytes(header[16:20], "big")
-    backing = None
-    if offset and 0 < size < 4096:
-        backing = os.pread(fd, size, offset).decode("utf-8", "replace")
-    v3 = version >= 3 and len(header) >= 104
-    incompatible = int.from_bytes(header[72:80], "big") if v3 else 0
-    data_file = "" if incompatible & QCOW2_INCOMPAT_DATA_FILE else None
-    # Header extensions follow the header: type, length, data padded to 8 bytes.
-    at = int.from_bytes(header[100:104], "big") if v3 else 72
-    backing_format = None
-    for _ in range(64):
-        head = os.pread(fd, 8, at)
-        if len(head) < 8 or head[:4] == b"\0\0\0\0":
-            break
-        kind, length = int.from_bytes(head[:4], "big"), int.from_bytes(head[4:8], "big")
-        data = os.pread(fd, min(length, 4096), at + 8)
-        at += 8 + (length + 7) // 8 * 8
-        if kind == QCOW2_BACKING_FORMAT_EXT:
-            backing_format = data.decode("ascii", "replace")
-        elif kind == QCOW2_DATA_FILE_EXT:
-            data_file = data.decode("utf-8", "replace")
-    return Header("qcow2", backing, backing_format, data_file)
-
-
-def has_protocol(name: str) -> bool:
-    """QEMU's own rule (path_has_protocol): a ':' before any '/' names a protocol or json: options."""
-    head = name.split("/", 1)[0]
-    return ":" in head
-
-
-def open_image(opener: Opener, path: str, flags: int) -> tuple[int | None, str | None]:
-    """(fd, None) for an image file or block device opened as the opener's user, or (None, why not)."""
-    try:
-        fd = opener.open(path, flags)
-    except FileNotFoundError:
-        return None, "does not exist"
-    except IsADirectoryError:
-        return None, "it is a directory, not an image file or block device"
-    except OSError as e:
-        return None, f"{opener.who} may not open it: {e.strerror}"
-    why = not_an_image(fd)
-    if why is not None:
-        os.close(fd)
-        return None, why
-    return fd, None
-
-
-def image_facts(path: pathlib.Path, opener: Opener, writable: bool = False) -> ImageFacts:
-    """The image at `path` and its backing chain, each layer opened as QEMU would get it.
-
-    The chain comes from the headers, so every file in it is opened with the opener's rights
-    (the VM user's, unless the disk is trusted): an image cannot name a file its user may not read.
-    """
-    if not path.exists() and not path.is_symlink():
-        return ImageFacts(False)
-    fd, why = open_image(opener, str(path), os.O_RDWR if writable else os.O_RDONLY)
-    if fd is None:
-        return ImageFacts(True, open_problem=why)
-    chain: list[Layer] = []
-    try:
-        header = read_header(fd)
-        st = os.fstat(fd)
-        seen = {(st.st_dev, st.st_ino)}
-    finally:
-        os.close(fd)
-    top_format = header.format
-    here = path.parent
-    while True:
-        if header.data_file is not None:
-            named = f" {header.data_file!r}" if header.data_file else ""
-            return ImageFacts(
-                True,
-                top_format,
-                tuple(chain),
-                f"{chain[-1].path if chain else path} has an external data file{named}, which vmrun does not pass",
-            )
-        name = header.backing
-        if name is None:
-            return ImageFacts(True, top_format, tuple(chain))
-        if len(chain) == MAX_BACKING_DEPTH:
-            return ImageFacts(True, top_format, tuple(chain), f"the backing chain is deeper than {MAX_BACKING_DEPTH}")
-        if has_protocol(name):
-            return ImageFacts(
-                True,
-                top_format,
-                tuple(chain),
-                f"the backing file {name!r} is a protocol or json: name; vmrun passes only local files",
-            )
-        layer = pathlib.Path(name) if os.path.isabs(name) else here / name
-        fd, why = open_image(opener, str(layer), os.O_RDONLY)
-        if fd is None:
-            return ImageFacts(True, top_format, tuple(chain), f"backing file {layer}: {why}")
-        try:
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) in seen:
-                return ImageFacts(True, top_format, tuple(chain), f"the backing chain loops at {layer}")
-            seen.add((st.st_dev, st.st_ino))
-            below = read_header(fd)
-        finally:
-            os.close(fd)
-        # The header's backing format wins over probing, as it does for QEMU.
-        fmt = header.backing_format if header.backing_format in ("qcow2", "raw") else below.format
-        chain.append(Layer(str(layer), fmt))
-        header, here = below, layer.parent
-
-
-def readable_as(opener: Opener, path: pathlib.Path, flags: int = os.O_RDONLY) -> str | None:
-    """None when the opener's user may open the regular file `path` so, else why not."""
-    try:
-        fd = opener.open(str(path), flags)
-    except FileNotFoundError:
-        return "does not exist"
-    except OSError as e:
-        return f"{opener.who} may not {'read' if flags == os.O_RDONLY else 'open'} it: {e.strerror}"
-    try:
-        mode = os.fstat(fd).st_mode
-    finally:
-        os.close(fd)
-    return None if stat.S_ISREG(mode) else f"it is {describe_type(mode)}"
-
-
-def lookup_user(name: str) -> User | None:
-    try:
-        pw = pwd.getpwnam(name)
-    except KeyError:
-        return None
-    groups = {pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if name in g.gr_mem}
-    return User(name, pw.pw_uid, pw.pw_gid, tuple(sorted(groups)), pw.pw_dir or "/")
-
-
-def user_by_uid(uid: int) -> User | None:
-    try:
-        return lookup_user(pwd.getpwuid(uid).pw_name)
-    except KeyError:
-        return None
-
-
-def current_launcher() -> Launcher:
-    caps = 0
-    try:
-        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                caps = int(line.split()[1], 16)
-    except OSError:
-        pass
-    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    return Launcher(
-        uid=os.geteuid(),
-        cap_sys_resource=bool(caps >> CAP_SYS_RESOURCE & 1),
-        cap_ipc_lock=bool(caps >> CAP_IPC_LOCK & 1),
-        memlock_soft=soft,
-        memlock_hard=hard,
+def device(record: dict[str, Any]) -> DeviceFacts:
+    if record["sysfs"] is None:
+        return DeviceFacts(sysfs=None)
+    return DeviceFacts(
+        **{
+            **record,
+            "group_members": tuple((a, d) for a, d in record["group_members"]),
+            "cdev_node": node(record["cdev_node"]),
+            "group_node": node(record["group_node"]),
+        }
     )
 
 
-def state_base(uid: int) -> str | None:
-    """Where running VMs keep pid, lock and QMP socket: one directory per VM name.
-
-    None for a user without a runtime directory: a predictable path in a shared /tmp could
-    be made first by someone else. Clients connect to the sockets by path: it is absolute.
-    """
-    if os.environ.get("VMRUN_STATE_DIR"):
-        return os.path.abspath(os.environ["VMRUN_STATE_DIR"])
-    if uid == 0:
-        return "/run/vmrun"
-    # The XDG spec: a relative XDG_RUNTIME_DIR is to be ignored.
-    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
-    return f"{runtime.rstrip('/')}/vmrun" if os.path.isabs(runtime) else None
+def image(record: dict[str, Any]) -> ImageFacts:
+    return ImageFacts(**{**record, "backing": tuple(Layer(p, f) for p, f in record.get("backing", ()))})
 
 
-def data_base(uid: int) -> str:
-    """Where VMs keep what must survive a reboot of the host (the UEFI variable store)."""
-    if os.environ.get("VMRUN_DATA_DIR"):
-        return os.path.abspath(os.environ["VMRUN_DATA_DIR"])
-    if uid == 0:
-        return "/var/lib/vmrun"
-    data = os.environ.get("XDG_DATA_HOME", "")
-    if not os.path.isabs(data):  # unset, or relative: the XDG spec's default
-        data = os.path.join(os.path.expanduser("~"), ".local", "share")
-    return f"{data.rstrip('/')}/vmrun"
+def image_facts(path: str | os.PathLike[str], opener: Opener, writable: bool = False) -> ImageFacts:
+    """The image at `path` and its backing chain, each layer opened as the opener's user."""
+    return image(host_read.image(os.fspath(path), opener, writable))
 
 
-LOCALE_VARS = ("LANG", "TZ")
+def lookup_user(name: str) -> User | None:
+    return user(host_read.user(name))
+
+
+def user_by_uid(uid: int) -> User | None:
+    return user(host_read.user_by_uid(uid))
+
+
+def current_launcher() -> Launcher:
+    return Launcher(**host_read.launcher())
+
+
+def facts(record: dict[str, Any], caps: QemuCaps | None, qemu_name: str) -> HostFacts:
+    """HostFacts from host_read's record and the QEMU binary's capabilities."""
+    uefi = record["uefi"]
+    return HostFacts(
+        root=record["root"],
+        qemu=caps,
+        qemu_name=qemu_name,
+        dev_iommu=node(record["dev_iommu"]),
+        vfio_container=node(record["vfio_container"]),
+        devices={k: device(v) for k, v in record["devices"].items()},
+        run_as=user(record["run_as"]),
+        launcher=Launcher(**record["launcher"]),
+        unreadable=dict(record["unreadable"]),
+        state_base=record["state_base"],
+        data_base=record["data_base"],
+        uefi=None if uefi is None else Firmware(**uefi),
+        images={k: image(v) for k, v in record["images"].items()},
+        dev_tun=node(record["dev_tun"]),
+        net_interfaces=frozenset(record["net_interfaces"]),
+        caller=user(record["caller"]),
+        locale=tuple((k, v) for k, v in record["locale"]),
+        memory=numa.from_record(record["memory"]),
+    )
 
 
 def gather(
@@ -454,52 +216,27 @@ def gather(
     given), so the facts say what that user may open, not what root may. `allowed_cpus`
     defaults to the CPUs this process may run on.
     """
-    host = Host(root)
-    launcher = launcher or current_launcher()
-    run_as = lookup_user(config.vm.user) if config.vm.user else None
-    if qemu_caps is None:
-        # The probe runs the binary: never as root, with QEMU's own environment.
-        prober = run_as or (lookup_user("nobody") if launcher.uid == 0 else None)
-        qemu_caps = functools.partial(probe, as_user=prober)
-    caps = qemu_caps(config.vm.qemu)
-    try:
-        interfaces = frozenset(os.listdir(host.under("/sys/class/net")))
-    except OSError:
-        interfaces = frozenset()
+    return gather_record(config, root, qemu_caps, launcher, opener, allowed_cpus)[1]
+
+
+def gather_record(
+    config: Config,
+    root: str | os.PathLike[str] = "/",
+    qemu_caps: Callable[[str], QemuCaps | None] | None = None,
+    launcher: Launcher | None = None,
+    opener: Opener | None = None,
+    allowed_cpus: frozenset[int] | None = None,
+) -> tuple[dict[str, Any], HostFacts]:
+    """gather's facts with the record they were made from (what the plan cache compares)."""
+    query = host_read.query(config)
     with contextlib.ExitStack() as stack:
+        run_as = lookup_user(config.vm.user) if config.vm.user else None
         as_user = opener if opener is not None else stack.enter_context(Opener(run_as))
         as_vmrun = stack.enter_context(Opener(None))
-        unreadable = {
-            key: why
-            for key, path in (("vm.kernel", config.vm.kernel), ("vm.initrd", config.vm.initrd))
-            if path is not None and (why := readable_as(as_user, path)) is not None
-        }
-        # A variable store the config names is the VM user's, made at launch when missing.
-        store = config.vm.uefi_vars
-        if store is not None and os.path.lexists(store):
-            why = readable_as(as_user, store, os.O_RDWR)
-            if why is not None:
-                unreadable["vm.uefi_vars"] = why
-        images = {
-            d.id: image_facts(d.path, as_vmrun if d.trusted else as_user, writable=not d.readonly) for d in config.disk
-        }
-    return HostFacts(
-        root=str(root),
-        qemu=caps,
-        qemu_name=config.vm.qemu,
-        dev_iommu=host.node("/dev/iommu"),
-        vfio_container=host.node("/dev/vfio/vfio"),
-        devices={d.id: host.device(d) for d in config.vfio},
-        run_as=run_as,
-        launcher=launcher,
-        unreadable=unreadable,
-        state_base=state_base(launcher.uid),
-        data_base=data_base(launcher.uid),
-        uefi=find_uefi(host) if config.vm.firmware == "uefi" else None,
-        images=images,
-        dev_tun=host.node("/dev/net/tun") if any(n.type == "tap" for n in config.net) else None,
-        net_interfaces=interfaces,
-        caller=user_by_uid(launcher.uid),
-        locale=tuple((k, os.environ[k]) for k in LOCALE_VARS if os.environ.get(k)),
-        memory=memory_facts(host.root, frozenset(os.sched_getaffinity(0)) if allowed_cpus is None else allowed_cpus),
-    )
+        me = attrs.asdict(launcher) if launcher is not None else None
+        record = host_read.read(query, root, as_user, as_vmrun, me, allowed_cpus)
+    if qemu_caps is None:
+        # The probe runs the binary: never as root, with QEMU's own environment.
+        prober = user(record["run_as"]) or (lookup_user("nobody") if record["launcher"]["uid"] == 0 else None)
+        qemu_caps = functools.partial(probe, as_user=prober)
+    return record, facts(record, qemu_caps(config.vm.qemu), config.vm.qemu)

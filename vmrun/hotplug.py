@@ -24,13 +24,15 @@ import attrs
 
 from vmrun import attachment, config, fd_open, host, state, statedir
 from vmrun.attachment import AttachPlan, Record
-from vmrun.errors import ConfigError, Problem
-from vmrun.memlock import UNLIMITED, format_limit
+from vmrun.errors import ConfigError
+from vmrun.memlock import UNLIMITED
 from vmrun.model import Config
 from vmrun.opener import Opener
 from vmrun.plan import HOTPLUG_PORT
+from vmrun.problems import Problem
 from vmrun.qemu_parts import Part, Piece
 from vmrun.qmp import CommandFailed, Monitor, QmpError
+from vmrun.sizes import format_limit
 from vmrun.state import VmError
 
 UNDO_DEVICE_TIMEOUT = 10.0

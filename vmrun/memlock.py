@@ -14,15 +14,10 @@ import resource
 import attrs
 
 from vmrun.model import Config
-from vmrun.sizes import MiB, format_mib
+from vmrun.sizes import MiB, format_limit, format_mib
 
 MARGIN = 64 * MiB
 UNLIMITED = resource.RLIM_INFINITY
-
-
-def format_limit(limit: int) -> str:
-    """A memlock limit as people read it: whole MiB, or "unlimited"."""
-    return "unlimited" if limit == UNLIMITED else format_mib(limit)
 
 
 @attrs.frozen

@@ -7,7 +7,7 @@ from typing import Literal
 
 import attrs
 
-from vmrun.errors import Sources
+from vmrun.problems import Sources
 
 MemlockMode = Literal["auto", "unlimited", "off", "size"]
 HugePages = Literal["off", "2M", "1G"]

@@ -21,9 +21,10 @@ import socket
 import stat
 import struct
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 from vmrun.privileges import become, no_new_privs
+
+TYPE_CHECKING = False  # as in host_read: typing itself costs a launch 15 ms
 
 if TYPE_CHECKING:
     from vmrun.host import User

@@ -12,9 +12,10 @@ from __future__ import annotations
 import attrs
 
 from vmrun import qemu_args
+from vmrun.cpulist import format_cpulist
 from vmrun.host import DeviceFacts, HostFacts
+from vmrun.host_read import HUGEPAGES_DIR, NODE_DIR
 from vmrun.model import Config
-from vmrun.numa import HUGEPAGES_DIR, NODE_DIR, format_cpulist
 from vmrun.requirements import Requirements
 from vmrun.sizes import HUGEPAGE_SIZES, format_size
 

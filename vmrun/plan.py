@@ -12,11 +12,11 @@ import attrs
 
 from vmrun import qemu_args
 from vmrun.config import is_q35
-from vmrun.errors import Problem, Sources
 from vmrun.host import DeviceFacts, HostFacts, User
 from vmrun.memlock import MemlockPlan, memlock_plan
 from vmrun.model import Config
 from vmrun.placement import memory_plan
+from vmrun.problems import Problem, Sources
 from vmrun.qemu_caps import MINIMAL_PATH
 from vmrun.qemu_parts import FDSET_PREFIX, Part, Piece
 from vmrun.requirements import Finding, Requirements, Status
@@ -109,6 +109,12 @@ class Plan:
     @property
     def argv(self) -> list[str]:
         return [arg for opt in self.options for arg in opt]
+
+    def launch_record(self) -> dict[str, object]:
+        """What the launch reads of this plan, as JSON values (plan_cache keeps it): every
+        field but the findings (a kept plan has no problems), the QMP parts and the sources."""
+        kept = attrs.asdict(self, filter=lambda a, _: a.name not in ("findings", "parts", "sources"))
+        return {**kept, "argv": self.argv, "problems": []}
 
 
 class FdNumbers:

@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from vmrun.host_read import MINIMAL_PATH as MINIMAL_PATH
+from vmrun.host_read import resolve
+
 if TYPE_CHECKING:
     import subprocess
 
     from vmrun.host import User
 
-# The PATH QEMU and its probes get, and where a bare vm.qemu name is looked up.
-MINIMAL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PROBED_DEVICES = ("vfio-pci", "vfio-platform", "vfio-ap", "vfio-ccw")
 IOMMUFD_SINCE = (9, 0)
 CACHE_VERSION = 4
@@ -49,17 +50,6 @@ class QemuCaps:
 def cache_file() -> pathlib.Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return pathlib.Path(base) / "vmrun" / "qemu-caps.json"
-
-
-def resolve(binary: str) -> str | None:
-    if "/" in binary:
-        return os.path.abspath(binary) if os.access(binary, os.X_OK) else None
-    # shutil.which's walk; shutil itself would bring its compression modules into every launch.
-    for directory in MINIMAL_PATH.split(os.pathsep):
-        path = os.path.join(directory, binary)
-        if os.access(path, os.X_OK) and not os.path.isdir(path):
-            return path
-    return None
 
 
 def run_help(path: str, *args: str, as_user: User | None = None) -> subprocess.Popen[str]:

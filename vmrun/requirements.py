@@ -12,10 +12,10 @@ from typing import Literal
 
 import attrs
 
-from vmrun.errors import Problem
 from vmrun.host import VFIO_OK_DRIVERS, DeviceFacts, HostFacts, Node
 from vmrun.memlock import UNLIMITED, MemlockPlan
 from vmrun.model import Config, Vfio
+from vmrun.problems import Problem
 from vmrun.qemu_caps import IOMMUFD_SINCE
 from vmrun.sizes import format_mib, format_size
 

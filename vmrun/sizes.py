@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import resource
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -65,3 +66,8 @@ def format_size(n: int) -> str:
 def format_mib(n: int) -> str:
     """A human figure in MiB, for derivations and error messages."""
     return f"{n / MiB:g} MiB"
+
+
+def format_limit(limit: int) -> str:
+    """A memlock limit as people read it: whole MiB, or "unlimited"."""
+    return "unlimited" if limit == resource.RLIM_INFINITY else format_mib(limit)

@@ -1,0 +1,230 @@
+"""A kept plan is launched only when nothing it came from has changed (vmrun/plan_cache.py).
+
+Every test launches for real (vmrun as a process, QEMU's stand-in recording what it got),
+once to keep the plan and again after changing one thing the plan depends on; -X importtime
+tells whether the second launch planned. A change must always be seen: a stale plan would
+hand QEMU a device, a file or a user the config no longer names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO, is_root
+from tests.test_launch import TWO_DEVICES, config
+
+needs_root = pytest.mark.skipif(not is_root(), reason="switching users and owners needs root")
+
+
+def launch(
+    cfg: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path, *extra: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], bool]:
+    """Run `vmrun run`; the process, and whether it planned (imported the planner)."""
+    (outdir / "record.json").unlink(missing_ok=True)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "vmrun.cli", "run", str(cfg), "--host-root", str(host_tree), *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    modules = {line.split("|")[2].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    proc.stderr = "\n".join(line for line in proc.stderr.splitlines() if not line.startswith("import time:"))
+    return proc, "vmrun.plan" in modules
+
+
+def recorded(outdir: pathlib.Path) -> dict[str, Any]:
+    record: dict[str, Any] = json.loads((outdir / "record.json").read_text())
+    return record
+
+
+def launched(
+    cfg: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path, *extra: str
+) -> tuple[dict[str, Any], bool]:
+    proc, planned = launch(cfg, outdir, host_tree, *extra)
+    assert proc.returncode == 0, proc.stderr
+    return recorded(outdir), planned
+
+
+def entries() -> list[pathlib.Path]:
+    return sorted((pathlib.Path(os.environ["VMRUN_STATE_DIR"]) / ".plans").glob("*.json"))
+
+
+def test_second_launch_uses_the_kept_plan(outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
+    cfg = config(outdir, {"memlock": "6M", **({"user": "nobody"} if is_root() else {})}, **TWO_DEVICES)
+    first, planned = launched(cfg, outdir, host_tree)
+    assert planned
+    (entry,) = entries()
+    assert entry.stat().st_mode & 0o777 == 0o600 and entry.parent.stat().st_mode & 0o777 == 0o700
+    second, planned = launched(cfg, outdir, host_tree, "--paused")
+    assert not planned, "the second launch planned again"
+    # The same QEMU, the same files at the same numbers, the same identity and limit.
+    assert second["argv"] == [*first["argv"], "-S"]
+    for k in ("uid", "gid", "groups", "memlock", "env", "cap_eff"):
+        assert second[k] == first[k], k
+
+    def files(record: dict[str, Any]) -> dict[str, str]:  # pipes and sockets are new each time
+        return {fd: what.split(":[")[0] for fd, what in record["fds"].items()}
+
+    assert files(second) == files(first) and len(first["fds"]) == 8
+    third, planned = launched(cfg, outdir, host_tree)
+    assert not planned and third["argv"] == first["argv"]
+
+
+def test_dry_run_neither_uses_nor_keeps_a_plan(outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
+    cfg = config(outdir, {"memlock": "off"}, **TWO_DEVICES)
+    proc, planned = launch(cfg, outdir, host_tree, "--dry-run")
+    assert proc.returncode == 0 and planned and not entries()
+    launched(cfg, outdir, host_tree)
+    proc, planned = launch(cfg, outdir, host_tree, "--dry-run")
+    assert proc.returncode == 0 and planned and "-object" in proc.stdout
+
+
+def test_an_edited_config_is_planned_again(outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
+    cfg = config(outdir, {"memory": "64M", "memlock": "off"}, **TWO_DEVICES)
+    launched(cfg, outdir, host_tree)
+    # Same size, and written within the same clock tick as far as mtime can tell.
+    cfg.write_text(cfg.read_text().replace('"64M"', '"96M"'))
+    record, planned = launched(cfg, outdir, host_tree)
+    assert planned and "96M" in " ".join(record["argv"])
+    record, planned = launched(cfg, outdir, host_tree)
+    assert not planned and "96M" in " ".join(record["argv"])
+
+
+def test_a_new_or_changed_dropin_is_planned_again(outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
+    cfg = config(outdir, {"memory": "64M", "memlock": "off"}, **TWO_DEVICES)
+    launched(cfg, outdir, host_tree)
+    dropins = cfg.with_name(cfg.name + ".d")
+    dropins.mkdir()
+    (dropins / "10-memory.toml").write_text('[vm]\nmemory = "128M"\n')
+    record, planned = launched(cfg, outdir, host_tree)
+    assert planned and "128M" in " ".join(record["argv"])
+    (dropins / "10-memory.toml").write_text('[vm]\nmemory = "256M"\n')
+    record, planned = launched(cfg, outdir, host_tree)
+    assert planned and "256M" in " ".join(record["argv"])
+    # A drop-in anyone may write is refused, whatever was launched from it before.
+    (dropins / "10-memory.toml").chmod(0o666)
+    proc, _ = launch(cfg, outdir, host_tree)
+    assert proc.returncode == 2 and "is writable by every user" in proc.stderr, proc.stderr
+    assert not (outdir / "record.json").exists()
+
+
+def test_a_device_given_another_cdev_is_opened_at_its_new_cdev(outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
+    cfg = config(outdir, {"memlock": "off"}, **TWO_DEVICES)
+    first, _ = launched(cfg, outdir, host_tree)
+    assert first["fds"]["4"].endswith("/vfio0") and first["fds"]["5"].endswith("/vfio1")
+    # Both devices were unbound and bound again, in the other order: their cdevs swapped.
+    # The kept plan would hand dev0's QEMU device the other device.
+    a = host_tree / "sys/devices/pci0000:00/0000:01:00.0/vfio-dev"
+    b = host_tree / "sys/devices/pci0000:00/0000:02:00.0/vfio-dev"
+    (a / "vfio0").rename(a / "vfio1")
+    (b / "vfio1").rename(b / "vfio0")
+    second, planned = launched(cfg, outdir, host_tree)
+    assert planned
+    assert second["fds"]["4"].endswith("/vfio1") and second["fds"]["5"].endswith("/vfio0")
+
+
+def test_a_device_bound_to_a_host_driver_is_not_launched(outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
+    cfg = config(outdir, {"memlock": "off"}, **TWO_DEVICES)
+    launched(cfg, outdir, host_tree)
+    driver = host_tree / "sys/devices/pci0000:00/0000:02:00.0/driver"
+    driver.unlink()
+    (host_tree / "sys/bus/pci/drivers/nvme").mkdir()
+    driver.symlink_to("../../../bus/pci/drivers/nvme")
+    proc, planned = launch(cfg, outdir, host_tree)
+    assert planned and proc.returncode == 1, proc.stderr
+    assert "nvme" in proc.stderr and not (outdir / "record.json").exists()
+
+
+@needs_root
+def test_a_disk_whose_header_now_names_a_root_only_file_is_refused(
+    outdir: pathlib.Path, host_tree: pathlib.Path
+) -> None:
+    def qcow2(backing: bytes) -> bytes:
+        """A version 2 header (72 bytes); the backing file's name at offset 512."""
+        offset = 512 if backing else 0
+        header = b"QFI\xfb" + (2).to_bytes(4, "big") + offset.to_bytes(8, "big") + len(backing).to_bytes(4, "big")
+        return header.ljust(512, b"\0") + backing.ljust(1024, b"\0")
+
+    disk = outdir / "disk.img"
+    disk.write_bytes(qcow2(b""))
+    disk.chmod(0o666)
+    secret = outdir / "secret"
+    secret.write_bytes(b"root's own")
+    secret.chmod(0o600)
+    cfg = config(outdir, {"user": "nobody"}, disk=[{"id": "root", "path": str(disk), "format": "qcow2"}])
+    launched(cfg, outdir, host_tree)
+    # The VM's user rewrites its own image: a qcow2 header whose backing file is root's.
+    disk.write_bytes(qcow2(str(secret).encode()))
+    proc, planned = launch(cfg, outdir, host_tree)
+    assert planned and proc.returncode == 1, proc.stderr
+    assert f"backing file {secret}: nobody may not open it" in proc.stderr
+    assert not (outdir / "record.json").exists()
+
+
+def test_the_callers_locale_reaches_qemu_as_it_is_now(outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
+    cfg = config(outdir, {"memlock": "off"}, **TWO_DEVICES)
+    launched(cfg, outdir, host_tree)
+    env = {**os.environ, "LANG": "de_DE.UTF-8", "TZ": "Europe/Berlin"}
+    proc, planned = launch(cfg, outdir, host_tree, env=env)
+    assert proc.returncode == 0 and planned, proc.stderr
+    assert recorded(outdir)["env"]["LANG"] == "de_DE.UTF-8" and recorded(outdir)["env"]["TZ"] == "Europe/Berlin"
+
+
+def test_a_replaced_qemu_binary_is_planned_again(outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
+    cfg = config(outdir, {"memlock": "off"}, **TWO_DEVICES)
+    launched(cfg, outdir, host_tree)
+    qemu = outdir / "fake-qemu"
+    qemu.write_bytes(qemu.read_bytes() + b"\n# a new build\n")
+    _, planned = launched(cfg, outdir, host_tree)
+    assert planned
+
+
+def test_an_unreadable_or_foreign_entry_is_not_used(outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
+    cfg = config(outdir, {"memlock": "off"}, **TWO_DEVICES)
+    launched(cfg, outdir, host_tree)
+    (entry,) = entries()
+    entry.write_text("{not json")
+    record, planned = launched(cfg, outdir, host_tree)
+    assert planned and record["argv"]
+    _, planned = launched(cfg, outdir, host_tree)
+    assert not planned  # the broken entry was replaced by a good one
+
+
+@needs_root
+@pytest.mark.parametrize("attack", ["foreign entry", "symlinked entry", "hard-linked entry", "open directory"])
+def test_an_entry_someone_else_could_have_written_is_not_trusted(
+    outdir: pathlib.Path, host_tree: pathlib.Path, attack: str
+) -> None:
+    """vmrun runs as root, and a kept plan says what root opens and executes: an entry is
+    only read from vmrun's own private directory, as a file of vmrun's with one name."""
+    cfg = config(outdir, {"memlock": "off"}, **TWO_DEVICES)
+    launched(cfg, outdir, host_tree)
+    (entry,) = entries()
+    # The attacker's version: same key, but QEMU is a program of their choosing.
+    evil = json.loads(entry.read_text())
+    evil["plan"]["argv"][0] = "/bin/false"
+    planted = outdir / "planted.json"
+    planted.write_text(json.dumps(evil))
+    if attack == "foreign entry":
+        entry.write_text(json.dumps(evil))
+        os.chown(entry, 65534, 65534)
+    elif attack == "symlinked entry":
+        entry.unlink()
+        entry.symlink_to(planted)
+    elif attack == "hard-linked entry":
+        entry.unlink()
+        os.link(planted, entry)
+    else:
+        entry.write_text(json.dumps(evil))
+        entry.parent.chmod(0o777)
+    record, planned = launched(cfg, outdir, host_tree)
+    assert planned and record["argv"][0].endswith("fake-qemu")

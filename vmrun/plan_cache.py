@@ -1,0 +1,184 @@
+"""The plan of a launch, kept for the next launch of the same config on an unchanged host.
+
+Planning needs the typed model (attrs, and the typing and inspect modules attrs brings),
+the TOML parser and pathlib: about two thirds of what `vmrun run` costs on top of QEMU. A
+VM is launched again and again from a config that has not changed, on a host that has not
+changed, so `vmrun run` keeps each launch's plan and, the next time, launches that plan
+without planning, once it has proven that nothing the plan came from has changed:
+
+- the key: vmrun's own code, the working directory, the config's path as given and the
+  host root, vmrun's user and groups, and the config and its drop-in directory, each file
+  compared byte for byte and by stat (owner, mode, inode, times: what the config loader
+  checks);
+- the host: every fact the plan was made from, read again by host_read (the one reader
+  of the host that planning uses too) and compared whole. This includes devices, drivers,
+  IOMMU groups, cdevs, device nodes, users and groups, images and their backing chains
+  opened again as the VM user, QEMU's binary, limits, CPUs, NUMA nodes, huge pages and
+  the environment the plan reads.
+
+Any difference, and any doubt (a file vmrun cannot read, a directory that is not its own),
+means planning from scratch, as without a cache. Whatever the plan says, the launch still
+opens every file with the rights it plans (the VM user's) and checks caller fds.
+
+Entries live in `<state base>/.plans/` (a VM name cannot start with a dot), made and read
+only through statedir: owned by vmrun's user, private, no symlinks followed, no file with
+a second name. /run/vmrun is a tmpfs, so a boot starts without entries. Removing the
+directory is always safe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import types
+import zlib
+
+from vmrun import __version__, host_read, statedir
+from vmrun.opener import Opener, OpenerError
+
+TYPE_CHECKING = False  # as in host_read: typing itself costs a launch 15 ms
+
+if TYPE_CHECKING:
+    from typing import Any
+
+    from vmrun.plan import Plan
+
+DIRECTORY = ".plans"
+FORMAT = 1
+MAX_FILE = 1 << 20  # a config or a drop-in: config.MAX_CONFIG_BYTES is far below
+
+
+def code() -> list[Any]:
+    """vmrun's version and every module of it by size and mtime: a changed vmrun plans anew."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    modules = []
+    with os.scandir(package) as entries:
+        for e in entries:
+            if e.name.endswith(".py"):
+                st = e.stat()
+                modules.append([e.name, st.st_size, st.st_mtime_ns])
+    return [__version__, package, sorted(modules)]
+
+
+def file_record(path: str, read: bool = True) -> list[Any]:
+    """What the config loader sees of `path`: its stat (following links, as it opens) and, for
+    a regular file when `read`, its bytes; for a directory, its names (a new drop-in is a new
+    plan)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return [path, e.errno]
+    ident = [st.st_mode, st.st_uid, st.st_gid, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    if stat.S_ISDIR(st.st_mode):
+        return [path, ident, sorted(os.listdir(path))]
+    if not read or st.st_size > MAX_FILE or not stat.S_ISREG(st.st_mode):
+        return [path, ident, None]
+    # As config.read_text opens: a FIFO swapped in after the stat returns at once.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, MAX_FILE + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    finally:
+        os.close(fd)
+    return [path, ident, data.decode("utf-8", "surrogateescape")]
+
+
+def key(file: str, host_root: str) -> dict[str, Any]:
+    """Everything a plan depends on that is not a host fact: see the module's docstring."""
+    dropins = f"{file}.d"  # dropins.directory: NAME.toml.d beside NAME.toml
+    config, directory = file_record(file), file_record(dropins)
+    files = [config, directory]
+    if len(directory) == 3 and isinstance(directory[2], list):
+        # Drop-ins are read as the loader reads them: only *.toml, and only from a directory
+        # it accepts (the config's owner's or root's, not writable by everyone). Anything
+        # else is only looked at: the loader refuses it, and then no plan is kept.
+        owner = config[1][1] if len(config) == 3 else None
+        mode, uid = directory[1][0], directory[1][1]
+        trusted = uid in (0, owner) and not mode & stat.S_IWOTH
+        for name in directory[2]:
+            is_dropin = name.endswith(".toml") and not name.startswith(".")
+            files.append(file_record(os.path.join(dropins, name), read=trusted and is_dropin))
+    return {
+        "format": FORMAT,
+        "code": code(),
+        "cwd": os.getcwd(),
+        "file": file,
+        "host_root": host_root,
+        "ids": [os.geteuid(), os.getegid(), sorted(os.getgroups())],
+        "files": files,
+    }
+
+
+def entry_name(file: str, host_root: str) -> str:
+    where = json.dumps([os.getcwd(), file, host_root])
+    return f"{zlib.crc32(where.encode()):08x}{zlib.adler32(where.encode()):08x}.json"
+
+
+def canonical(value: Any) -> str:
+    """One spelling for equal values, fresh or read back: JSON's (string keys, lists) first."""
+    return json.dumps(json.loads(json.dumps(value)), sort_keys=True, separators=(",", ":"))
+
+
+def open_directory(create: bool) -> tuple[int, str] | None:
+    """The cache directory's fd and path, checked as statedir checks a VM's directory."""
+    base = host_read.state_base(os.geteuid())
+    if base is None:
+        return None
+    base_fd = statedir.open_dir(base, create=create, mode=0o755 if os.geteuid() == 0 else 0o700)
+    try:
+        return statedir.open_subdir(base_fd, base, DIRECTORY, create=create), os.path.join(base, DIRECTORY)
+    finally:
+        os.close(base_fd)
+
+
+def load(file: str, host_root: str) -> tuple[Any, Opener] | None:
+    """The kept plan for `file`, as plain values the launch reads like a Plan, with the opener
+    that re-read the host as its VM user (the launch opens with it); None to plan anew."""
+    opener = None
+    try:
+        where = open_directory(create=False)
+        if where is None:
+            return None
+        fd, path = where
+        try:
+            data = statedir.read_file(fd, path, entry_name(file, host_root))
+        finally:
+            os.close(fd)
+        if data is None:
+            return None
+        entry = json.loads(data)
+        if canonical(entry["key"]) != canonical(key(file, host_root)):
+            return None
+        plan = json.loads(canonical(entry["plan"]), object_hook=lambda d: types.SimpleNamespace(**d))
+        opener = Opener(plan.run_as)
+        with Opener(None) as as_vmrun:
+            record = host_read.read(entry["query"], host_root, opener, as_vmrun)
+        if canonical(record) != canonical(entry["facts"]):
+            opener.close()
+            return None
+        return plan, opener
+    except (OSError, OpenerError, statedir.UnsafeDirectory, ValueError, KeyError, TypeError, AttributeError):
+        if opener is not None:
+            opener.close()
+        return None
+
+
+def store(before: dict[str, Any], file: str, host_root: str, query: Any, facts: Any, plan: Plan) -> None:
+    """Keep `plan` for the next launch: `before` is the key taken before the config was read;
+    a config that changed while it was planned is not kept. Never fails a launch."""
+    if plan.problems:
+        return
+    try:
+        if canonical(key(file, host_root)) != canonical(before):
+            return
+        entry = {"key": before, "query": query, "facts": facts, "plan": plan.launch_record()}
+        where = open_directory(create=True)
+        if where is None:
+            return
+        fd, _ = where
+        try:
+            statedir.write_file(fd, entry_name(file, host_root), json.dumps(entry).encode(), mode=0o600)
+        finally:
+            os.close(fd)
+    except (OSError, statedir.UnsafeDirectory, ValueError, TypeError):
+        pass  # the launch reports a state directory it cannot use; a cache is only a cache
