@@ -450,6 +450,29 @@ def test_detach_of_a_device_the_guest_keeps(world: pathlib.Path, fake_vm: Callab
     assert [a["id"] for a in vm.attached()] == ["net1"]
 
 
+def test_detach_of_an_object_a_device_still_uses_changes_nothing(
+    world: pathlib.Path, fake_vm: Callable[..., FakeVm], host_tree: pathlib.Path
+) -> None:
+    vm = fake_vm("t")
+    frag = fragment(
+        world,
+        iommufd=[{"id": "iommufd1"}],
+        vfio=[{"id": "dev1", "host": "0000:01:00.0", "iommufd": "iommufd1"}],
+    )
+    assert vmrun("attach", "t", str(frag), "--host-root", str(host_tree)).returncode == 0
+    before = vm.changes()
+    proc = vmrun("detach", "t", "iommufd1")
+    assert proc.returncode == 2, proc.stderr
+    assert "iommufd object iommufd1 of VM t is in use by dev1" in proc.stderr
+    assert "hint: detach dev1: an object vmrun attached goes with its last device" in proc.stderr
+    assert vm.changes() == before and "iommufd1" in vm.model()["objects"]
+    assert [a["id"] for a in vm.attached()] == ["iommufd1", "dev1"]
+    proc = vmrun("detach", "t", "dev1")
+    assert proc.returncode == 0, proc.stderr
+    assert vm.changes()[len(before) :] == ["device_del dev1", "object-del iommufd1"]
+    assert vm.model() == EMPTY and vm.attached() == []
+
+
 def test_detach_of_what_vmrun_did_not_attach(world: pathlib.Path, fake_vm: Callable[..., FakeVm]) -> None:
     vm = fake_vm("t", sections={"net": [{"id": "net0"}]})
     proc = vmrun("detach", "t", "net0")

@@ -480,6 +480,14 @@ def detach(name: str, ident: str, timeout: float, say: Say) -> None:
             )
         attached = ", ".join(r.id for r in records) or "nothing"
         raise UnknownId(f"VM {name} has no attached device or object {ident}", f"attached: {attached}")
+    users = [d.id for d in running.config.vfio if target.section == "iommufd" and d.iommufd == target.id]
+    if users:
+        # QEMU refuses object-del while a device holds the object: asking would change nothing
+        # in QEMU and, done anyway, lose the record of an object that is still there.
+        raise UnknownId(
+            f"iommufd object {ident} of VM {name} is in use by {', '.join(users)}",
+            f"detach {' and '.join(users)}: an object vmrun attached goes with its last device",
+        )
     with Monitor(running.vm.qmp_socket) as monitor:
         if target.device is not None and not device_gone(monitor, target.device, timeout):
             raise VmError(
