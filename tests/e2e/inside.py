@@ -1973,6 +1973,85 @@ def memlock_below_ram(bed: Bed, dev: EduDevice) -> str:
     return line
 
 
+# --------------------------------------------------------------------------- kept plans
+
+
+def rebind_in_order(bdfs: Sequence[str]) -> None:
+    """Unbind every device of `bdfs`, then bind them to vfio-pci in this order: the kernel
+    numbers cdevs lowest free first, so the order decides which device gets which vfioN."""
+    for bdf in bdfs:
+        driver = Path("/sys/bus/pci/devices") / bdf / "driver"
+        if driver.exists():
+            (driver / "unbind").write_text(bdf)
+    check(wait_until(lambda: all(edu_device(b).cdev is None for b in bdfs), 5.0), f"{bdfs} kept their cdevs")
+    for bdf in bdfs:
+        bind_vfio_pci_by_sysfs(bdf)
+
+
+def kept_plan_launch(work: Workdir, name: str, cfg: Path, label: str) -> dict[str, Any]:
+    """`vmrun run --paused CFG` with Python's import log: did it plan, which cdev QEMU holds."""
+    env = {**work.env, "PYTHONPROFILEIMPORTTIME": "1"}
+    vm = Vm(
+        Launch(argv=[str(VMRUN), "run", "--paused", str(cfg)], user=None, env=env),
+        str(work.state / name / "qmp.sock"),
+        private_dir("kept-plan-", None),
+    )
+    try:
+        start = time.monotonic()
+        check(vm.wait_qmp(), f"{label}: QEMU did not start\n{vm.describe()}")
+        ready = time.monotonic() - start
+        require_started(vm, ["dev0"])
+        held = sorted(t for t in proc_fd_targets(vm.pid).values() if t.startswith("/dev/vfio/devices/"))
+        modules = {line.split("|")[2].strip() for line in vm.stderr().splitlines() if line.startswith("import time:")}
+    finally:
+        vm.close()
+    return {"planned": "vmrun.plan" in modules, "attrs": "attrs" in modules, "cdevs": held, "ready_s": round(ready, 2)}
+
+
+@scenario
+def vmrun_kept_plan(bed: Bed) -> dict[str, Any]:
+    """`vmrun run` of an unchanged config launches the plan the last launch kept (no
+    planning, no attrs imported) and QEMU realises the device on its cdev. Then the kernel
+    renumbers the cdevs (two devices unbound, bound again in the other order): the cdev the
+    kept plan names for the config's device is now the other device's. The next run must
+    plan anew and QEMU must get the config's device at its new cdev."""
+    mine, other = bed.edu[1], bed.edu[0]
+    name = "e2e-kept"
+    config = vmrun_config(name, vfio=[{"id": "dev0", "host": mine.bdf, "iommufd": "iommufd0"}])
+    runs: dict[str, dict[str, Any]] = {}
+    with workdir("kept-") as work, edu_bindings_restored():
+        cfg = work.config(name, config)
+        try:
+            for label in ("first", "again"):
+                runs[label] = kept_plan_launch(work, name, cfg, label)
+            check(runs["first"]["planned"] and runs["first"]["cdevs"] == [mine.cdev], f"first launch: {runs}")
+            again = runs["again"]
+            check(not again["planned"] and not again["attrs"], f"the second launch planned again: {runs}")
+            check(again["cdevs"] == [mine.cdev], f"from the kept plan QEMU holds {again['cdevs']}, not {mine.cdev}")
+
+            rebind_in_order([mine.bdf, other.bdf])
+            moved = edu_device(mine.bdf).cdev
+            check(moved == other.cdev, f"{mine.bdf} was bound first but got {moved}, not {other.cdev}")
+            bed.say(f"cdevs renumbered: {mine.bdf} {mine.cdev} -> {moved}, {other.bdf} -> {edu_device(other.bdf).cdev}")
+            for label in ("renumbered", "renumbered again"):
+                runs[label] = kept_plan_launch(work, name, cfg, label)
+            check(runs["renumbered"]["planned"], f"the launch after renumbering used the stale plan: {runs}")
+            check(
+                runs["renumbered"]["cdevs"] == [moved] and runs["renumbered again"]["cdevs"] == [moved],
+                f"QEMU did not get {mine.bdf}'s new cdev {moved}: {runs}",
+            )
+            check(not runs["renumbered again"]["planned"], f"the plan made after renumbering was not kept: {runs}")
+        finally:
+            rebind_in_order([other.bdf, mine.bdf])  # the numbering later scenarios were told
+        check(
+            edu_device(mine.bdf).cdev == mine.cdev and edu_device(other.bdf).cdev == other.cdev,
+            "the cdev numbering was not restored",
+        )
+    for label, run in runs.items():
+        bed.say(f"{label}: planned={run['planned']} attrs={run['attrs']} {run['cdevs']} QMP ready {run['ready_s']}s")
+    return runs
+
+
 def host_state() -> dict[str, Any]:
     """What a scenario may change in L1 and must put back: the edu devices' binding, the
     device nodes with their owners, vmrun's bind records, QEMU processes."""
