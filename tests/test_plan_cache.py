@@ -228,3 +228,31 @@ def test_an_entry_someone_else_could_have_written_is_not_trusted(
         entry.parent.chmod(0o777)
     record, planned = launched(cfg, outdir, host_tree)
     assert planned and record["argv"][0].endswith("fake-qemu")
+
+
+def test_the_key_reads_dropins_only_where_the_loader_would(tmp_path: pathlib.Path) -> None:
+    """vmrun runs as root and takes the key before the loader has checked the drop-in
+    directory: what it opens there must be what the loader would open."""
+    from vmrun import plan_cache
+
+    cfg = tmp_path / "vm.toml"
+    cfg.write_text('[vm]\nname = "t"\nmemory = "64M"\n')
+    dropins = tmp_path / "vm.toml.d"
+    dropins.mkdir(mode=0o755)
+    (dropins / "10.toml").write_text('[vm]\nmemory = "96M"\n')
+    (dropins / "notes.txt").write_text("not a drop-in")
+    os.mkfifo(dropins / "20.toml")  # opening it to read would hang
+
+    def contents() -> dict[str, Any]:
+        files = plan_cache.key(str(cfg), "/")["files"]
+        return {pathlib.Path(f[0]).name: f[2] for f in files if len(f) == 3}
+
+    seen = contents()
+    assert seen["vm.toml"].startswith("[vm]") and seen["10.toml"] == '[vm]\nmemory = "96M"\n'
+    assert seen["notes.txt"] is None and seen["20.toml"] is None
+    assert seen["vm.toml.d"] == ["10.toml", "20.toml", "notes.txt"]
+    dropins.chmod(0o777)  # anyone may swap a drop-in for a device node now: only look
+    assert contents()["10.toml"] is None
+    before = plan_cache.key(str(cfg), "/")
+    (dropins / "10.toml").write_text('[vm]\nmemory = "128M"\n')
+    assert plan_cache.canonical(plan_cache.key(str(cfg), "/")) != plan_cache.canonical(before)
