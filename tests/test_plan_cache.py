@@ -256,3 +256,23 @@ def test_the_key_reads_dropins_only_where_the_loader_would(tmp_path: pathlib.Pat
     before = plan_cache.key(str(cfg), "/")
     (dropins / "10.toml").write_text('[vm]\nmemory = "128M"\n')
     assert plan_cache.canonical(plan_cache.key(str(cfg), "/")) != plan_cache.canonical(before)
+
+
+def test_a_launch_from_a_removed_directory_plans_and_keeps_nothing(
+    outdir: pathlib.Path, host_tree: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """No working directory, no key (it holds the directory a relative path is read from):
+    the launch plans, and says nothing about a cache that is only a cache."""
+    cfg = config(outdir, {"memlock": "off"}, **TWO_DEVICES)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    vmrun = f"{sys.executable} -c 'import sys; from vmrun.cli import main; sys.exit(main())'"
+    proc = subprocess.run(
+        ["/bin/sh", "-c", f"cd {gone} && rmdir {gone} && exec {vmrun} run {cfg} --host-root {host_tree}"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert recorded(outdir)["argv"] and entries() == []

@@ -137,7 +137,7 @@ def test_no_predictable_state_directory_without_a_runtime_dir(
 AS_NOBODY = """
 import os, pwd, sys
 import psutil
-from vmrun import check, cli, host, launch, lifecycle, plan, qmp, render, state, statedir
+from vmrun import check, cli, host, host_read, launch, lifecycle, plan, plan_cache, qmp, render, state, statedir
 cli.parser()  # argparse imports more (shutil, locale) when it first builds a parser: as root, who can read them
 nobody = pwd.getpwnam("nobody")
 keep = os.environ.get("NOBODY_STATE_DIR")

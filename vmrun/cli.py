@@ -551,8 +551,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 p.argv.append("-S")
             sys.stdout.flush()
             launch(p, opener=opener, passed=passed)
-        before = plan_cache.key(args.file, args.host_root)
-    return plan_and_run(args, passed, before if not args.dry_run else None)
+    return plan_and_run(
+        args, passed, None if args.dry_run else plan_cache.key_before_planning(args.file, args.host_root)
+    )
 
 
 def plan_and_run(args: argparse.Namespace, passed: frozenset[int], key: dict[str, object] | None) -> int:

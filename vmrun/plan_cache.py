@@ -109,6 +109,15 @@ def key(file: str, host_root: str) -> dict[str, Any]:
     }
 
 
+def key_before_planning(file: str, host_root: str) -> dict[str, Any] | None:
+    """The key as planning starts, for `store`; None when it cannot be taken (a working
+    directory that was removed, a vmrun whose code its user cannot list): then nothing is kept."""
+    try:
+        return key(file, host_root)
+    except OSError:
+        return None
+
+
 def entry_name(file: str, host_root: str) -> str:
     where = json.dumps([os.getcwd(), file, host_root])
     return f"{zlib.crc32(where.encode()):08x}{zlib.adler32(where.encode()):08x}.json"
