@@ -9,7 +9,7 @@ import pathlib
 import pytest
 
 from tests.conftest import plan_for
-from vmrun import cli, config, dropins
+from vmrun import cli, config, dropins, render
 from vmrun.errors import ConfigError
 from vmrun.sizes import GiB
 
@@ -141,6 +141,19 @@ def test_plan_problems_name_the_dropin(tmp_path: pathlib.Path, standard_host: pa
     assert problem.render(p.file_of(problem.path)).startswith(
         f"{tmp_path}/w.toml.d/30-gpu.toml: vfio[1].host: no PCI device 0000:7f:00.0"
     )
+
+
+def test_plan_notes_name_the_dropin(tmp_path: pathlib.Path, standard_host: pathlib.Path) -> None:
+    """`vmrun plan` names a drop-in for a note it caused, as for a problem; a note on the
+    config's own key stays as it was (the plan's heading names the config)."""
+    (tmp_path / "root.raw").write_bytes(b"\0" * 512)
+    path = tree(tmp_path, {"40-spare.toml": '[[iommufd]]\nid = "spare0"\n'})
+    text = render.text(plan_for(path, standard_host))
+    notes = [line for line in text.splitlines() if line.startswith("# note:")]
+    assert f"# note: {tmp_path}/w.toml.d/40-spare.toml: iommufd[1]: spare0 has no device" in "\n".join(notes)
+    assert any(line.startswith("# note: vm.user: QEMU runs as root") for line in notes), notes
+    data = render.to_json(plan_for(path, standard_host))
+    assert any(n.startswith(f"{tmp_path}/w.toml.d/40-spare.toml: iommufd[1]:") for n in data["notes"]), data["notes"]
 
 
 def test_dropin_directory_name() -> None:

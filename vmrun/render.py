@@ -9,6 +9,14 @@ from typing import Any
 from vmrun.memlock import UNLIMITED
 from vmrun.placement import describe_affinity
 from vmrun.plan import Plan
+from vmrun.problems import Problem
+
+
+def note(plan: Plan, problem: Problem) -> str:
+    """A note as `vmrun check` shows it: named by the drop-in that set its key, when a drop-in did
+    (the config itself heads the plan)."""
+    file = plan.file_of(problem.path)
+    return problem.render(file if file != plan.config else "")
 
 
 def shell_lines(plan: Plan) -> list[str]:
@@ -58,7 +66,7 @@ def text(plan: Plan, show_problems: bool = True) -> str:
     out.append("# env: " + " ".join(shlex.quote(f"{k}={v}") for k, v in plan.env))
     if plan.cpu_affinity is not None:
         out.append(f"# cpu affinity: {describe_affinity(plan.cpu_affinity, plan.numa_node)} (set by vmrun before exec)")
-    out += [f"# note: {n.render()}" for n in plan.notes]
+    out += [f"# note: {note(plan, n)}" for n in plan.notes]
     if show_problems:
         out += [f"# problem: {p.render(plan.file_of(p.path))}" for p in plan.problems]
     return "\n".join(out) + "\n"
@@ -99,7 +107,7 @@ def to_json(plan: Plan) -> dict[str, Any]:
         "env": dict(plan.env),
         "cpu_affinity": None if plan.cpu_affinity is None else list(plan.cpu_affinity),
         "numa_node": plan.numa_node,
-        "notes": [n.render() for n in plan.notes],
+        "notes": [note(plan, n) for n in plan.notes],
         "problems": [p.render(plan.file_of(p.path)) for p in plan.problems],
     }
 
