@@ -284,7 +284,10 @@ def test_a_failed_step_undoes_every_step_before_it(
         "blockdev-add": "blockdev-del",
         "netdev_add": "netdev_del",
     }
-    assert undone == [expected[c.split(" ", 1)[0]] for c in reversed(done)]
+    # A getfd whose fd the next step took has nothing left to close: QEMU releases that fd
+    # when the object or device that took it goes.
+    taken = {i for i, c in enumerate(done) if c.startswith("getfd") and i + 1 < len(done)}
+    assert undone == [expected[c.split(" ", 1)[0]] for i, c in reversed(list(enumerate(done))) if i not in taken]
     assert vm.model() == EMPTY
     assert vm.attached() == []
 

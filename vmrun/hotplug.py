@@ -184,6 +184,10 @@ class Transaction:
     def on_undo(self, what: str, undo: Callable[[], str | None]) -> None:
         self.undos.append((what, undo))
 
+    def forget(self, what: str) -> None:
+        """Drop the undo registered as `what`: its step's effect is no longer there to undo."""
+        self.undos = [(w, u) for w, u in self.undos if w != what]
+
     def rollback(self) -> list[str]:
         """What each undo did, for the message; a failed undo is reported, not raised."""
         report = []
@@ -338,6 +342,10 @@ class Attacher:
             if piece.kind == "device" and slot is not None:
                 args["bus"] = slot
             self.tx.run(command, args)
+            if piece.fd in self.fd_names:
+                # QEMU took the named fd for this piece: undoing the piece releases it, and a
+                # closefd would only find the name gone.
+                self.tx.forget(f"closefd {self.fd_names[piece.fd]}")
             if piece.kind == "device":
                 self.tx.on_undo(f"device_del {piece.id}", functools.partial(self.undo_device, piece.id))
             else:
