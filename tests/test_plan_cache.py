@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 from typing import Any
@@ -24,12 +25,19 @@ needs_root = pytest.mark.skipif(not is_root(), reason="switching users and owner
 
 
 def launch(
-    cfg: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path, *extra: str, env: dict[str, str] | None = None
+    cfg: pathlib.Path,
+    outdir: pathlib.Path,
+    host_tree: pathlib.Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    redirects: str = "",
 ) -> tuple[subprocess.CompletedProcess[str], bool]:
-    """Run `vmrun run`; the process, and whether it planned (imported the planner)."""
+    """Run `vmrun run` (`redirects`: shell syntax for fds it inherits); the process, and
+    whether it planned (imported the planner)."""
     (outdir / "record.json").unlink(missing_ok=True)
+    argv = [sys.executable, "-X", "importtime", "-m", "vmrun.cli", "run", str(cfg), "--host-root", str(host_tree)]
     proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "vmrun.cli", "run", str(cfg), "--host-root", str(host_tree), *extra],
+        ["/bin/sh", "-c", f"exec {redirects} {shlex.join([*argv, *extra])}"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -97,6 +105,25 @@ def test_an_edited_config_is_planned_again(outdir: pathlib.Path, host_tree: path
     assert planned and "96M" in " ".join(record["argv"])
     record, planned = launched(cfg, outdir, host_tree)
     assert not planned and "96M" in " ".join(record["argv"])
+
+
+def test_caller_fds_are_checked_on_every_launch(
+    tmp_path: pathlib.Path, outdir: pathlib.Path, host_tree: pathlib.Path
+) -> None:
+    """The plan names fds the caller passes; whether this caller passed them is the launch's
+    to check, kept plan or not."""
+    cfg = config(outdir, {"memlock": "off"}, iommufd=[{"id": "iommufd0", "fd": 7}], vfio=[])
+    mine = tmp_path / "caller-iommu"
+    mine.write_text("")
+    proc, planned = launch(cfg, outdir, host_tree, redirects=f"7<>{shlex.quote(str(mine))}")
+    assert proc.returncode == 0 and planned, proc.stderr
+    assert recorded(outdir)["fds"]["7"] == str(mine)
+    proc, planned = launch(cfg, outdir, host_tree)
+    assert proc.returncode == 1 and not planned, proc.stderr
+    assert "vmrun: fd 7 (iommufd iommufd0 (from the caller)) is not open in vmrun's process" in proc.stderr
+    assert not (outdir / "record.json").exists()
+    proc, planned = launch(cfg, outdir, host_tree, redirects=f"7<>{shlex.quote(str(mine))}")
+    assert proc.returncode == 0 and not planned and recorded(outdir)["fds"]["7"] == str(mine)
 
 
 def test_a_new_or_changed_dropin_is_planned_again(outdir: pathlib.Path, host_tree: pathlib.Path) -> None:
