@@ -308,7 +308,7 @@ def test_bad_fragments_exit_2_naming_the_fragment_and_nothing_reaches_qemu(
         },
         "vm: a fragment adds devices to a running VM; [vm] is the VM's own": {"vm": {"name": "x"}},
         "adds nothing": {},
-        "disk[0].interface: a scsi disk needs the VM's SCSI controller": {
+        "disk[0].interface: the VM has no SCSI controller (none of its disks is scsi)": {
             "disk": [{"id": "s", "path": str(image), "interface": "scsi"}]
         },
         'net[0].id: "hotplug0" is the id of a hot-plug root port': {"net": [{"id": "hotplug0"}]},
@@ -453,6 +453,37 @@ def test_detach_of_a_device_the_guest_keeps(world: pathlib.Path, fake_vm: Callab
     assert [a["id"] for a in vm.attached()] == ["net1"]
 
 
+def test_scsi_disks_go_on_the_vms_scsi_controller(world: pathlib.Path, fake_vm: Callable[..., FakeVm]) -> None:
+    """A VM launched with a scsi disk has the controller: more scsi disks are hot-plugged on its
+    bus (no hot-plug slot taken), beside a disk on a slot; each comes and goes alone."""
+    for name in ("boot.raw", "s1.raw", "s2.raw", "v.raw"):
+        (world / name).write_bytes(b"\0" * 4096)
+        (world / name).chmod(0o666)
+    vm = fake_vm("t", sections={"disk": [{"id": "boot", "path": str(world / "boot.raw"), "interface": "scsi"}]})
+    frag = fragment(
+        world,
+        disk=[
+            {"id": "s1", "path": "s1.raw", "interface": "scsi"},
+            {"id": "v1", "path": "v.raw"},
+            {"id": "s2", "path": "s2.raw", "interface": "scsi", "serial": "S2"},
+        ],
+    )
+    proc = vmrun("attach", "t", str(frag))
+    assert proc.returncode == 0, proc.stderr
+    devices = vm.model()["devices"]
+    assert {d: (devices[d]["driver"], devices[d]["bus"]) for d in devices} == {
+        "s1": ("scsi-hd", "scsi0.0"),
+        "v1": ("virtio-blk-pci", "hotplug0"),
+        "s2": ("scsi-hd", "scsi0.0"),
+    }
+    assert devices["s2"]["serial"] == "S2"
+    assert "attached disk s1: scsi-hd" in proc.stdout and "on scsi0.0" in proc.stdout
+    assert "attached disk v1: virtio-blk-pci" in proc.stdout and "on hotplug0" in proc.stdout
+    for ident in ("s1", "v1", "s2"):
+        assert vmrun("detach", "t", ident).returncode == 0
+    assert vm.model() == EMPTY and vm.attached() == []
+
+
 def test_detach_of_an_object_a_device_still_uses_changes_nothing(
     world: pathlib.Path, fake_vm: Callable[..., FakeVm], host_tree: pathlib.Path
 ) -> None:
@@ -512,6 +543,54 @@ def console_lines(sock: socket.socket, seen: list[str], until: Callable[[str], b
         *lines, buffer = buffer.split("\n")
         seen += [line.strip() for line in lines]
     raise AssertionError(f"no such console line within {timeout:g} s; last lines: {seen[-5:]}")
+
+
+@pytest.mark.qemu
+def test_scsi_disk_comes_and_goes_on_real_qemus_controller(world: pathlib.Path) -> None:
+    """Real QEMU takes the QMP steps for a scsi disk on the controller of the config's scsi
+    disk, and lets it go again (virtio-scsi unplugs without the guest's consent)."""
+    for name in ("boot.raw", "data.raw"):
+        (world / name).write_bytes(b"\0" * (1 << 20))
+        (world / name).chmod(0o666)
+    cfg = world / "s.toml"
+    cfg.write_text(
+        tomli_w.dumps(
+            {
+                "vm": {
+                    "name": "s",
+                    "memory": "128M",
+                    "accel": "tcg",
+                    "console": "none",
+                    "memlock": "off",
+                    **({"user": "nobody"} if is_root() else {}),
+                },
+                "disk": [{"id": "boot", "path": str(world / "boot.raw"), "interface": "scsi"}],
+            }
+        )
+    )
+    run = Running(cfg, "s", "--paused")
+    try:
+        run.wait_running()
+        proc = vmrun(
+            "attach", "s", str(fragment(world, disk=[{"id": "data", "path": "data.raw", "interface": "scsi"}]))
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "attached disk data: scsi-hd" in proc.stdout and "on scsi0.0" in proc.stdout
+
+        def peripherals() -> set[str]:
+            listed = json.loads(vmrun("qmp", "s", "qom-list", '{"path": "/machine/peripheral"}').stdout)
+            return {p["name"] for p in listed}
+
+        def nodes() -> set[str]:
+            return {n["node-name"] for n in json.loads(vmrun("qmp", "s", "query-named-block-nodes").stdout)}
+
+        assert {"scsi0", "boot", "data"} <= peripherals() and {"data-file", "data-fmt"} <= nodes()
+        proc = vmrun("detach", "s", "data", "--timeout", "10")
+        assert proc.returncode == 0, proc.stderr
+        assert "data" not in peripherals() and not {"data-file", "data-fmt"} & nodes()
+        assert "boot" in peripherals()
+    finally:
+        run.end()
 
 
 @pytest.mark.qemu

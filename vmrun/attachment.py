@@ -106,8 +106,15 @@ class AttachPlan:
 
     @property
     def devices(self) -> list[Part]:
-        """The parts that put a device into the guest: each needs a hot-plug slot."""
-        return [p for p in self.parts if p.device is not None]
+        """The parts that put a device on a PCI slot of the guest: each needs a hot-plug slot."""
+        return [p for p in self.parts if needs_slot(p)]
+
+
+def needs_slot(part: Part) -> bool:
+    """Whether the part's device goes on a hot-plug slot: not when it names its bus (a scsi
+    disk goes on the VM's SCSI controller), not when there is no device (an iommufd object)."""
+    device = part.device
+    return device is not None and "bus" not in dict(device.props)
 
 
 def fragment_path(path: str, objects_before: int) -> str | None:
@@ -133,7 +140,9 @@ def plan_attach(running: Config, fragment: Config, facts: HostFacts) -> AttachPl
     """
     objects_before = len(running.iommufd)
     scope = attrs.evolve(fragment, iommufd=(*running.iommufd, *fragment.iommufd))
-    plan = Planner(scope, facts).build()
+    # A VM launched with scsi disks has the controller: more go on its bus, hot-plugged there.
+    has_scsi = any(d.interface == "scsi" for d in running.disk)
+    plan = Planner(scope, facts, scsi_controller=has_scsi).build()
     problems: list[Problem] = []
     notes: list[Problem] = []
     for finding in plan.findings:
@@ -143,12 +152,12 @@ def plan_attach(running: Config, fragment: Config, facts: HostFacts) -> AttachPl
         located = attrs.evolve(finding.problem, path=where)
         (problems if finding.status == "fail" else notes).append(located)
     for i, disk in enumerate(fragment.disk):
-        if disk.interface == "scsi":
+        if disk.interface == "scsi" and not has_scsi:
             problems.append(
                 Problem(
                     f"disk[{i}].interface",
-                    "a scsi disk needs the VM's SCSI controller, which attach does not add",
-                    'attach it as interface = "virtio-blk" or "nvme"',
+                    "the VM has no SCSI controller (none of its disks is scsi), and attach does not add one",
+                    'attach it as interface = "virtio-blk" or "nvme"; a config with a scsi disk has the controller',
                 )
             )
     if problems:

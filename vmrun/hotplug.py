@@ -453,10 +453,11 @@ def carry_out(
     try:
         memlock = attacher.raise_memlock()
         for part in plan.parts:
-            slot = next(free) if part.device is not None else None
+            slot = next(free) if attachment.needs_slot(part) else None
             record = attacher.add(part, slot, opened)
             records.append(record)
-            where = f" on {slot}" if slot else ""
+            bus = dict(part.device.props).get("bus") if part.device is not None else None
+            where = f" on {slot or bus}" if slot or bus else ""
             lab = record.label
             lines.append(
                 f"attached {part.section} {part.id}: {lab['driver']} ({lab['source']}, {lab['backend']}){where}"

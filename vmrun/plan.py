@@ -52,6 +52,7 @@ class FdSpec:
 FdKind = Literal["device", "file", "data", "tap", "inherited", "lock", "qmp", "console", "vncdir"]
 QMP_CHARDEV = "vmrun-qmp"
 NO_STATE_BASE = "(no state directory)"
+SCSI_BUS = "scsi0.0"  # the bus of the controller scsi disks share (config.RESERVED_IDS keeps scsi0 free)
 HOTPLUG_PORT = "hotplug"  # ids hotplug0, hotplug1, ...: config.RESERVED_ID_RE keeps them free
 DEFAULT_HOTPLUG_SLOTS = 4
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -132,14 +133,16 @@ class FdNumbers:
 
 
 class Planner:
-    def __init__(self, config: Config, facts: HostFacts) -> None:
+    def __init__(self, config: Config, facts: HostFacts, scsi_controller: bool = False) -> None:
+        """`scsi_controller`: the VM already has its SCSI controller (attach into a running VM
+        with scsi disks); scsi disks go on its bus and no controller is made."""
         self.config = config
         self.facts = facts
         self.checks = Requirements(config, facts)
         self.fds: list[FdSpec] = []
         self.numbers = FdNumbers(set(config.caller_fds()))
         self.fdsets = 0
-        self.scsi_controller = False
+        self.scsi_controller = scsi_controller
         self.parts: list[Part] = []
 
     def problem(self, path: str, message: str, hint: str | None = None) -> None:
@@ -448,7 +451,7 @@ class Planner:
                 self.scsi_controller = True
                 pieces.append(Piece("device", "virtio-scsi-pci", (("id", "scsi0"),)))
             device = Piece(
-                "device", "scsi-hd", (("id", disk.id), ("bus", "scsi0.0"), ("drive", drive), ("serial", disk.serial))
+                "device", "scsi-hd", (("id", disk.id), ("bus", SCSI_BUS), ("drive", drive), ("serial", disk.serial))
             )
         pieces.append(device)
         return pieces
