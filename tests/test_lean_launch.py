@@ -85,9 +85,14 @@ def imported_by(argv: list[str], env: dict[str, str]) -> set[str]:
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return modules_in(proc.stderr)
+
+
+def modules_in(importtime: str) -> set[str]:
+    """The modules named in -X importtime's lines of `importtime` (a process's stderr)."""
     return {
         line.split("|")[2].strip()
-        for line in proc.stderr.splitlines()
+        for line in importtime.splitlines()
         if line.startswith("import time:") and "|" in line and "imported package" not in line
     }
 

@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import REPO, is_root
 from tests.test_launch import TWO_DEVICES, config
+from tests.test_lean_launch import modules_in
 
 needs_root = pytest.mark.skipif(not is_root(), reason="switching users and owners needs root")
 
@@ -44,7 +45,7 @@ def launch(
         env=env,
         timeout=120,
     )
-    modules = {line.split("|")[2].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    modules = modules_in(proc.stderr)
     proc.stderr = "\n".join(line for line in proc.stderr.splitlines() if not line.startswith("import time:"))
     return proc, "vmrun.plan" in modules
 

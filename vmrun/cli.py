@@ -541,19 +541,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     ensure_stdio()  # first: the opener's socket must not take the number of a closed stdio fd
     passed = fd_open.open_fds()  # the caller's fds, before vmrun opens any of its own
-    if not args.dry_run:
+    key = None if args.dry_run else plan_cache.key_before_planning(args.file, args.host_root)
+    if key is not None:
         # The last launch's plan, when nothing it came from has changed (see plan_cache):
         # then no config, model or planner is imported at all.
-        kept = plan_cache.load(args.file, args.host_root)
+        kept = plan_cache.load(args.file, args.host_root, key)
         if kept is not None:
             p, opener = kept
             if args.paused:
                 p.argv.append("-S")
             sys.stdout.flush()
             launch(p, opener=opener, passed=passed)
-    return plan_and_run(
-        args, passed, None if args.dry_run else plan_cache.key_before_planning(args.file, args.host_root)
-    )
+    return plan_and_run(args, passed, key)
 
 
 def plan_and_run(args: argparse.Namespace, passed: frozenset[int], key: dict[str, object] | None) -> int:

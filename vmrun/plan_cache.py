@@ -110,8 +110,9 @@ def key(file: str, host_root: str) -> dict[str, Any]:
 
 
 def key_before_planning(file: str, host_root: str) -> dict[str, Any] | None:
-    """The key as planning starts, for `store`; None when it cannot be taken (a working
-    directory that was removed, a vmrun whose code its user cannot list): then nothing is kept."""
+    """The key as `vmrun run` starts, for `load` and `store`; None when it cannot be taken (a
+    working directory that was removed, a vmrun whose code its user cannot list): then no
+    plan is used or kept."""
     try:
         return key(file, host_root)
     except OSError:
@@ -140,9 +141,10 @@ def open_directory(create: bool) -> tuple[int, str] | None:
         os.close(base_fd)
 
 
-def load(file: str, host_root: str) -> tuple[Any, Opener] | None:
-    """The kept plan for `file`, as plain values the launch reads like a Plan, with the opener
-    that re-read the host as its VM user (the launch opens with it); None to plan anew."""
+def load(file: str, host_root: str, now: dict[str, Any]) -> tuple[Any, Opener] | None:
+    """The kept plan for `file` if it was kept under the key `now`, as plain values the launch
+    reads like a Plan, with the opener that re-read the host as its VM user (the launch opens
+    with it); None to plan anew."""
     opener = None
     try:
         where = open_directory(create=False)
@@ -156,9 +158,9 @@ def load(file: str, host_root: str) -> tuple[Any, Opener] | None:
         if data is None:
             return None
         entry = json.loads(data)
-        if canonical(entry["key"]) != canonical(key(file, host_root)):
+        if canonical(entry["key"]) != canonical(now):
             return None
-        plan = json.loads(canonical(entry["plan"]), object_hook=lambda d: types.SimpleNamespace(**d))
+        plan = json.loads(json.dumps(entry["plan"]), object_hook=lambda d: types.SimpleNamespace(**d))
         opener = Opener(plan.run_as)
         with Opener(None) as as_vmrun:
             record = host_read.read(entry["query"], host_root, opener, as_vmrun)

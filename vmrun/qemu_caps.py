@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from vmrun import host_read
 from vmrun.host_read import MINIMAL_PATH as MINIMAL_PATH
-from vmrun.host_read import resolve
 
 if TYPE_CHECKING:
     import subprocess
@@ -134,11 +134,12 @@ def probe(binary: str, as_user: User | None = None) -> QemuCaps | None:
 
     `as_user`: who runs the probes (vmrun's own user when None).
     """
-    path = resolve(binary)
-    if path is None:
+    found = host_read.binary(binary)
+    if found is None:
         return None
-    st = os.stat(path)
-    key = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}:{CACHE_VERSION}"
+    path = found["path"]
+    _, _, size, mtime_ns, _ = found["id"]
+    key = f"{found['real']}:{size}:{mtime_ns}:{CACHE_VERSION}"
     file = cache_file()
     try:
         cache = json.loads(file.read_text())
