@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 
@@ -75,6 +76,7 @@ def private_dirs(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Non
     # The QEMU capability cache and the running VMs' state must not leak between tests,
     # into the user's home or into /run/vmrun.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("VMRUN_CACHE_DIR", str(tmp_path / "cache" / "vmrun"))
     monkeypatch.setenv("VMRUN_STATE_DIR", str(tmp_path / "state"))
     # What QEMU keeps of the caller's environment, the same on every machine.
     monkeypatch.setenv("LANG", "C.UTF-8")
@@ -94,7 +96,7 @@ def outdir() -> Iterator[pathlib.Path]:
     home directory are.
     """
     d = pathlib.Path(tempfile.mkdtemp(prefix="vmrun-test-"))
-    d.chmod(0o777)
+    d.chmod(0o1777)  # sticky: configs of root in it pass the trust rule (vmrun/trust.py)
     shutil.copy(REPO / "tests" / "fake-qemu", d / "fake-qemu")
     (d / "fake-qemu").chmod(0o755)
     yield d
@@ -111,3 +113,68 @@ def host_tree(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
         )
     )
     return fakehost.build(tmp_path_factory.mktemp("host"), spec)
+
+
+class LocalUsers:
+    """Two local users and a group, made for this test run: `owner` writes VM configs,
+    `mallory` is the other local user who tries to steer vmrun (root) through them, and
+    `ops` is a group of operators both are in."""
+
+    owner = "vmrun-t-owner"
+    mallory = "vmrun-t-mallory"
+    ops = "vmrun-t-ops"
+
+    def uid(self, name: str) -> int:
+        import pwd
+
+        return pwd.getpwnam(name).pw_uid
+
+    def gid(self, name: str) -> int:
+        import grp
+
+        return grp.getgrnam(name).gr_gid
+
+    def run_as(self, name: str, *argv: str, **kwargs: object) -> subprocess.Popen[str]:
+        """A process of `name` (its uid, gid and groups), as the attacker's own shell would be."""
+        import pwd
+
+        pw = pwd.getpwnam(name)
+        proc: subprocess.Popen[str] = subprocess.Popen(
+            list(argv),
+            user=pw.pw_uid,
+            group=pw.pw_gid,
+            extra_groups=[self.gid(self.ops)],
+            cwd="/",
+            text=True,
+            **kwargs,  # type: ignore[call-overload]
+        )
+        return proc
+
+
+@pytest.fixture(scope="session")
+def local_users() -> Iterator[LocalUsers]:
+    """LocalUsers, created with groupadd/useradd and removed at the end (root only)."""
+    import grp
+    import pwd
+
+    if not is_root():
+        pytest.skip("creating local users needs root")
+    users = LocalUsers()
+    made: list[list[str]] = []
+    try:
+        grp.getgrnam(users.ops)
+    except KeyError:
+        subprocess.run(["groupadd", "--system", users.ops], check=True)
+        made.append(["groupdel", users.ops])
+    for name in (users.owner, users.mallory):
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "-G", users.ops, name],
+                check=True,
+            )
+            made.insert(0, ["userdel", name])
+    yield users
+    for argv in made:
+        subprocess.run(argv, check=False, capture_output=True)

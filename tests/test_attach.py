@@ -21,10 +21,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import attrs
 import pytest
 import tomli_w
 
-from tests.conftest import REPO, is_root
+from tests.conftest import REPO, LocalUsers, is_root
 from tests.test_lifecycle import Running
 from tests.test_vm_devices import tap
 
@@ -38,7 +39,7 @@ def world() -> Iterator[pathlib.Path]:
     """A directory QEMU's stand-in (run as root or nobody) can read and write: its own
     copy, its log, the configs and images."""
     d = pathlib.Path(tempfile.mkdtemp(prefix="vmrun-attach-"))
-    d.chmod(0o777)
+    d.chmod(0o1777)  # sticky, as /tmp: the configs in it pass the trust rule
     for name in ("fake-qemu", "fake-qmp-qemu"):
         shutil.copy(REPO / "tests" / name, d / name)
         (d / name).chmod(0o755)
@@ -58,7 +59,9 @@ def vmrun(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
 
 
 class FakeVm(Running):
-    def __init__(self, world: pathlib.Path, name: str, vm: dict[str, Any], sections: dict[str, Any]) -> None:
+    def __init__(
+        self, world: pathlib.Path, name: str, vm: dict[str, Any], sections: dict[str, Any], *extra: str
+    ) -> None:
         self.world = world
         self.log = world / f"{name}.qmp.log"
         env = {"VMRUN_FAKE_QMP_LOG": str(self.log), **vm.pop("env", {})}
@@ -75,7 +78,7 @@ class FakeVm(Running):
         cfg = world / f"{name}.toml"
         cfg.write_text(tomli_w.dumps({"vm": settings, **sections}))
         cfg.chmod(0o644)
-        super().__init__(cfg, name)
+        super().__init__(cfg, name, *extra)
         self.wait_running()
 
     def wait_running(self, timeout: float = 30) -> None:
@@ -147,8 +150,10 @@ EMPTY: dict[str, Any] = {
 def fake_vm(world: pathlib.Path) -> Iterator[Callable[..., FakeVm]]:
     started: list[FakeVm] = []
 
-    def start(name: str = "t", sections: dict[str, Any] | None = None, **vm: Any) -> FakeVm:
-        r = FakeVm(world, name, vm, sections or {})
+    def start(
+        name: str = "t", sections: dict[str, Any] | None = None, host_root: pathlib.Path | None = None, **vm: Any
+    ) -> FakeVm:
+        r = FakeVm(world, name, vm, sections or {}, *(["--host-root", str(host_root)] if host_root else []))
         started.append(r)
         return r
 
@@ -681,3 +686,183 @@ def test_tap_attached_to_a_deprivileged_qemu(world: pathlib.Path, tap: str) -> N
         assert "/dev/net/tun" in fds
     finally:
         run.end()
+
+
+LOOT = {"disk": [{"id": "loot", "path": "/etc/shadow", "trusted": True, "readonly": True}]}
+
+
+@pytest.mark.parametrize("how", ["another user's", "writable by all", "another user's link"])
+def test_a_fragment_root_may_not_trust_is_refused_and_nothing_reaches_qemu(
+    how: str, world: pathlib.Path, fake_vm: Callable[..., FakeVm], local_users: LocalUsers
+) -> None:
+    """The report's first hole: a fragment of another user, or one anyone may write, that
+    names a root-only file as a trusted disk. It must steer root no more than a drop-in."""
+    vm = fake_vm("t")
+    mallory = local_users.uid(local_users.mallory)
+    frag = fragment(world, **LOOT)
+    if how == "another user's":
+        os.chown(frag, mallory, mallory)
+        expected = f"{frag}: is owned by uid {mallory} ({local_users.mallory}), not by root"
+    elif how == "writable by all":
+        frag.chmod(0o666)
+        expected = f"{frag}: is writable by every user"
+    else:
+        planted = world / "planted.toml"
+        planted.symlink_to(frag)
+        os.chown(planted, mallory, mallory, follow_symlinks=False)
+        frag = planted
+        expected = f"{planted}: {planted} is a symlink owned by uid {mallory}"
+    proc = vmrun("attach", "t", str(frag))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(expected), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert vm.changes() == []
+
+
+def test_a_fragment_with_its_own_iommufd_object_attaches_beside_the_vms(
+    world: pathlib.Path, fake_vm: Callable[..., FakeVm], host_tree: pathlib.Path
+) -> None:
+    """The report's traceback: a VM with an iommufd object of its own, and a fragment that
+    brings a second address space. It attaches, and detaches, and so does it again."""
+    vm = fake_vm(
+        "t",
+        sections={
+            "iommufd": [{"id": "io0"}],
+            "vfio": [{"id": "dev0", "host": "0000:02:00.0", "iommufd": "io0"}],
+        },
+        host_root=host_tree,
+    )
+    frag = fragment(world, iommufd=[{"id": "io1"}], vfio=[{"id": "dev1", "host": "0000:01:00.0", "iommufd": "io1"}])
+    for _ in range(2):
+        proc = vmrun("attach", "t", str(frag), "--host-root", str(host_tree))
+        assert proc.returncode == 0, proc.stderr
+        assert "attached iommufd io1: iommufd (/dev/iommu, object)" in proc.stdout
+        assert [(a["section"], a["id"]) for a in vm.attached()] == [("iommufd", "io1"), ("vfio", "dev1")]
+        assert vm.model()["devices"]["dev1"]["iommufd"] == "io1"
+        proc = vmrun("detach", "t", "dev1")
+        assert proc.returncode == 0, proc.stderr
+        assert "detached iommufd io1" in proc.stdout
+        assert vm.attached() == []
+
+
+class Injected(RuntimeError):
+    pass
+
+
+def attach_in_process(name: str, frag: pathlib.Path, host_root: pathlib.Path) -> list[str]:
+    from vmrun import fd_open, hotplug
+
+    said: list[str] = []
+    hotplug.attach(name, str(frag), str(host_root), said.append, fd_open.open_fds())
+    return said
+
+
+@pytest.mark.parametrize("after", [*ATTACH_STEPS, "record", "state.json"])
+def test_any_exception_between_steps_undoes_the_attach(
+    after: str,
+    world: pathlib.Path,
+    fake_vm: Callable[..., FakeVm],
+    host_tree: pathlib.Path,
+) -> None:
+    """Not QEMU refusing, but vmrun itself failing between two steps (a bug, a full disk, a
+    signal): everything done is undone, and the error says so, without a traceback."""
+    from vmrun import hotplug, qmp
+    from vmrun.errors import VmError
+
+    vm = fake_vm("t")
+    frag = everything(world)
+    execute = qmp.Monitor.execute
+    state = {"armed": True}
+
+    def failing_execute(self: qmp.Monitor, command: str, arguments: Any = None, timeout: float = 30.0) -> Any:
+        answer = execute(self, command, arguments, timeout)
+        a = arguments or {}
+        ident = next((a[k] for k in ("id", "node-name", "fdname", "fdset-id", "opaque") if k in a), None)
+        if state["armed"] and f"{command} {ident}" == after:
+            state["armed"] = False
+            raise Injected(f"after {after}")
+        return answer
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(VmError) as e:
+        mp.setattr(qmp.Monitor, "execute", failing_execute)
+        if after == "record":
+            mp.setattr(hotplug.Attacher, "record", lambda self, part: (_ for _ in ()).throw(Injected("record")))
+        if after == "state.json":
+            mp.setattr(hotplug, "add_records", lambda vm, new: (_ for _ in ()).throw(OSError(28, "No space left")))
+        attach_in_process("t", frag, host_tree)
+    message = str(e.value)
+    if after in ATTACH_STEPS:
+        assert f"attach to VM t failed after {after}: Injected: after {after}" in message
+    assert "the VM is as it was before the attach" in message, message
+    assert vm.model() == EMPTY
+    assert vm.attached() == []
+    said = attach_in_process("t", frag, host_tree)  # and the same attach works afterwards
+    assert any(line.startswith("attached to VM t") for line in said)
+
+
+def test_the_memlock_limit_goes_only_to_the_proven_qemu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prlimit takes a pid: the process behind it is proven the VM's QEMU (pidfd alive, the
+    recorded start time) before the call, so a pid that another process has by then is
+    never given the limit."""
+    import resource
+
+    from vmrun import state
+    from vmrun.errors import VmError
+    from vmrun.hotplug import Memlock
+
+    calls: list[int] = []
+    real = resource.prlimit
+
+    def spy(pid: int, which: int, limits: tuple[int, int] | None = None) -> tuple[int, int]:
+        if limits is not None:
+            calls.append(pid)
+        return real(pid, which) if limits is None else real(pid, which, limits)
+
+    monkeypatch.setattr(resource, "prlimit", spy)
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        ticks = state.start_ticks(proc.pid)
+        identity = state.Identity(proc.pid, ticks, "/bin/sleep", (), (0, 0), True)
+        pidfd = os.pidfd_open(proc.pid)
+        memlock = Memlock(identity, pidfd)
+        soft, hard = memlock.before
+        memlock.set((soft, hard))  # the proven process: set
+        assert calls == [proc.pid]
+        # The record says another start time: the pid is someone else's now.
+        impostor = Memlock.__new__(Memlock)
+        impostor.identity, impostor.pid, impostor.pidfd = attrs.evolve(identity, start_ticks=ticks + 1), proc.pid, pidfd
+        with pytest.raises(VmError, match="is no longer the VM's QEMU: its memlock limit was not touched"):
+            impostor.set((soft, hard))
+        proc.kill()
+        proc.wait()
+        with pytest.raises(VmError, match="exited during the attach"):
+            memlock.set((soft, hard))
+        assert calls == [proc.pid]
+        os.close(pidfd)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+TERMINAL_TRICKS = "\x1b]0;pwned\x07\x1b[2K\x1b[1Ashutdown done\r\u202eevil\nfake line"
+
+
+def test_what_qemu_says_reaches_the_terminal_as_data(
+    world: pathlib.Path, fake_vm: Callable[..., FakeVm], host_tree: pathlib.Path
+) -> None:
+    """Whoever holds QEMU's QMP socket (its user can take it with pidfd_getfd) chooses the
+    words vmrun prints: a run state, a refusal. They reach root's terminal escaped."""
+    words = world / "words.json"
+    words.write_text(json.dumps({"status": TERMINAL_TRICKS, "refusal": TERMINAL_TRICKS}))
+    words.chmod(0o644)
+    fake_vm("t", env={"VMRUN_FAKE_QMP_WORDS": str(words), "VMRUN_FAKE_QMP_FAIL": "netdev_add:net1"})
+    status = vmrun("status", "t")
+    assert status.returncode == 0, status.stderr
+    shown = "\\x1b]0;pwned\\x07\\x1b[2K\\x1b[1Ashutdown done\\x0d\\u202eevil\\x0afake line"
+    assert f"  state    {shown}\n" in status.stdout
+    attach = vmrun("attach", "t", str(fragment(world, net=[{"id": "net1"}])))
+    assert attach.returncode == 1
+    assert f"failed at netdev_add net1: QEMU: {shown}" in attach.stderr
+    for out in (status.stdout, status.stderr, attach.stdout, attach.stderr):
+        assert not any(c in out for c in "\x1b\x07\r\u202e"), out
+    assert json.loads(vmrun("status", "t", "--json").stdout)["status"]["status"] == TERMINAL_TRICKS

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 import pytest
 import tomli_w
@@ -16,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import REPO
-from vmrun import cli, config
+from vmrun import cli, config, config_files
 from vmrun.errors import ConfigError
 from vmrun.sizes import MAX_DIGITS, GiB, KiB, MiB, SizeError, TiB, format_size, parse_size
 
@@ -477,9 +478,9 @@ def test_pci_addresses_on_the_command_line() -> None:
 def test_config_file_size_cap(tmp_path: pathlib.Path) -> None:
     head = '[vm]\nname = "t"\nmemory = "64M"\n'
     path = tmp_path / "vm.toml"
-    path.write_text(head + "#" * (config.MAX_CONFIG_BYTES - len(head) - 1) + "\n")
+    path.write_text(head + "#" * (config_files.MAX_BYTES - len(head) - 1) + "\n")
     assert config.load(path).vm.name == "t"  # exactly the cap
-    path.write_text(head + "#" * (config.MAX_CONFIG_BYTES - len(head)) + "\n")
+    path.write_text(head + "#" * (config_files.MAX_BYTES - len(head)) + "\n")
     with pytest.raises(ConfigError, match="is larger than 1024 KiB"):
         config.load(path)
     path.write_bytes(b"#" * (2 << 20))
@@ -497,9 +498,10 @@ def test_special_files_are_never_opened(tmp_path: pathlib.Path, monkeypatch: pyt
     opened: list[str] = []
     real_open = os.open
 
-    def spy(path: str | os.PathLike[str], flags: int, *args: int) -> int:
-        opened.append(str(path))
-        return real_open(path, flags, *args)
+    def spy(path: str | os.PathLike[str], flags: int, *args: int, **kwargs: Any) -> int:
+        if not flags & os.O_PATH:  # an O_PATH descriptor only names the file, for fstat
+            opened.append(str(path))
+        return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", spy)
     for path, kind in ((fifo, "a FIFO"), (link, "a FIFO"), (tmp_path / "sock", "a socket"), (tmp_path, "a directory")):

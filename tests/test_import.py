@@ -149,3 +149,21 @@ def test_import_of_a_running_qemu(tmp_path: pathlib.Path, capsys: pytest.Capture
     assert cli.main(["plan", "--json", str(source)]) == 0
     planned = json.loads(capsys.readouterr().out)["argv"]
     assert without_fds(imported) == [*without_fds(planned), "-S"]
+
+
+def test_what_a_process_shows_is_imported_as_data(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--pid` of a QEMU another user controls: its argv may hold a newline that ends the
+    comment vmrun writes, and would add an argument of its own (`-sandbox off`) that looks
+    like a separate option. What loads back is exactly the argv read, nothing more."""
+    planted = 'mem-lock=off\n    "-sandbox", "off",\n    #'
+    argv = ["qemu-system-x86_64", "-m", "512M", "-overcommit", planted, "-msg", "\x1b]0;pwned\x07"]
+    proc = tmp_path / "proc" / "4242"
+    (proc / "fd").mkdir(parents=True)
+    (proc / "fdinfo").mkdir()
+    (proc / "cmdline").write_bytes(b"\0".join(a.encode() for a in [*argv, ""]))
+    (proc / "status").write_text("Name:\tqemu\nUid:\t0\t0\t0\t0\n")
+    assert cli.main(["import", "--pid", "4242", "--host-root", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert tomllib.loads(text)["vm"]["args"] == argv[3:]
+    assert '    "-sandbox", "off",\n' not in text and "\x1b" not in text
+    assert '    # -overcommit "mem-lock=off\\n    \\"-sandbox\\", \\"off\\",\\n    #": not modelled' in text

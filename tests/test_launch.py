@@ -327,7 +327,7 @@ def test_qemu_is_probed_as_the_vm_user_with_a_minimal_environment(
             vm["user"] = user
         cfg = config(outdir, vm)
         # A fresh cache, so the probes really run.
-        env = {**os.environ, "XDG_CACHE_HOME": str(outdir / f"cache-{user}"), "VMRUN_TEST_SECRET": "x"}
+        env = {**os.environ, "VMRUN_CACHE_DIR": str(outdir / f"cache-{user}"), "VMRUN_TEST_SECRET": "x"}
         proc = vmrun("plan", str(cfg), "--host-root", str(host_tree), env=env)
         assert proc.returncode == 0, proc.stderr
         probes = [json.loads(line) for line in (outdir / "probes.log").read_text().splitlines()]

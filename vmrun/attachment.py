@@ -162,7 +162,13 @@ def plan_attach(running: Config, fragment: Config, facts: HostFacts) -> AttachPl
             )
     if problems:
         raise ConfigError(str(fragment.file), problems)
-    parts = tuple(p for p in plan.parts if p.section != "iommufd" or p.index >= objects_before)
+    # The fragment's own parts, numbered as in the fragment: the planner counted the VM's
+    # iommufd objects first.
+    parts = tuple(
+        attrs.evolve(p, index=p.index - objects_before) if p.section == "iommufd" else p
+        for p in plan.parts
+        if p.section != "iommufd" or p.index >= objects_before
+    )
     numbers = {piece.fd for part in parts for piece in part.pieces if piece.fd is not None}
     return AttachPlan(
         fragment=fragment,

@@ -393,7 +393,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def say_err(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    from vmrun.text import printable_lines
+
+    print(printable_lines(line), file=sys.stderr, flush=True)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -597,7 +599,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = lifecycle.status(args.name)
     sys.stdout.write(json.dumps(status.to_json(), indent=2) + "\n" if args.json else status.text())
     if status.qmp_error is not None:
-        print(f"vmrun status: QMP did not answer: {status.qmp_error}", file=sys.stderr)
+        tell(f"vmrun status: QMP did not answer: {status.qmp_error}")
         return EXIT_FAILED
     return EXIT_OK
 
@@ -629,7 +631,9 @@ def cmd_qmp(args: argparse.Namespace) -> int:
 
 
 def say(line: str) -> None:
-    print(line, flush=True)
+    from vmrun.text import printable_lines
+
+    print(printable_lines(line), flush=True)
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
@@ -733,22 +737,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command][1](args)
     except ConfigError as e:
-        print(e, file=sys.stderr)
+        tell(str(e))
         return EXIT_USAGE
     except UsageError as e:
-        print(f"vmrun {args.command}: {e}", file=sys.stderr)
+        tell(f"vmrun {args.command}: {e}")
         return EXIT_USAGE
     except LaunchError as e:
-        print(f"vmrun: {e}", file=sys.stderr)
+        tell(f"vmrun: {e}")
         return EXIT_FAILED
     except BadName as e:
-        print(f"vmrun {args.command}: {e}", file=sys.stderr)
+        tell(f"vmrun {args.command}: {e}")
         return EXIT_USAGE
     except VmError as e:
-        print(f"vmrun {args.command}: {e}", file=sys.stderr)
+        tell(f"vmrun {args.command}: {e}")
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+
+
+def tell(message: str) -> None:
+    """An error on stderr: whatever QEMU, a guest or a file put in it shows as escapes."""
+    from vmrun.text import printable_lines
+
+    print(printable_lines(message), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import json
 import os
 import pathlib
 import re
-import stat
 import sys
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -20,7 +19,7 @@ from typing import Any, TypeVar
 
 import attrs
 
-from vmrun import dropins  # at import time: a de-privileged caller may not read the package later
+from vmrun import config_files, dropins  # at import time: a de-privileged caller may not read the package later
 from vmrun.errors import ConfigError
 from vmrun.model import Config, Disk, Forward, Iommufd, Memlock, Net, Vfio, Vm
 from vmrun.problems import Problem, Sources
@@ -697,68 +696,22 @@ class Entry:
     values: dict[str, Any]
 
 
-MAX_CONFIG_BYTES = 1 << 20
-FILE_KINDS = {
-    stat.S_IFIFO: "a FIFO",
-    stat.S_IFDIR: "a directory",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-}
-
-
-def not_regular(path: pathlib.Path, mode: int) -> ConfigError | None:
-    if stat.S_ISREG(mode):
-        return None
-    kind = FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
-    return ConfigError(str(path), [Problem("", f"is {kind}", "a config is a regular TOML file")])
-
-
-def cannot_read(path: pathlib.Path, e: OSError) -> ConfigError:
-    return ConfigError(str(path), [Problem("", f"cannot read: {e.strerror}", "check the path and its permissions")])
-
-
-def read_text(path: pathlib.Path) -> str:
-    """The text of a config: a regular file of at most MAX_CONFIG_BYTES, read without hanging
-    on a FIFO or a device and never more than the cap."""
+def read_file(path: pathlib.Path, owner: int | None, kind: str = "config") -> config_files.File:
+    """A file of a config (the config itself when `owner` is None), read under the trust rule
+    (see trust.py): a ConfigError naming it when it may not or cannot be read."""
     try:
-        # Looked at before it is opened: opening a device can act by itself (a watchdog
-        # starts counting, a tape rewinds), and vmrun runs as root.
-        if (error := not_regular(path, os.stat(path).st_mode)) is not None:
-            raise error
-        # O_NONBLOCK: should the path become a FIFO after the stat, open and read return
-        # at once instead of waiting for a writer; fstat below then refuses it.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as e:
-        raise cannot_read(path, e) from None
-    try:
-        if (error := not_regular(path, os.fstat(fd).st_mode)) is not None:
-            raise error
-        chunks: list[bytes] = []
-        size = 0
-        while size <= MAX_CONFIG_BYTES and (chunk := os.read(fd, MAX_CONFIG_BYTES + 1 - size)):
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as e:
-        raise cannot_read(path, e) from None
-    finally:
-        os.close(fd)
-    if size > MAX_CONFIG_BYTES:
-        raise ConfigError(
-            str(path), [Problem("", f"is larger than {MAX_CONFIG_BYTES // 1024} KiB", "a VM config is far smaller")]
-        )
-    try:
-        return b"".join(chunks).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(str(path), [Problem("", f"not UTF-8 text: {e.reason} at byte {e.start}")]) from None
+        return config_files.read(str(path), owner, kind)
+    except config_files.Unreadable as e:
+        raise ConfigError(str(path), [Problem("", e.message, e.hint)]) from None
 
 
 def load(path: pathlib.Path | str) -> Config:
     """The validated config in `path` with its drop-ins (`PATH.d/*.toml`) merged in;
     raises ConfigError listing every problem, each naming the file that set the key."""
     path = pathlib.Path(path)
-    raw, sources = dropins.merged(path, read_toml(read_text(path), path))
-    return validate(raw, path, sources)
+    main = read_file(path, None)
+    raw, sources = dropins.merged(path, read_toml(main.text, path), main)
+    return attrs.evolve(validate(raw, path, sources), owner=main.st.st_uid)
 
 
 def parse(text: str, path: pathlib.Path) -> Config:
@@ -833,11 +786,6 @@ ENTRY_SECTIONS: dict[str, tuple[tuple[Key, ...], type[Iommufd | Vfio | Disk | Ne
     "disk": (DISK_KEYS, Disk),
     "net": (NET_KEYS, Net),
 }
-
-
-def load_fragment(path: pathlib.Path | str, running: Config, taken: Mapping[str, str]) -> Config:
-    path = pathlib.Path(path)
-    return parse_fragment(read_toml(read_text(path), path), path, running, taken)
 
 
 def parse_fragment(raw: dict[str, Any], path: pathlib.Path, running: Config, taken: Mapping[str, str]) -> Config:

@@ -9,80 +9,41 @@ is appended. Every key path remembers the file that wrote it, for errors and `vm
 
 from __future__ import annotations
 
-import os
 import pathlib
-import stat
 from typing import Any, TypeGuard
 
+from vmrun import config_files
 from vmrun.errors import ConfigError
 from vmrun.problems import Problem, Sources
 
-SUFFIX = ".toml"
+SUFFIX = config_files.SUFFIX
 
 
 def directory(config: pathlib.Path) -> pathlib.Path:
     """Where the drop-ins of `config` live: `NAME.toml.d` beside it."""
-    return config.with_name(config.name + ".d")
+    return pathlib.Path(config_files.directory(str(config)))
 
 
-def dropin_files(config: pathlib.Path) -> list[pathlib.Path]:
-    """The drop-ins of `config` in the order they apply; none when there is no directory."""
-    d = directory(config)
-    try:
-        mode = os.stat(d).st_mode
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise ConfigError(str(d), [Problem("", f"cannot read: {e.strerror}", "check its permissions")]) from None
-    if not stat.S_ISDIR(mode):
-        raise ConfigError(str(d), [Problem("", "is not a directory", f"drop-ins of {config.name} go in a directory")])
-    try:
-        names = os.listdir(d)
-    except OSError as e:
-        raise ConfigError(str(d), [Problem("", f"cannot read: {e.strerror}", "check its permissions")]) from None
-    # Editors leave hidden files (.#x.toml) behind; anything not *.toml is not a drop-in.
-    files = [d / n for n in sorted(names) if n.endswith(SUFFIX) and not n.startswith(".")]
-    owner = os.stat(config).st_uid
-    problems = [p for p in (unsafe(path, owner) for path in (d, *files)) if p is not None]
-    if problems:
-        raise ConfigError(str(config), problems)
-    return files
-
-
-def unsafe(path: pathlib.Path, owner: int) -> Problem | None:
-    """Why `path` may not add to a config: vmrun runs as root, so a drop-in someone else
-    can write would let them change what it does (trusted disks, users, devices)."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        return Problem("", f"cannot read: {e.strerror}", "check its permissions", str(path))
-    if st.st_uid not in (0, owner):
-        return Problem(
-            "",
-            f"is owned by uid {st.st_uid}, not by the config's owner (uid {owner}) or root",
-            "a drop-in changes what vmrun does: chown it to the config's owner",
-            str(path),
-        )
-    if st.st_mode & stat.S_IWOTH:
-        return Problem("", "is writable by every user", "a drop-in changes what vmrun does: chmod o-w", str(path))
-    return None
-
-
-def merged(config: pathlib.Path, base: dict[str, Any]) -> tuple[dict[str, Any], Sources]:
-    """`base` (the document of `config`) with its drop-ins merged in, and who wrote what."""
-    from vmrun.config import read_text, read_toml
+def merged(config: pathlib.Path, base: dict[str, Any], main: config_files.File) -> tuple[dict[str, Any], Sources]:
+    """`base` (the document of `config`, read as `main`) with its drop-ins merged in, and who
+    wrote what. Each drop-in is read under the trust rule, with the config's owner."""
+    from vmrun.config import read_toml
 
     written: dict[str, str] = {}
     for name, value in base.items():
         record(join("", name), value, str(config), written)
-    problems: list[Problem] = []
-    for file in dropin_files(config):
+    try:
+        files, unreadable = config_files.dropins(main)
+    except config_files.Unreadable as e:
+        raise ConfigError(str(config), [Problem("", e.message, e.hint, e.path)]) from None
+    problems = [Problem("", e.message, e.hint, e.path) for e in unreadable]
+    for file in files:
         try:
-            over = read_toml(read_text(file), file)
+            over = read_toml(file.text, pathlib.Path(file.path))
         except ConfigError as e:
             problems += [Problem(p.path, p.message, p.hint, p.file or e.file) for p in e.problems]
             continue
-        merge(base, over, "", str(file), written)
+        merge(base, over, "", file.path, written)
     if problems:
         raise ConfigError(str(config), problems)
     return base, Sources(str(config), tuple(written.items()))

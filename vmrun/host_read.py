@@ -397,14 +397,26 @@ def state_base(uid: int) -> str | None:
 
 def data_base(uid: int) -> str:
     """Where VMs keep what must survive a reboot of the host (the UEFI variable store)."""
-    if os.environ.get("VMRUN_DATA_DIR"):
-        return os.path.abspath(os.environ["VMRUN_DATA_DIR"])
+    return xdg_base("VMRUN_DATA_DIR", "/var/lib/vmrun", "XDG_DATA_HOME", (".local", "share"), uid)
+
+
+def cache_base(uid: int) -> str:
+    """Where vmrun caches what it probed (QEMU's capabilities)."""
+    return xdg_base("VMRUN_CACHE_DIR", "/var/cache/vmrun", "XDG_CACHE_HOME", (".cache",), uid)
+
+
+def xdg_base(override: str, roots: str, xdg: str, default: tuple[str, ...], uid: int) -> str:
+    """vmrun's directory: `override` when set; root's own directory `roots` for root, never
+    one the caller's environment names (after `su` or `sudo -E`, an XDG variable is another
+    user's, who could point it wherever they like); the user's XDG directory otherwise."""
+    if os.environ.get(override):
+        return os.path.abspath(os.environ[override])
     if uid == 0:
-        return "/var/lib/vmrun"
-    data = os.environ.get("XDG_DATA_HOME", "")
-    if not os.path.isabs(data):  # unset, or relative: the XDG spec's default
-        data = os.path.join(os.path.expanduser("~"), ".local", "share")
-    return f"{data.rstrip('/')}/vmrun"
+        return roots
+    base = os.environ.get(xdg, "")
+    if not os.path.isabs(base):  # unset, or relative: the XDG spec's default
+        base = os.path.join(os.path.expanduser("~"), *default)
+    return f"{base.rstrip('/')}/vmrun"
 
 
 def resolve(binary: str) -> str | None:

@@ -131,26 +131,40 @@ def with_records(record: dict[str, Any], records: list[Record]) -> dict[str, Any
 
 
 class Memlock:
-    """RLIMIT_MEMLOCK of the VM's QEMU, read and set only while its pidfd says it is alive."""
+    """RLIMIT_MEMLOCK of the VM's QEMU, read and set only while its pidfd proves it is alive.
 
-    def __init__(self, pid: int, pidfd: int) -> None:
-        self.pid = pid
+    prlimit takes a pid, not a pidfd: it reaches whatever process has that number when it
+    is made. So the process is proven the VM's QEMU right before each call (its pidfd has
+    not exited, and the pid still has the start time state.json recorded) and again right
+    after: alive before and after, it was alive throughout, and a live process keeps its pid.
+    """
+
+    def __init__(self, identity: state.Identity, pidfd: int) -> None:
+        self.identity = identity
+        self.pid = identity.pid
         self.pidfd = pidfd
         self.before = self.get()
 
-    def alive(self) -> None:
+    def proven(self) -> None:
         if state.has_exited(self.pidfd):
             raise VmError(f"QEMU (pid {self.pid}) exited during the attach")
+        try:
+            ticks = state.start_ticks(self.pid)
+        except OSError:
+            ticks = None
+        if ticks != self.identity.start_ticks or state.has_exited(self.pidfd):
+            raise VmError(f"pid {self.pid} is no longer the VM's QEMU: its memlock limit was not touched")
 
     def get(self) -> tuple[int, int]:
         # /proc/PID/limits, not prlimit: reading another user's limits with prlimit needs
         # CAP_SYS_RESOURCE, and vmrun may be asked only to look.
+        self.proven()
         try:
             with open(f"/proc/{self.pid}/limits") as f:
                 text = f.read()
         except OSError as e:
             raise VmError(f"cannot read the limits of QEMU (pid {self.pid}): {e.strerror}") from None
-        self.alive()
+        self.proven()
         for line in text.splitlines():
             if line.startswith("Max locked memory"):
                 soft, hard = line.split()[3:5]
@@ -158,12 +172,12 @@ class Memlock:
         raise VmError(f"/proc/{self.pid}/limits has no line for the memlock limit")
 
     def set(self, limits: tuple[int, int]) -> None:
+        self.proven()
         try:
             resource.prlimit(self.pid, resource.RLIMIT_MEMLOCK, limits)
         except OSError as e:
             raise VmError(f"cannot set the memlock limit of QEMU (pid {self.pid}): {e.strerror}") from None
-        # The pid named the proven process throughout: it was alive after the call.
-        self.alive()
+        self.proven()
 
 
 class Transaction:
@@ -172,14 +186,25 @@ class Transaction:
     def __init__(self, monitor: Monitor) -> None:
         self.monitor = monitor
         self.undos: list[tuple[str, Callable[[], str | None]]] = []
+        self.last: str | None = None  # the step sent last, for a failure between steps
 
-    def run(self, command: str, arguments: dict[str, Any]) -> Any:
+    def run(
+        self, command: str, arguments: dict[str, Any], undo: tuple[str, Callable[[], str | None]] | None = None
+    ) -> Any:
+        """Send one step. Its undo is registered before the step is sent: when vmrun learns
+        nothing of the outcome (a timeout, a closed socket, vmrun itself failing), the undo
+        runs and finds nothing where QEMU did nothing. Only QEMU's own refusal drops it."""
+        self.last = qmp_text(command, arguments)
+        if undo is not None:
+            self.undos.append(undo)
         try:
             return self.monitor.execute(command, arguments)
         except CommandFailed as e:
-            raise StepFailed(qmp_text(command, arguments), f"QEMU: {e.desc}") from None
+            if undo is not None:
+                self.undos.remove(undo)
+            raise StepFailed(self.last, f"QEMU: {e.desc}") from None
         except QmpError as e:
-            raise StepFailed(qmp_text(command, arguments), e.what) from None
+            raise StepFailed(self.last, e.what) from None
 
     def on_undo(self, what: str, undo: Callable[[], str | None]) -> None:
         self.undos.append((what, undo))
@@ -300,29 +325,37 @@ class Attacher:
     def pass_fd(self, piece: Piece, opened: dict[int, int]) -> None:
         assert piece.fd is not None
         fd = opened[piece.fd]
+        self.monitor.pass_fd(fd)
         if piece.kind == "add-fd":
-            self.monitor.pass_fd(fd)
             command, args = piece.qmp(self.fd_names, self.fdsets)
-            answer = self.tx.run(command, args)
-            fdset = int(answer["fdset-id"])
-            self.fdsets[piece.fdset] = fdset
-            self.tx.on_undo(f"remove-fd {fdset}", lambda: self.undo_command("remove-fd", {"fdset-id": fdset}))
+            opaque = str(args["opaque"])
+            answer = self.tx.run(command, args, (f"remove-fd {opaque}", functools.partial(self.undo_fdset, opaque)))
+            self.fdsets[piece.fdset] = int(answer["fdset-id"])
             return
         name = f"vmrun-{piece.kind}-{piece.id}"
-        self.monitor.pass_fd(fd)
-        self.tx.run("getfd", {"fdname": name})
+        closefd = ("closefd", {"fdname": name})
+        self.tx.run("getfd", {"fdname": name}, (qmp_text(*closefd), functools.partial(self.undo_command, *closefd)))
         self.fd_names[piece.fd] = name
-        # Once a piece took the fd, QEMU has forgotten the name: closefd then finds nothing.
-        self.tx.on_undo(f"closefd {name}", lambda: self.undo_command("closefd", {"fdname": name}, missing_ok=True))
 
-    def undo_command(self, command: str, arguments: dict[str, Any], missing_ok: bool = False) -> str | None:
+    def undo_command(self, command: str, arguments: dict[str, Any]) -> str | None:
         try:
             self.monitor.execute(command, arguments)
         except CommandFailed as e:
-            if missing_ok:
-                return "already taken by QEMU"
+            if e.error_class == "DeviceNotFound" or "not found" in e.desc:
+                # Never made (vmrun failed as it was sent), or taken: a named fd is gone
+                # from QEMU's list once the object or device it was for took it.
+                return "it was not there"
             raise QmpError(e.desc) from None
         return None
+
+    def undo_fdset(self, opaque: str) -> str | None:
+        """Remove the fd set add-fd made for `opaque`, found by it: its number is QEMU's choice,
+        unknown when the answer never came."""
+        sets = self.monitor.execute("query-fdsets")
+        ids = [s["fdset-id"] for s in sets if any(f.get("opaque") == opaque for f in s.get("fds", ()))]
+        for fdset in ids:
+            self.monitor.execute("remove-fd", {"fdset-id": fdset})
+        return None if ids else "it was not there"
 
     def undo_device(self, device: str) -> str | None:
         if device_gone(self.monitor, device, UNDO_DEVICE_TIMEOUT):
@@ -341,18 +374,15 @@ class Attacher:
             command, args = piece.qmp(self.fd_names, self.fdsets)
             if piece.kind == "device" and slot is not None:
                 args["bus"] = slot
-            self.tx.run(command, args)
+            undo_command = piece.undo()
+            undo = functools.partial(self.undo_device, piece.id) if piece.kind == "device" else None
+            self.tx.run(
+                command, args, (qmp_text(*undo_command), undo or functools.partial(self.undo_command, *undo_command))
+            )
             if piece.fd in self.fd_names:
                 # QEMU took the named fd for this piece: undoing the piece releases it, and a
                 # closefd would only find the name gone.
                 self.tx.forget(f"closefd {self.fd_names[piece.fd]}")
-            if piece.kind == "device":
-                self.tx.on_undo(f"device_del {piece.id}", functools.partial(self.undo_device, piece.id))
-            else:
-                undo_command, undo_args = piece.undo()
-                self.tx.on_undo(
-                    qmp_text(undo_command, undo_args), functools.partial(self.undo_command, undo_command, undo_args)
-                )
         return self.record(part)
 
     def record(self, part: Part) -> Record:
@@ -384,7 +414,11 @@ def attach(name: str, fragment_file: str, host_root: str, say: Say, passed: froz
     start = time.monotonic()
     running = running_vm(name)
     path = pathlib.Path(fragment_file)
-    raw = config.read_toml(config.read_text(path), path)  # read once: what is checked is what is recorded
+    # Read once, under the trust rule with the config's owner: a fragment changes what root
+    # opens and hands to QEMU, so it must be as trusted as the config. What is checked is
+    # what is recorded.
+    owner = running.launched.owner if running.launched.owner is not None else 0
+    raw = config.read_toml(config.read_file(path, owner, "fragment").text, path)
     fragment = config.parse_fragment(raw, path, running.config, attachment.taken_ids(running.config))
     identity = running.vm.identity
     assert identity is not None
@@ -397,7 +431,7 @@ def attach(name: str, fragment_file: str, host_root: str, say: Say, passed: froz
         pidfd = state.open_pidfd(identity, identity.lock)
         try:
             with Monitor(running.vm.qmp_socket) as monitor:
-                attacher = Attacher(running, plan, raw, monitor, Memlock(identity.pid, pidfd))
+                attacher = Attacher(running, plan, raw, monitor, Memlock(identity, pidfd))
                 attacher.check_ids()
                 slots = attacher.slots()
                 opened = open_all(plan, as_user, passed)
@@ -463,17 +497,33 @@ def carry_out(
                 f"attached {part.section} {part.id}: {lab['driver']} ({lab['source']}, {lab['backend']}){where}"
             )
         commit(records)
-    except StepFailed as e:
+    except BaseException as e:
+        # All or nothing, whatever went wrong: a refusal of QEMU's, a vmrun that failed
+        # between two steps, Ctrl-C. What was done is undone before anything is reported.
         undone = attacher.tx.rollback()
+        if not isinstance(e, Exception | KeyboardInterrupt) or (not undone and isinstance(e, VmError)):
+            raise  # nothing was done: vmrun's own refusal says it best
+        last = attacher.tx.last
+        if isinstance(e, StepFailed):
+            where, why = f"at {e.step}", e.why
+        else:
+            where = f"after {last}" if last else "before its first step"
+            why = "interrupted" if isinstance(e, KeyboardInterrupt) else failure_text(e)
         raise VmError(
-            f"attach to VM {attacher.running.vm.name} failed at {e.step}: {e.why}\n"
+            f"attach to VM {attacher.running.vm.name} failed {where}: {why}\n"
             + "\n".join(f"  {line}" for line in undone),
             "the VM is as it was before the attach" if all(u.startswith("undone") for u in undone) else None,
         ) from None
-    except BaseException:
-        attacher.tx.rollback()
-        raise
     return Added(records, lines, memlock)
+
+
+def failure_text(e: Exception) -> str:
+    """An unexpected failure in words: vmrun's own errors as they say it, others by type."""
+    if isinstance(e, VmError):
+        return e.what
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
+    return f"{type(e).__name__}: {e}"
 
 
 def detach(name: str, ident: str, timeout: float, say: Say) -> None:

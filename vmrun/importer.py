@@ -22,11 +22,15 @@ from vmrun import config, host, show
 from vmrun.plan import DEFAULT_HOTPLUG_SLOTS, QMP_CHARDEV, derived_mac, hotplug_port
 from vmrun.qemu_cmdline import FLAGS, FdInfo, Props, keyvals, options
 from vmrun.sizes import SizeError, format_size, parse_size
+from vmrun.text import printable
 
 NET_MODELS = ("virtio-net-pci", "e1000e", "e1000")
 DISK_DEVICES = {"virtio-blk-pci": "virtio-blk", "nvme": "nvme", "scsi-hd": "scsi"}
 HOSTFWD_RE = re.compile(r"(tcp|udp)?:([0-9.]*):([0-9]+)-:([0-9]+)")
 UNMAPPED = "not modelled by vmrun: kept as is"
+# An argument shown bare in a comment: printable ASCII with nothing TOML or a reader could
+# take for the comment's end or for another argument.
+PLAIN_TOKEN_RE = re.compile(r"[!$-~]+")
 
 
 def typed(value: str) -> str | int | bool:
@@ -528,7 +532,10 @@ class Imported:
         if self.args:
             lines.append("args = [")
             for why, tokens in self.args:
-                lines.append(f"    # {' '.join(tokens)}: {why}")
+                # A comment ends at a newline: the argv is data (a process's /proc), so the
+                # comment shows it as TOML strings where it is not plain, and escapes the rest.
+                shown = " ".join(t if PLAIN_TOKEN_RE.fullmatch(t) else show.value_text(t) for t in tokens)
+                lines.append(f"    # {printable(f'{shown}: {why}')}")
                 lines.append("    " + ", ".join(show.value_text(t) for t in tokens) + ",")
             lines.append("]")
         return "\n".join(lines) + ("\n\n" + tail if tail else "\n")

@@ -22,6 +22,7 @@ import attrs
 from vmrun import qmp, state, tables
 from vmrun.sizes import MiB
 from vmrun.state import Vm, VmError
+from vmrun.text import printable, printable_lines
 
 # Shares of --timeout: the guest's own shutdown gets most of it; quit and SIGTERM end
 # QEMU within a second when it is healthy, so their shares only matter for a sick QEMU.
@@ -72,7 +73,7 @@ def ps_table(vms: list[Vm], show_state: bool) -> str:
                 ", ".join(short_device(d) for d in vm.devices) or "-",
             ]
         )
-    return tables.table(rows)
+    return tables.table([[printable(cell) for cell in row] for row in rows])
 
 
 def ps(show_all: bool, as_json: bool, names_only: bool, out: TextIO = sys.stdout) -> None:
@@ -109,7 +110,8 @@ class Status:
             ("devices", ", ".join(vm.devices) or "-"),
             ("qmp", vm.qmp_socket),
         ]
-        return f"{vm.name}:\n" + "".join(f"  {k:<8} {v}\n" for k, v in rows)
+        # The run state is what answered on QMP: whoever holds QEMU's socket may answer it.
+        return f"{vm.name}:\n" + "".join(f"  {k:<8} {printable(v)}\n" for k, v in rows)
 
 
 def status(name: str) -> Status:
@@ -275,7 +277,7 @@ def stop(name: str, timeout: float, out: TextIO = sys.stdout) -> str:
     vm = state.running(name)
 
     def say(line: str) -> None:
-        out.write(line + "\n")
+        out.write(printable_lines(line) + "\n")
         out.flush()
 
     stopper = Stopper(vm, timeout, say)

@@ -122,6 +122,9 @@ class Config:
     sources: Sources = attrs.field(
         default=attrs.Factory(lambda self: Sources(str(self.file)), takes_self=True), eq=False
     )
+    # The uid that owns the config file (None for a config not read from a file): its
+    # drop-ins and the fragments attached to its VM must be root's or this user's.
+    owner: int | None = attrs.field(default=None, eq=False)
 
     def caller_fds(self) -> set[int]:
         """Fds the caller opened and vmrun passes on untouched."""

@@ -7,9 +7,9 @@ changed, so `vmrun run` keeps each launch's plan and, the next time, launches th
 without planning, once it has proven that nothing the plan came from has changed:
 
 - the key: vmrun's own code, the working directory, the config's path as given and the
-  host root, vmrun's user and groups, and the config and its drop-in directory, each file
-  compared byte for byte and by stat (owner, mode, inode, times: what the config loader
-  checks);
+  host root, vmrun's user and groups, and the config and its drop-ins as the loader reads
+  them (config_files, under the trust rule), each file compared byte for byte and by stat
+  (owner, mode, inode, times);
 - the host: every fact the plan was made from, read again by host_read (the one reader
   of the host that planning uses too) and compared whole. This includes devices, drivers,
   IOMMU groups, cdevs, device nodes, users and groups, images and their backing chains
@@ -30,11 +30,10 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import types
 import zlib
 
-from vmrun import __version__, host_read, statedir
+from vmrun import __version__, config_files, host_read, statedir
 from vmrun.opener import Opener, OpenerError
 
 TYPE_CHECKING = False  # as in host_read: typing itself costs a launch 15 ms
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
 
 DIRECTORY = ".plans"
 FORMAT = 1
-MAX_FILE = 1 << 20  # a config or a drop-in: config.MAX_CONFIG_BYTES is far below
 
 
 def code() -> list[Any]:
@@ -61,43 +59,8 @@ def code() -> list[Any]:
     return [__version__, package, sorted(modules)]
 
 
-def file_record(path: str, read: bool = True) -> list[Any]:
-    """What the config loader sees of `path`: its stat (following links, as it opens) and, for
-    a regular file when `read`, its bytes; for a directory, its names (a new drop-in is a new
-    plan)."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        return [path, e.errno]
-    ident = [st.st_mode, st.st_uid, st.st_gid, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-    if stat.S_ISDIR(st.st_mode):
-        return [path, ident, sorted(os.listdir(path))]
-    if not read or st.st_size > MAX_FILE or not stat.S_ISREG(st.st_mode):
-        return [path, ident, None]
-    # As config.read_text opens: a FIFO swapped in after the stat returns at once.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    try:
-        data = os.read(fd, MAX_FILE + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
-    finally:
-        os.close(fd)
-    return [path, ident, data.decode("utf-8", "surrogateescape")]
-
-
 def key(file: str, host_root: str) -> dict[str, Any]:
     """Everything a plan depends on that is not a host fact: see the module's docstring."""
-    dropins = f"{file}.d"  # dropins.directory: NAME.toml.d beside NAME.toml
-    config, directory = file_record(file), file_record(dropins)
-    files = [config, directory]
-    if len(directory) == 3 and isinstance(directory[2], list):
-        # Drop-ins are read as the loader reads them: only *.toml, and only from a directory
-        # it accepts (the config's owner's or root's, not writable by everyone). Anything
-        # else is only looked at: the loader refuses it, and then no plan is kept.
-        owner = config[1][1] if len(config) == 3 else None
-        mode, uid = directory[1][0], directory[1][1]
-        trusted = uid in (0, owner) and not mode & stat.S_IWOTH
-        for name in directory[2]:
-            is_dropin = name.endswith(".toml") and not name.startswith(".")
-            files.append(file_record(os.path.join(dropins, name), read=trusted and is_dropin))
     return {
         "format": FORMAT,
         "code": code(),
@@ -105,7 +68,9 @@ def key(file: str, host_root: str) -> dict[str, Any]:
         "file": file,
         "host_root": host_root,
         "ids": [os.geteuid(), os.getegid(), sorted(os.getgroups())],
-        "files": files,
+        # Read as the loader reads them, under the same trust rule: a file it would refuse
+        # is recorded as refused, never read.
+        "files": config_files.snapshot(file),
     }
 
 

@@ -3,7 +3,8 @@
 The plan must know, before anything is opened, whether the binary has the iommufd
 backend and which properties its vfio devices take: the backend is chosen by the config,
 not guessed by QEMU (there is no iommufd=auto). Probing spawns `qemu ... ,help`, which
-starts no VM; the answer is cached per binary (path, size, mtime) under the user's cache.
+starts no VM; the answer is cached per binary (path, size, mtime) in vmrun's cache directory
+(host_read.cache_base: root's own /var/cache/vmrun, the user's XDG cache otherwise).
 The probes run as the VM's user (or nobody, when vmrun is root) with the minimal
 environment QEMU itself gets: a binary named by a config never runs as root.
 """
@@ -12,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import re
+import stat
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from vmrun import host_read
+from vmrun import host_read, statedir
 from vmrun.host_read import MINIMAL_PATH as MINIMAL_PATH
 
 if TYPE_CHECKING:
@@ -47,9 +48,47 @@ class QemuCaps:
         return ".".join(map(str, self.version))
 
 
-def cache_file() -> pathlib.Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(base) / "vmrun" / "qemu-caps.json"
+CACHE_FILE = "qemu-caps.json"
+
+
+def read_cache() -> dict[str, Any]:
+    """The cache as vmrun's user left it: a file of its own, mode 0600, in its own private
+    directory (see statedir); anything else is not trusted, and the binary is probed again."""
+    base = host_read.cache_base(os.geteuid())
+    try:
+        directory = statedir.open_dir(base, create=False)
+    except (OSError, statedir.UnsafeDirectory):
+        return {}
+    try:
+        fd = statedir.open_file(directory, base, CACHE_FILE, os.O_RDONLY)
+    except (OSError, statedir.UnsafeDirectory):
+        return {}
+    finally:
+        os.close(directory)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:
+            return {}
+        data = os.read(fd, statedir.MAX_RECORD + 1)
+        cache = json.loads(data) if len(data) <= statedir.MAX_RECORD else {}
+    except (OSError, ValueError):
+        return {}
+    finally:
+        os.close(fd)
+    return cache if isinstance(cache, dict) else {}
+
+
+def write_cache(cache: dict[str, Any]) -> None:
+    """Replace the cache file, through directory fds (statedir): never through a link."""
+    try:
+        directory = statedir.open_dir(host_read.cache_base(os.geteuid()), create=True, private=True)
+    except (OSError, statedir.UnsafeDirectory):
+        return  # a read-only home, a directory someone else controls: probe again next time
+    try:
+        statedir.write_file(directory, CACHE_FILE, json.dumps(cache, indent=1, sort_keys=True).encode(), mode=0o600)
+    except OSError:
+        pass
+    finally:
+        os.close(directory)
 
 
 def run_help(path: str, *args: str, as_user: User | None = None) -> subprocess.Popen[str]:
@@ -140,13 +179,7 @@ def probe(binary: str, as_user: User | None = None) -> QemuCaps | None:
     path = found["path"]
     _, _, size, mtime_ns, _ = found["id"]
     key = f"{found['real']}:{size}:{mtime_ns}:{CACHE_VERSION}"
-    file = cache_file()
-    try:
-        cache = json.loads(file.read_text())
-        if not isinstance(cache, dict):
-            cache = {}
-    except (OSError, ValueError):
-        cache = {}
+    cache = read_cache()
     if key in cache:
         try:
             return attrs.evolve(from_json(cache[key]), path=path)
@@ -157,11 +190,5 @@ def probe(binary: str, as_user: User | None = None) -> QemuCaps | None:
     except PermissionError:
         return None  # the probing user may not run it; QEMU could not run as that user either
     cache[key] = to_json(caps)
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-        tmp.replace(file)
-    except OSError:
-        pass  # a read-only home must not stop a launch; the next run probes again
+    write_cache(cache)
     return caps

@@ -17,6 +17,7 @@ from typing import Any
 from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError
 
 from vmrun.state import VmError
+from vmrun.text import printable
 
 CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 30.0
@@ -30,6 +31,8 @@ class CommandFailed(QmpError):
     """QEMU received the command and answered with an error."""
 
     def __init__(self, command: str, error_class: str, desc: str) -> None:
+        # QEMU's words are data: whoever answers the socket chose them (see vmrun/text.py).
+        desc, error_class = printable(desc), printable(error_class)
         super().__init__(f"QMP {command} failed: {desc} ({error_class})")
         self.command = command
         self.error_class = error_class
@@ -62,7 +65,7 @@ def connect_error(path: str, e: BaseException, timeout: float) -> QmpError:
         )
     if isinstance(cause, EOFError | ConnectionResetError):
         return Closed(f"QEMU closed {path} while vmrun connected", "the VM is exiting, or another client holds it")
-    return QmpError(f"cannot talk QMP on {path}: {cause}")
+    return QmpError(f"cannot talk QMP on {path}: {printable(str(cause))}")
 
 
 class Monitor:
@@ -110,7 +113,7 @@ class Monitor:
         except TimeoutError:
             raise QmpError(f"QEMU did not answer QMP {command} within {timeout:g} s", "is QEMU hung?") from None
         except QMPError as e:
-            raise QmpError(f"QMP {command}: {e}") from None
+            raise QmpError(f"QMP {command}: {printable(str(e))}") from None
 
     def pass_fd(self, fd: int) -> None:
         """Send `fd` over the socket (SCM_RIGHTS); QEMU keeps it for the next getfd or add-fd."""

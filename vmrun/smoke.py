@@ -33,6 +33,7 @@ from vmrun import config, qmp, smoke_schedule, state
 from vmrun.errors import ConfigError
 from vmrun.host import Host
 from vmrun.model import Config
+from vmrun.text import printable, printable_lines
 
 QUIT_WAIT = 5.0
 TAIL = 20  # lines of console and stderr kept for a report
@@ -357,13 +358,14 @@ def junit(results: list[Result], total_seconds: float) -> bytes:
         case = ET.SubElement(
             suite, "testcase", {"classname": "vmrun.smoke", "name": r.config, "time": f"{r.seconds:.3f}"}
         )
+        # The guest wrote the console and QEMU the stderr: escaped, they are text XML may hold.
         if not r.ok:
-            failure = ET.SubElement(case, "failure", {"message": r.reason, "type": "SmokeFailure"})
-            failure.text = r.reason
+            failure = ET.SubElement(case, "failure", {"message": printable(r.reason), "type": "SmokeFailure"})
+            failure.text = printable_lines(r.reason)
         if r.console:
-            ET.SubElement(case, "system-out").text = r.console
+            ET.SubElement(case, "system-out").text = printable_lines(r.console)
         if r.stderr:
-            ET.SubElement(case, "system-err").text = r.stderr
+            ET.SubElement(case, "system-err").text = printable_lines(r.stderr)
     ET.indent(suites)
     return bytes(ET.tostring(suites, encoding="utf-8", xml_declaration=True)) + b"\n"
 

@@ -31,6 +31,7 @@ from vmrun import config, host, statedir
 # Defined with the other error types, so `vmrun run` can catch them without importing this module.
 from vmrun.errors import BadName as BadName
 from vmrun.errors import VmError as VmError
+from vmrun.text import printable
 
 # running: proven to be the VM's QEMU; starting: the launching vmrun, before it execs QEMU;
 # stale: the lock is held, but not by the process recorded; stopped: nobody holds the lock;
@@ -260,13 +261,13 @@ def judge(identity: Identity, lock: tuple[int, int]) -> Verdict:
         if exe == identity.launcher:
             return Verdict("starting")  # vmrun itself, between taking the lock and exec
         # Neither vmrun nor its QEMU: what the process became (or never was) cannot turn back.
-        return Verdict("stale", f"pid {pid} runs {exe}, not the recorded {identity.exe}", final=True)
+        return Verdict("stale", f"pid {pid} runs {printable(exe)}, not the recorded {identity.exe}", final=True)
     # A record that does not name the launcher: before exec, the launching vmrun; after,
     # vmrun in its last instant before exec or something its QEMU became. Not the VM
     # either way, and the record may still come true.
     if not identity.execed:
         return Verdict("starting")
-    return Verdict("stale", f"pid {pid} runs {exe}, not the recorded {identity.exe}")
+    return Verdict("stale", f"pid {pid} runs {printable(exe)}, not the recorded {identity.exe}")
 
 
 def has_exited(pidfd: int) -> bool:

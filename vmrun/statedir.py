@@ -19,6 +19,7 @@ import os
 import socket
 import stat
 
+from vmrun import trust
 from vmrun.errors import Failure
 
 # struct sockaddr_un's sun_path holds 108 bytes with the terminating NUL.
@@ -66,30 +67,44 @@ def check_ours(fd: int, path: str, private: bool) -> None:
         os.fchmod(fd, 0o700)  # ours, and nobody else could write it: just close it to others
 
 
-def open_dir(path: str, create: bool, mode: int = 0o700, private: bool = False) -> int:
-    """An fd on the directory `path` (made with `mode` when missing and `create`), checked."""
-    # A trailing slash would make the kernel follow a symlink despite O_NOFOLLOW.
-    path = path.rstrip("/") or "/"
+def open_parent(path: str, create: bool) -> int:
+    """A directory fd on `path`, a directory above one of vmrun's own, judged by the trust
+    rule (trust.py: every component owned by root or vmrun's user, none writable by others
+    unless sticky, links followed only when so owned); made (0755) when missing and `create`."""
     try:
-        fd = os.open(path, DIR_FLAGS)
+        fd, _ = trust.open_directory(path, os.geteuid())
+        return fd
     except FileNotFoundError:
-        if not create:
+        if not create or path == "/":
             raise
-        parent = os.path.dirname(path) or "/"
-        os.makedirs(parent, mode=0o755, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(path, mode)
-        return open_dir(path, create=False, private=private)
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise not_a_directory(path, None, path) from None
-        raise
+    except trust.NotRegular:
+        raise UnsafeDirectory(f"{path} is not a directory", f"vmrun keeps its directories under {path}") from None
+    except trust.Refused as e:
+        raise UnsafeDirectory(f"{path}: {e.message}", e.hint) from None
+    above, name = os.path.split(path)
+    parent = open_parent(above or "/", create)
     try:
-        check_ours(fd, path, private)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o755, dir_fd=parent)
+    finally:
+        os.close(parent)
+    return open_parent(path, create=False)
+
+
+def open_dir(path: str, create: bool, mode: int = 0o700, private: bool = False) -> int:
+    """An fd on the directory `path` (made with `mode` when missing and `create`), checked:
+    its own, not a link, writable by no one else; every directory above it passes the trust
+    rule and is made, through directory fds, when missing."""
+    # A trailing slash would make the kernel follow a symlink despite O_NOFOLLOW.
+    path = os.path.abspath(path.rstrip("/") or "/")
+    above, name = os.path.split(path)
+    if not name:  # / itself: never vmrun's own
+        raise UnsafeDirectory("/ cannot be one of vmrun's directories", "set VMRUN_STATE_DIR to a directory of its own")
+    parent = open_parent(above, create)
+    try:
+        return open_below(parent, path, name, create, mode, private)
+    finally:
+        os.close(parent)
 
 
 def open_subdir(parent: int, parent_path: str, name: str, create: bool) -> int:
@@ -97,9 +112,15 @@ def open_subdir(parent: int, parent_path: str, name: str, create: bool) -> int:
     path = os.path.join(parent_path, name)
     if name in ("", ".", "..") or "/" in name:
         raise UnsafeDirectory(f"{path} is not a directory of its own under {parent_path}")  # callers pass VM names
+    return open_below(parent, path, name, create, 0o700, private=True)
+
+
+def open_below(parent: int, path: str, name: str, create: bool, mode: int, private: bool) -> int:
+    """The directory `name` (at `path`) under the directory fd `parent`, made with `mode` when
+    missing and `create`; never through a link, and checked to be ours."""
     if create:
         with contextlib.suppress(FileExistsError):
-            os.mkdir(name, 0o700, dir_fd=parent)
+            os.mkdir(name, mode, dir_fd=parent)
     try:
         fd = os.open(name, DIR_FLAGS, dir_fd=parent)
     except OSError as e:
@@ -107,7 +128,7 @@ def open_subdir(parent: int, parent_path: str, name: str, create: bool) -> int:
             raise not_a_directory(path, parent, name) from None
         raise
     try:
-        check_ours(fd, path, private=True)
+        check_ours(fd, path, private)
     except BaseException:
         os.close(fd)
         raise

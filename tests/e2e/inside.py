@@ -1286,11 +1286,11 @@ class Workdir:
         self.state = self.path / "state"
         self.env = {**os.environ, "VMRUN_STATE_DIR": str(self.state)}
         if fresh_cache:
-            self.env["XDG_CACHE_HOME"] = str(self.path / "cache")
+            self.env["VMRUN_CACHE_DIR"] = str(self.path / "cache")
 
     @property
     def caps_cache(self) -> Path:
-        return Path(self.env.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vmrun" / "qemu-caps.json"
+        return Path(self.env["VMRUN_CACHE_DIR"]) / "qemu-caps.json"
 
     def config(self, name: str, text: str) -> Path:
         path = self.path / f"{name}.toml"
@@ -2161,7 +2161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # probe QEMU again (several QEMU processes, about a second under TCG).
     cache = Path("/run/vmrun-e2e-cache")
     cache.mkdir(mode=0o700, exist_ok=True)
-    os.environ["XDG_CACHE_HOME"] = str(cache)
+    os.environ["VMRUN_CACHE_DIR"] = str(cache)
     selected = [s for s in SCENARIOS if not args.only or s.name in args.only]
     outcomes = run_scenarios(selected, args.out)
     return 0 if all(o.ok for o in outcomes) else 1
