@@ -19,8 +19,10 @@ from tests.e2e import bed
 
 HERE = Path(__file__).resolve().parent
 
-# Per boot. Generous against a slow CI runner (see test_bed.MAX_SECONDS).
-BED_TIMEOUT = float(os.environ.get("VMRUN_E2E_TIMEOUT", "600"))
+# Per boot: only a guard against a hang. How long the bed took is a figure, printed in the
+# terminal summary and by benchmarks/bed.py, never a test: a busy machine is no failure.
+# The whole bed took 400-560 s on this project's machines (Dec 2026).
+BED_TIMEOUT = float(os.environ.get("VMRUN_E2E_TIMEOUT", "1500"))
 
 
 _RUN: list[bed.E2ERun] = []

@@ -1796,6 +1796,132 @@ def vmrun_attach_detach_vfio(bed: Bed) -> dict[str, Any]:
     }
 
 
+DEMO = CHECKOUT / "build" / "demo"
+EDU_ID = "0x1234:0x11e8"
+
+
+def guest_lines(sock: socket.socket, seen: list[str], until: Callable[[str], bool], timeout: float) -> str | None:
+    """Read the L2 guest's console until a line satisfies `until`; that line, or None."""
+    deadline = time.monotonic() + timeout
+    buffer = ""
+    while True:
+        for line in seen:
+            if until(line):
+                seen.remove(line)
+                return line
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(4096).decode(errors="replace")
+        except TimeoutError:
+            return None
+        if not chunk:
+            return None
+        buffer += chunk
+        *lines, buffer = buffer.split("\n")
+        seen += [line.strip() for line in lines]
+
+
+@scenario
+def vmrun_attach_second_address_space(bed: Bed) -> dict[str, Any]:
+    """The hardening report's case: a VM with an iommufd object and a device of its own, and
+    a fragment that brings a second address space (its own iommufd object and device). The
+    attach raises QEMU's memlock to 2 x RAM + margin and the booted guest (the demo guest,
+    watching its PCI functions) sees the device; detach takes it and its object out again."""
+    check((DEMO / "vmlinuz").exists(), f"{DEMO} is missing: scripts/install builds the demo guest")
+    bdfs, cdevs = bed.bdfs(2), bed.cdevs(2)
+    # QEMU runs as nobody and opens the kernel itself: a copy where nobody can read it.
+    boot = Path(tempfile.mkdtemp(prefix="vmrun-demo-", dir="/run"))
+    boot.chmod(0o755)
+    for name in ("vmlinuz", "initrd"):
+        shutil.copy(DEMO / name, boot / name)
+        (boot / name).chmod(0o644)
+    config = vmrun_config(
+        "e2e-second",
+        vfio=[{"id": "dev0", "host": bdfs[0], "iommufd": "iommufd0"}],
+        kernel=str(boot / "vmlinuz"),
+        initrd=str(boot / "initrd"),
+        append="console=ttyS0 quiet vmrun-demo=watch",
+        console="socket",
+    )
+    seen: list[str] = []
+    try:
+        with vmrun_vm("e2e-second", config) as vm:
+            check(vm.wait_qmp(), f"{vm.name} did not start\n{vm.describe()}")
+            vm.release_qmp()
+            console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            console.connect(str(vm.state / vm.name / "console.sock"))
+            vm.vmrun("qmp", vm.name, "cont")
+            start = time.monotonic()
+            line = guest_lines(console, seen, lambda text: text.startswith("vmrun-demo: block:"), 600)
+            boot_s = time.monotonic() - start
+            check(line is not None and line.count(EDU_ID) == 1, f"the guest did not come up with dev0: {seen[-5:]}")
+            bed.say(f"L2 guest up in {boot_s:.1f} s: {line}")
+            before = memlock_limit(vm.pid)
+            pinned_one = vm_pin_kib(vm.pid)
+            one = L2_RAM_MIB * MIB + VMRUN_MEMLOCK_MARGIN_MIB * MIB
+            check(before == one, f"QEMU's memlock at launch is {before}, expected {one}")
+
+            frag = vm.config_path.parent / "second.toml"
+            frag.write_text(
+                f'[[iommufd]]\nid = "iommufd1"\n\n[[vfio]]\nid = "dev1"\nhost = "{bdfs[1]}"\niommufd = "iommufd1"\n'
+            )
+            proc, attach_s = timed_vmrun(vm, "attach", vm.name, str(frag))
+            check(proc.returncode == 0, f"vmrun attach exited {proc.returncode}\n{proc.stdout}{proc.stderr}")
+            bed.say(proc.stdout.strip())
+            after = memlock_limit(vm.pid)
+            two = 2 * L2_RAM_MIB * MIB + VMRUN_MEMLOCK_MARGIN_MIB * MIB
+            check(after == two, f"QEMU's memlock after the attach is {after}, expected {two} (2 x RAM + margin)")
+            fds = proc_fd_targets(vm.pid)
+            iommu_fds = [fd for fd, target in fds.items() if target == "/dev/iommu"]
+            check(len(iommu_fds) == 2 and cdevs[1] in fds.values(), f"QEMU's fds after the attach: {fds}")
+            modes = [accounting_mode_of(vm.pid, fd) for fd in iommu_fds]
+            check(modes == [1, 1], f"accounting modes of QEMU's iommufd fds: {modes}, not per-process")
+            pinned_two = vm_pin_kib(vm.pid)
+            check(pinned_two >= 2 * pinned_one, f"VmPin {pinned_two} kB: the second address space pins no RAM")
+            start = time.monotonic()
+            line = guest_lines(console, seen, lambda text: text.count(EDU_ID) == 2, 300)
+            check(line is not None, f"the guest never saw dev1: {seen[-5:]}")
+            seen_s = time.monotonic() - start
+
+            proc, detach_s = timed_vmrun(vm, "detach", vm.name, "dev1", "--timeout", "300")
+            check(proc.returncode == 0, f"vmrun detach exited {proc.returncode}\n{proc.stdout}{proc.stderr}")
+            check("detached iommufd iommufd1" in proc.stdout, f"the object did not go with its device: {proc.stdout}")
+            fds = proc_fd_targets(vm.pid)
+            check(cdevs[1] not in fds.values(), f"QEMU still holds {cdevs[1]}: {fds}")
+            # QEMU keeps an fd it was given for an iommufd object after object-del (it closes
+            # only fds it opened itself): an empty context now, which pins nothing.
+            pinned_after = vm_pin_kib(vm.pid)
+            check(pinned_after == pinned_one, f"VmPin after the detach is {pinned_after} kB, {pinned_one} kB before")
+            check("iommufd1" not in object_ids(vm) and "dev1" not in peripheral_ids(vm), "dev1 or iommufd1 stayed")
+            line = guest_lines(console, seen, lambda text: "block:" in text and text.count(EDU_ID) == 1, 120)
+            check(line is not None, f"the guest still shows dev1: {seen[-5:]}")
+            shown = [d for listed in vm.vmrun("ps", "--json") for d in listed["devices"]]
+            check(not any("dev1" in d for d in shown), f"vmrun ps still shows dev1: {shown}")
+            console.close()
+    finally:
+        shutil.rmtree(boot, ignore_errors=True)
+    return {
+        "guest_boot_seconds": round(boot_s, 1),
+        "attach_seconds": round(attach_s, 2),
+        "guest_saw_device_seconds": round(seen_s, 1),
+        "detach_seconds": round(detach_s, 2),
+        "memlock_before": before,
+        "memlock_after": after,
+        "VmPin_kB": [pinned_one, pinned_two, pinned_after],
+    }
+
+
+def vm_pin_kib(pid: int) -> int:
+    """The memory process `pid` has pinned (for DMA), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmPin:"):
+            return int(line.split()[1])
+    raise AssertionError(f"/proc/{pid}/status has no VmPin")
+
+
 # --------------------------------------------------------------------------- guest memory placement
 
 # bed.numa_topology: L1 has two NUMA nodes (CPU 0 and CPU 1) and one edu device on node 1.

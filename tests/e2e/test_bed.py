@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pytest
@@ -12,16 +10,6 @@ from tests.e2e import bed, inside
 from tests.e2e.bed import E2ERun
 
 pytestmark = pytest.mark.e2e
-
-# A healthy run took about 150 s on the machine the bed was built on; on this project's
-# machine of Nov 29 2026 it takes 316-328 s with QEMU's seccomp sandbox on in every vmrun
-# launch (and about the same with it off: L2 starts take 1.2-3 s each there), a quarter
-# of it the memlock bisection, and up to 420 s while other tests ran beside it. The budget
-# leaves room for a slower CI machine. L1 with two NUMA nodes, 3G and the huge-page
-# scenario (vmrun_numa_hugepages, 30-45 s): 418 s at a load average of 5; with the VFIO
-# attach/detach scenario too (~77 s) 497 s while a unit suite ran beside it. Hence 540:
-# the two scenarios cost about 110 s of it.
-MAX_SECONDS = float(os.environ.get("VMRUN_E2E_MAX_SECONDS", "540"))
 
 
 def test_bed_run_completed(e2e_run: E2ERun) -> None:
@@ -34,15 +22,6 @@ def test_bed_run_completed(e2e_run: E2ERun) -> None:
         f"scenarios.json missing or incomplete\n{r.describe()}"
     )
     assert r.qemu_returncode == 0, f"L1 did not power off cleanly\n{r.describe()}"
-
-
-def test_bed_is_fast(e2e_run: E2ERun) -> None:
-    r = e2e_run.result
-    assert r.wall_seconds < MAX_SECONDS, (
-        f"boot + all scenarios took {r.wall_seconds:.0f}s, budget {MAX_SECONDS:.0f}s "
-        f"(VMRUN_E2E_MAX_SECONDS); per scenario: "
-        + json.dumps({k: round(v["seconds"], 1) for k, v in (e2e_run.data or {}).get("scenarios", {}).items()})
-    )
 
 
 @pytest.mark.parametrize("name", inside.scenario_names())
