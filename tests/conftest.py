@@ -10,12 +10,13 @@ from collections.abc import Iterator
 import pytest
 
 from tests import fakehost
-from vmrun import config, host
-from vmrun.host import Launcher
-from vmrun.opener import Opener
-from vmrun.plan import Plan, plan
-from vmrun.qemu_caps import QemuCaps
-from vmrun.sizes import MiB
+from vmrun.base.sizes import MiB
+from vmrun.config import loader
+from vmrun.host import facts as host
+from vmrun.host.facts import Launcher
+from vmrun.host.qemu_caps import QemuCaps
+from vmrun.kernel.opener import Opener
+from vmrun.plan.planner import Plan, plan
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 VFIO_PCI_PROPS = ("fd", "host", "iommufd", "rombar", "romfile", "sysfsdev", "x-vga")
@@ -38,7 +39,7 @@ def plan_for(
     launcher: Launcher = ROOT,
     allowed_cpus: frozenset[int] = frozenset(range(8)),
 ) -> Plan:
-    cfg = config.load(path)
+    cfg = loader.load(path)
     # Files are opened as the caller, not the VM user: a plan must not depend on whether
     # the checkout is readable for nobody (a clone under a 0700 home is not).
     with Opener(None) as opener:
@@ -96,7 +97,7 @@ def outdir() -> Iterator[pathlib.Path]:
     home directory are.
     """
     d = pathlib.Path(tempfile.mkdtemp(prefix="vmrun-test-"))
-    d.chmod(0o1777)  # sticky: configs of root in it pass the trust rule (vmrun/trust.py)
+    d.chmod(0o1777)  # sticky: configs of root in it pass the trust rule (vmrun/base/trust.py)
     shutil.copy(REPO / "tests" / "fake-qemu", d / "fake-qemu")
     (d / "fake-qemu").chmod(0o755)
     yield d

@@ -82,7 +82,7 @@ class FakeVm(Running):
         self.wait_running()
 
     def wait_running(self, timeout: float = 30) -> None:
-        from vmrun import qmp, state
+        from vmrun.control import qmp, state
 
         deadline = time.monotonic() + timeout
         last: object = None
@@ -121,14 +121,14 @@ class FakeVm(Running):
         return out
 
     def model(self) -> dict[str, Any]:
-        from vmrun import qmp, state
+        from vmrun.control import qmp, state
 
         vm = state.running(self.name)
         result: dict[str, Any] = qmp.execute(vm.qmp_socket, "x-fake-state")
         return result
 
     def attached(self) -> list[dict[str, Any]]:
-        from vmrun import state
+        from vmrun.control import state
 
         vm = state.running(self.name)
         record = json.loads((pathlib.Path(vm.state_dir) / "state.json").read_text())
@@ -353,7 +353,7 @@ def test_files_are_opened_with_the_vm_users_rights(world: pathlib.Path, fake_vm:
 
 def test_ids_qemu_already_has_are_refused(world: pathlib.Path, fake_vm: Callable[..., FakeVm]) -> None:
     vm = fake_vm("t")
-    from vmrun import qmp, state
+    from vmrun.control import qmp, state
 
     # A device added behind vmrun's back (vmrun qmp device_add) is not in any record.
     qmp.execute(state.running("t").qmp_socket, "device_add", {"driver": "virtio-rng-pci", "id": "net1"})
@@ -637,7 +637,7 @@ def test_disk_and_nic_come_and_go_in_a_booted_guest(tmp_path: pathlib.Path, worl
     run = Running(cfg, "g")
     try:
         run.wait_running()
-        from vmrun import state
+        from vmrun.control import state
 
         console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         console.connect(os.path.join(state.running("g").state_dir, "console.sock"))
@@ -750,7 +750,8 @@ class Injected(RuntimeError):
 
 
 def attach_in_process(name: str, frag: pathlib.Path, host_root: pathlib.Path) -> list[str]:
-    from vmrun import fd_open, hotplug
+    from vmrun.control import hotplug
+    from vmrun.launch import fd_open
 
     said: list[str] = []
     hotplug.attach(name, str(frag), str(host_root), said.append, fd_open.open_fds())
@@ -766,8 +767,8 @@ def test_any_exception_between_steps_undoes_the_attach(
 ) -> None:
     """Not QEMU refusing, but vmrun itself failing between two steps (a bug, a full disk, a
     signal): everything done is undone, and the error says so, without a traceback."""
-    from vmrun import hotplug, qmp
-    from vmrun.errors import VmError
+    from vmrun.base.errors import VmError
+    from vmrun.control import hotplug, qmp
 
     vm = fake_vm("t")
     frag = everything(world)
@@ -806,9 +807,9 @@ def test_the_memlock_limit_goes_only_to_the_proven_qemu(monkeypatch: pytest.Monk
     never given the limit."""
     import resource
 
-    from vmrun import state
-    from vmrun.errors import VmError
-    from vmrun.hotplug import Memlock
+    from vmrun.base.errors import VmError
+    from vmrun.control import state
+    from vmrun.control.hotplug import Memlock
 
     calls: list[int] = []
     real = resource.prlimit

@@ -17,9 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import REPO
-from vmrun import cli, config, config_files
-from vmrun.errors import ConfigError
-from vmrun.sizes import MAX_DIGITS, GiB, KiB, MiB, SizeError, TiB, format_size, parse_size
+from vmrun import cli
+from vmrun.base.errors import ConfigError
+from vmrun.base.sizes import MAX_DIGITS, GiB, KiB, MiB, SizeError, TiB, format_size, parse_size
+from vmrun.config import files as config_files
+from vmrun.config import keytable, loader, parsers, quoting, rules
 
 BAD = sorted((REPO / "tests" / "bad").glob("*.toml"))
 
@@ -75,7 +77,7 @@ def test_normalises_pci_address_and_relative_paths(tmp_path: pathlib.Path) -> No
             "vfio": [{"id": "d", "host": "0A:1f.7", "iommufd": "iommufd0"}],
         },
     )
-    cfg = config.load(path)
+    cfg = loader.load(path)
     assert cfg.vfio[0].host == "0000:0a:1f.7"
     assert cfg.vm.memory == 1536 * MiB
     assert cfg.vm.kernel == tmp_path / "boot" / "vmlinuz"
@@ -84,7 +86,7 @@ def test_normalises_pci_address_and_relative_paths(tmp_path: pathlib.Path) -> No
 
 
 def test_qemu_by_name_stays_a_name(tmp_path: pathlib.Path) -> None:
-    cfg = config.load(write(tmp_path, {"vm": {"name": "a", "memory": "1G", "qemu": "qemu-system-aarch64"}}))
+    cfg = loader.load(write(tmp_path, {"vm": {"name": "a", "memory": "1G", "qemu": "qemu-system-aarch64"}}))
     assert cfg.vm.qemu == "qemu-system-aarch64"
 
 
@@ -95,14 +97,14 @@ def test_memlock_forms(tmp_path: pathlib.Path) -> None:
         ("unlimited", "unlimited", None),
         ("9G", "size", 9 * GiB),
     ):
-        cfg = config.load(write(tmp_path, {"vm": {"name": "a", "memory": "1G", "memlock": value}}))
+        cfg = loader.load(write(tmp_path, {"vm": {"name": "a", "memory": "1G", "memlock": value}}))
         assert (cfg.vm.memlock.mode, cfg.vm.memlock.size) == (mode, size)
 
 
 def test_error_is_collected_not_first(tmp_path: pathlib.Path) -> None:
     path = write(tmp_path, {"vm": {"name": "a b", "memory": "x", "cpus": -1}})
     with pytest.raises(ConfigError) as e:
-        config.load(path)
+        loader.load(path)
     assert [p.path for p in e.value.problems] == ["vm.name", "vm.memory", "vm.cpus"]
 
 
@@ -132,7 +134,7 @@ def test_size_parser_never_crashes(text: str) -> None:
 def test_any_vm_table_gives_a_config_or_located_errors(vm: dict[str, object]) -> None:
     text = tomli_w.dumps({"vm": vm})
     try:
-        config.parse(text, pathlib.Path("fuzz.toml"))
+        loader.parse(text, pathlib.Path("fuzz.toml"))
     except ConfigError as e:
         assert e.problems
         assert all(line.startswith("fuzz.toml: vm") for line in e.lines())
@@ -192,7 +194,7 @@ def test_sizes_are_exact_and_bounded() -> None:
         assert e.value.reason == reason, text
 
 
-CTX = config.Context(base=pathlib.Path("."))
+CTX = parsers.Context(base=pathlib.Path("."))
 
 
 @pytest.mark.parametrize(
@@ -209,47 +211,47 @@ CTX = config.Context(base=pathlib.Path("."))
     ],
 )
 def test_memory_is_whole_mib_within_bounds(text: str, message: str) -> None:
-    with pytest.raises(config.Invalid) as e:
-        config.memory_size(text, CTX)
+    with pytest.raises(parsers.Invalid) as e:
+        parsers.memory_size(text, CTX)
     assert message in e.value.message
     assert e.value.hint is None or e.value.hint  # never an empty hint
 
 
 def test_memory_and_memlock_limits() -> None:
-    assert config.memory_size("1.5G", CTX) == 1536 * MiB
-    assert config.memory_size("1M", CTX) == MiB
-    assert config.memory_size("16T", CTX) == 16 * TiB
-    assert config.memlock_size("1K", CTX) == KiB
-    assert config.memlock_size("64T", CTX) == 64 * TiB
-    with pytest.raises(config.Invalid, match=r"out of range 1K\.\.64T"):
-        config.memlock_size("65T", CTX)
-    with pytest.raises(config.Invalid) as e:
-        config.memory_size("1025K", CTX)
+    assert parsers.memory_size("1.5G", CTX) == 1536 * MiB
+    assert parsers.memory_size("1M", CTX) == MiB
+    assert parsers.memory_size("16T", CTX) == 16 * TiB
+    assert parsers.memlock_size("1K", CTX) == KiB
+    assert parsers.memlock_size("64T", CTX) == 64 * TiB
+    with pytest.raises(parsers.Invalid, match=r"out of range 1K\.\.64T"):
+        parsers.memlock_size("65T", CTX)
+    with pytest.raises(parsers.Invalid) as e:
+        parsers.memory_size("1025K", CTX)
     assert e.value.hint == 'round it to whole MiB: "1M" or "2M"'
 
 
 def problems_of(tmp_path: pathlib.Path, data: Mapping[str, object]) -> list[str]:
     with pytest.raises(ConfigError) as e:
-        config.load(write(tmp_path, data))
+        loader.load(write(tmp_path, data))
     return [f"{p.path}: {p.message}" for p in e.value.problems]
 
 
 VM = {"name": "t", "memory": "64M"}
 
 
-@pytest.mark.parametrize("ident", sorted(config.RESERVED_IDS))
+@pytest.mark.parametrize("ident", sorted(rules.RESERVED_IDS))
 @pytest.mark.parametrize("section", ["iommufd", "vfio", "disk", "net"])
 def test_reserved_ids_are_refused_in_every_section(tmp_path: pathlib.Path, section: str, ident: str) -> None:
     entry: dict[str, object] = {"id": ident}
     entry |= {"vfio": {"host": "01:00.0"}, "disk": {"path": "a.raw"}}.get(section, {})
     found = problems_of(tmp_path, {"vm": VM, section: [entry]})
-    assert f'{section}[0].id: "{ident}" is the id of {config.RESERVED_IDS[ident]}, which vmrun adds' in found
+    assert f'{section}[0].id: "{ident}" is the id of {rules.RESERVED_IDS[ident]}, which vmrun adds' in found
 
 
 def test_id_lengths_and_backing_names(tmp_path: pathlib.Path) -> None:
     def disk_ids(*ids: str) -> list[str]:
         try:
-            config.load(write(tmp_path, {"vm": VM, "disk": [{"id": i, "path": "a.raw"} for i in ids]}))
+            loader.load(write(tmp_path, {"vm": VM, "disk": [{"id": i, "path": "a.raw"} for i in ids]}))
         except ConfigError as e:
             return [p.path for p in e.problems]
         return []
@@ -258,7 +260,7 @@ def test_id_lengths_and_backing_names(tmp_path: pathlib.Path) -> None:
     assert disk_ids("d" * 23, "d-b1", "disk-b10", "x-b0") == ["disk[0].id", "disk[1].id", "disk[2].id", "disk[3].id"]
     nets = [{"id": "n" * 63}, {"id": "m" * 64}]
     assert problems_of(tmp_path, {"vm": VM, "net": nets}) == ["net[1].id: is 64 characters long, at most 63"]
-    assert config.load(write(tmp_path, {"vm": {**VM, "name": "n" * 64}})).vm.name == "n" * 64
+    assert loader.load(write(tmp_path, {"vm": {**VM, "name": "n" * 64}})).vm.name == "n" * 64
     assert problems_of(tmp_path, {"vm": {**VM, "name": "n" * 65}}) == ["vm.name: is 65 characters long, at most 64"]
 
 
@@ -344,7 +346,7 @@ def test_paths_refuse_control_characters_and_unknown_homes(tmp_path: pathlib.Pat
 
 def test_sysfsdev_is_normalised_and_stays_under_sys(tmp_path: pathlib.Path) -> None:
     def sysfsdev(path: str) -> str | None:
-        cfg = config.load(
+        cfg = loader.load(
             write(tmp_path, {"vm": VM, "vfio": [{"id": "v", "driver": "vfio-platform", "sysfsdev": path}]})
         )
         return cfg.vfio[0].sysfsdev
@@ -360,7 +362,7 @@ def test_forwards_report_every_bad_item_and_normalise_addresses(tmp_path: pathli
     forwards = ["tcp:2222:22", 7, "bad", "udp:0.0.0.0:5353:53", "tcp:1.2.3.04:1:2", "tcp:\u0661\u0662:22", ["x"]]
     found = problems_of(tmp_path, {"vm": VM, "net": [{"id": "n", "forwards": forwards}]})
     assert [f.split(": ")[0] for f in found] == [f"net[0].forwards[{i}]" for i in (1, 2, 4, 5, 6)]
-    cfg = config.load(write(tmp_path, {"vm": VM, "net": [{"id": "n", "forwards": ["udp:10.0.0.1:53:5353", "1:2"]}]}))
+    cfg = loader.load(write(tmp_path, {"vm": VM, "net": [{"id": "n", "forwards": ["udp:10.0.0.1:53:5353", "1:2"]}]}))
     assert [f.hostfwd() for f in cfg.net[0].forwards] == ["udp:10.0.0.1:53-:5353", "tcp:127.0.0.1:1-:2"]
 
 
@@ -372,7 +374,7 @@ def test_args_report_every_bad_item(tmp_path: pathlib.Path) -> None:
 def test_props_integers_fit_qemu(tmp_path: pathlib.Path) -> None:
     def props(**values: object) -> list[str]:
         try:
-            config.load(write(tmp_path, {"vm": VM, "vfio": [{"id": "v", "host": "01:00.0", "props": values}]}))
+            loader.load(write(tmp_path, {"vm": VM, "vfio": [{"id": "v", "host": "01:00.0", "props": values}]}))
         except ConfigError as e:
             return [p.path for p in e.problems]
         return []
@@ -386,13 +388,13 @@ def test_props_integers_fit_qemu(tmp_path: pathlib.Path) -> None:
 
 
 def test_env_sandbox_trusted(tmp_path: pathlib.Path) -> None:
-    cfg = config.load(write(tmp_path, {"vm": VM, "disk": [{"id": "d", "path": "a.raw"}]}))
+    cfg = loader.load(write(tmp_path, {"vm": VM, "disk": [{"id": "d", "path": "a.raw"}]}))
     assert (cfg.vm.env, cfg.vm.sandbox, cfg.disk[0].trusted) == ((), True, False)
     data: dict[str, object] = {
         "vm": {**VM, "env": {"Z": "1", "A_B": "x=y\nz", "_a1": ""}, "sandbox": False},
         "disk": [{"id": "d", "path": "a.raw", "trusted": True}],
     }
-    cfg = config.load(write(tmp_path, data))
+    cfg = loader.load(write(tmp_path, data))
     assert cfg.vm.env == (("Z", "1"), ("A_B", "x=y\nz"), ("_a1", ""))  # in the order written
     assert (cfg.vm.sandbox, cfg.disk[0].trusted) == (False, True)
     env = {"HOME": "/", "USER": "u", "LOGNAME": "u", "1A": "x", "A=B": "x", "A\n": "x", "N": "\0", "I": 1}
@@ -427,17 +429,17 @@ def test_env_sandbox_trusted(tmp_path: pathlib.Path) -> None:
 )
 def test_deep_nesting_in_process(text: str) -> None:
     with pytest.raises(ConfigError) as e:
-        config.parse(text, pathlib.Path("deep.toml"))
+        loader.parse(text, pathlib.Path("deep.toml"))
     assert e.value.lines() == ["deep.toml: arrays or tables are nested too deeply (a VM config needs a few levels)"]
 
 
 def test_huge_integers_are_config_problems() -> None:
     with pytest.raises(ConfigError) as e:
-        config.parse("[vm]\ncpus = " + "1" * 5000, pathlib.Path("n.toml"))
+        loader.parse("[vm]\ncpus = " + "1" * 5000, pathlib.Path("n.toml"))
     assert e.value.lines() == ["n.toml: a number has more than 4300 digits (numbers in a VM config have a few digits)"]
     hexa = "0x" + "f" * 5000
     with pytest.raises(ConfigError) as e:
-        config.parse(f"[vm]\nname = {hexa}\nmemory = {hexa}\ncpus = {hexa}\nargs = [{hexa}]", pathlib.Path("n.toml"))
+        loader.parse(f"[vm]\nname = {hexa}\nmemory = {hexa}\ncpus = {hexa}\nargs = [{hexa}]", pathlib.Path("n.toml"))
     assert [p.path for p in e.value.problems] == ["vm.name", "vm.memory", "vm.cpus", "vm.args[0]"]
     assert all(len(line) < 200 for line in e.value.lines())
 
@@ -447,12 +449,12 @@ def test_messages_escape_what_a_terminal_would_act_on() -> None:
     # (TOML has no surrogate escapes; the emoji is written as itself.)
     text = text.replace("\\ud83d\\ude00", "\U0001f600")
     with pytest.raises(ConfigError) as e:
-        config.parse(text, pathlib.Path("x.toml"))
+        loader.parse(text, pathlib.Path("x.toml"))
     assert e.value.lines() == [
         'x.toml: "\\u001b[31m": unknown section (sections are [vm], [[iommufd]], [[vfio]], [[disk]] and [[net]])',
         'x.toml: vm.name: "t\\u009b" is not allowed here '
         "(start with a letter or digit; then letters, digits, '-', '.' and '_')",
-        'x.toml: vm."k\\u202e": unknown key (known keys: ' + ", ".join(k.name for k in config.VM_KEYS) + ")",
+        'x.toml: vm."k\\u202e": unknown key (known keys: ' + ", ".join(k.name for k in keytable.VM_KEYS) + ")",
         'x.toml: vm.console: "\\U0001f600" is not one of stdio, socket, none',
     ]
     assert all(line.isascii() and line.isprintable() for line in e.value.lines())
@@ -462,10 +464,10 @@ def test_shown_is_short_and_total() -> None:
     deep: list[object] = []
     for _ in range(5000):
         deep = [deep]
-    assert len(config.shown(deep)) <= config.SHOWN_MAX
-    assert config.shown(2**100_000).endswith("[...]")
-    assert config.shown("x" * 1000) == '"' + "x" * 53 + '[...]"'
-    assert config.shown({"a b": [1, True, 1.5, "\n"]}) == '{ "a b" = [1, true, 1.5, "\\n"] }'
+    assert len(quoting.shown(deep)) <= quoting.SHOWN_MAX
+    assert quoting.shown(2**100_000).endswith("[...]")
+    assert quoting.shown("x" * 1000) == '"' + "x" * 53 + '[...]"'
+    assert quoting.shown({"a b": [1, True, 1.5, "\n"]}) == '{ "a b" = [1, true, 1.5, "\\n"] }'
 
 
 def test_pci_addresses_on_the_command_line() -> None:
@@ -479,13 +481,13 @@ def test_config_file_size_cap(tmp_path: pathlib.Path) -> None:
     head = '[vm]\nname = "t"\nmemory = "64M"\n'
     path = tmp_path / "vm.toml"
     path.write_text(head + "#" * (config_files.MAX_BYTES - len(head) - 1) + "\n")
-    assert config.load(path).vm.name == "t"  # exactly the cap
+    assert loader.load(path).vm.name == "t"  # exactly the cap
     path.write_text(head + "#" * (config_files.MAX_BYTES - len(head)) + "\n")
     with pytest.raises(ConfigError, match="is larger than 1024 KiB"):
-        config.load(path)
+        loader.load(path)
     path.write_bytes(b"#" * (2 << 20))
     with pytest.raises(ConfigError, match="is larger than 1024 KiB"):
-        config.load(path)
+        loader.load(path)
 
 
 def test_special_files_are_never_opened(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -506,7 +508,7 @@ def test_special_files_are_never_opened(tmp_path: pathlib.Path, monkeypatch: pyt
     monkeypatch.setattr(os, "open", spy)
     for path, kind in ((fifo, "a FIFO"), (link, "a FIFO"), (tmp_path / "sock", "a socket"), (tmp_path, "a directory")):
         with pytest.raises(ConfigError) as e:
-            config.load(path)
+            loader.load(path)
         assert e.value.lines() == [f"{path}: is {kind} (a config is a regular TOML file)"]
     assert opened == []
     sock.close()
@@ -520,5 +522,5 @@ def test_a_file_swapped_after_the_stat_is_refused(tmp_path: pathlib.Path, monkey
     real_stat = os.stat
     monkeypatch.setattr(os, "stat", lambda p, *a, **k: regular if str(p) == str(fifo) else real_stat(p, *a, **k))
     with pytest.raises(ConfigError) as e:
-        config.load(fifo)
+        loader.load(fifo)
     assert e.value.lines() == [f"{fifo}: is a FIFO (a config is a regular TOML file)"]

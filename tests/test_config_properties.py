@@ -22,10 +22,11 @@ from hypothesis import strategies as st
 
 from tests import fakehost
 from tests.conftest import plan_for
-from vmrun import config, qemu_cmdline
-from vmrun.errors import ConfigError
-from vmrun.model import Config
-from vmrun.sizes import parse_size
+from vmrun.base.errors import ConfigError
+from vmrun.base.sizes import parse_size
+from vmrun.config import keytable, loader, parsers, rules
+from vmrun.config.model import Config
+from vmrun.qemu import cmdline as qemu_cmdline
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -45,7 +46,10 @@ values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
-KEYS = [k.name for k in (*config.VM_KEYS, *config.IOMMUFD_KEYS, *config.VFIO_KEYS, *config.DISK_KEYS, *config.NET_KEYS)]
+KEYS = [
+    k.name
+    for k in (*keytable.VM_KEYS, *keytable.IOMMUFD_KEYS, *keytable.VFIO_KEYS, *keytable.DISK_KEYS, *keytable.NET_KEYS)
+]
 keys = st.one_of(st.sampled_from([*KEYS, "bogus"]), st.text(max_size=8))
 tables = st.dictionaries(keys, values, max_size=8)
 documents = st.fixed_dictionaries(
@@ -64,7 +68,7 @@ VALID = '[vm]\nname = "t"\nmemory = "64M"\n'
 
 def parse_or_error(text: str) -> None:
     try:
-        assert isinstance(config.parse(text, pathlib.Path("fuzz.toml")), Config)
+        assert isinstance(loader.parse(text, pathlib.Path("fuzz.toml")), Config)
     except ConfigError as e:
         assert e.problems
         for line in e.lines():
@@ -126,7 +130,7 @@ def load_or_error(data: bytes) -> None:
         f.write(data)
         f.flush()
         try:
-            config.load(f.name)
+            loader.load(f.name)
         except ConfigError as e:
             assert e.problems
             assert all(line.isascii() and line.isprintable() for line in e.lines())
@@ -196,12 +200,12 @@ prop_values = st.one_of(hostile, st.just(""), st.integers(-(2**63), 2**64 - 1), 
 # Names QEMU gives a meaning, then any: those vmrun sets itself are the config's to refuse.
 prop_names = st.one_of(
     st.sampled_from(["x-vga", "rombar", "romfile", "bus", "addr", "multifunction", "driver", "id", "fd"]),
-    st.from_regex(config.ID_RE, fullmatch=True).filter(lambda n: len(n) <= 20),
-).filter(lambda n: n not in config.PLANNED_PROPS)
+    st.from_regex(rules.ID_RE, fullmatch=True).filter(lambda n: len(n) <= 20),
+).filter(lambda n: n not in rules.PLANNED_PROPS)
 ids = st.from_regex(r"[A-Za-z][A-Za-z0-9_.-]{0,21}", fullmatch=True).filter(
-    lambda i: i not in config.RESERVED_IDS and not config.BACKING_NODE_RE.fullmatch(i)
+    lambda i: i not in rules.RESERVED_IDS and not rules.BACKING_NODE_RE.fullmatch(i)
 )
-names = st.from_regex(config.NAME_RE, fullmatch=True)
+names = st.from_regex(rules.NAME_RE, fullmatch=True)
 BOUND = ["0000:01:00.0", "0000:02:00.0", "0000:03:00.0", "0000:05:00.0"]
 
 
@@ -248,7 +252,7 @@ def valid_configs(draw: st.DrawFn) -> dict[str, Any]:
         disk["interface"] = draw(st.sampled_from(["virtio-blk", "nvme", "scsi"]))
         disk["trusted"] = draw(st.booleans())
         if draw(st.booleans()):
-            disk["serial"] = draw(st.from_regex(config.SERIAL_RE, fullmatch=True))
+            disk["serial"] = draw(st.from_regex(rules.SERIAL_RE, fullmatch=True))
         disks.append(disk)
     nets = []
     for _ in range(counts[3]):
@@ -262,9 +266,9 @@ def valid_configs(draw: st.DrawFn) -> dict[str, Any]:
         "accel": draw(st.sampled_from(["tcg", "kvm"])),
         "machine": draw(st.sampled_from(["q35", "pc", "pc-q35-8.2"])),
         "sandbox": draw(st.booleans()),
-        "env": draw(st.dictionaries(st.from_regex(config.ENV_NAME_RE, fullmatch=True), hostile, max_size=2)),
+        "env": draw(st.dictionaries(st.from_regex(parsers.ENV_NAME_RE, fullmatch=True), hostile, max_size=2)),
     }
-    vm["env"] = {k: v for k, v in vm["env"].items() if k not in config.ENV_RESERVED}
+    vm["env"] = {k: v for k, v in vm["env"].items() if k not in parsers.ENV_RESERVED}
     mib = draw(st.integers(1, 16 * 1024 * 1024))
     vm["memory"] = vm["memory"].format(mib if vm["memory"].endswith("M") else mib * 1024)
     if draw(st.booleans()):
@@ -297,7 +301,7 @@ def test_argv_split_back_gives_exactly_the_configs_options(
     path.write_text(tomli_w.dumps(data))
     for disk in data["disk"]:
         (directory / disk["path"]).write_bytes(b"")
-    cfg = config.load(path)
+    cfg = loader.load(path)
     plan = plan_for(path, root)
     opts = options(plan.options, plan.argv)
     split = {opt: [qemu_split(v) for o, v in opts if o == opt and v is not None] for opt in KEYVAL_OPTIONS}
@@ -358,6 +362,6 @@ def test_valid_configs_are_valid() -> None:
     @settings(max_examples=50, deadline=None)
     @given(valid_configs())
     def check(data: dict[str, Any]) -> None:
-        assert isinstance(config.parse(tomli_w.dumps(data), pathlib.Path("/tmp/vm.toml")), Config)
+        assert isinstance(loader.parse(tomli_w.dumps(data), pathlib.Path("/tmp/vm.toml")), Config)
 
     check()

@@ -9,9 +9,11 @@ import pathlib
 import pytest
 
 from tests.conftest import plan_for
-from vmrun import cli, config, dropins, render
-from vmrun.errors import ConfigError
-from vmrun.sizes import GiB
+from vmrun import cli
+from vmrun.base.errors import ConfigError
+from vmrun.base.sizes import GiB
+from vmrun.config import dropins, loader
+from vmrun.plan import render
 
 BASE = """\
 [vm]
@@ -59,7 +61,7 @@ def test_merge_rules(tmp_path: pathlib.Path) -> None:
             ".#60-x.toml": "not = [valid",
         },
     )
-    cfg = config.load(path)
+    cfg = loader.load(path)
     assert cfg.vm.memory == 4 * GiB and cfg.vm.cpus == 2
     assert [d.id for d in cfg.vfio] == ["gpu0", "nic0"]
     assert cfg.vfio[1].host == "0000:02:00.0"
@@ -92,7 +94,7 @@ def test_errors_name_the_dropin_that_set_the_key(tmp_path: pathlib.Path, capsys:
 
 def test_relative_paths_start_at_the_file_that_names_them(tmp_path: pathlib.Path) -> None:
     path = tree(tmp_path, {"10-disk.toml": '[[disk]]\nid = "data"\npath = "data.raw"\n'})
-    cfg = config.load(path)
+    cfg = loader.load(path)
     assert cfg.disk[0].path == tmp_path / "root.raw"
     assert cfg.disk[1].path == tmp_path / "w.toml.d" / "data.raw"
 
@@ -100,7 +102,7 @@ def test_relative_paths_start_at_the_file_that_names_them(tmp_path: pathlib.Path
 def test_syntax_errors_of_several_dropins_all_reported(tmp_path: pathlib.Path) -> None:
     path = tree(tmp_path, {"10-a.toml": "[vm\n", "20-b.toml": "x = \n"})
     with pytest.raises(ConfigError) as e:
-        config.load(path)
+        loader.load(path)
     lines = e.value.lines()
     assert lines[0].startswith(f"{tmp_path}/w.toml.d/10-a.toml: line 1, column 4: TOML syntax error")
     assert lines[1].startswith(f"{tmp_path}/w.toml.d/20-b.toml: line 1, column 5: TOML syntax error")
@@ -111,12 +113,12 @@ def test_a_dropin_directory_that_is_a_file_is_refused(tmp_path: pathlib.Path) ->
     path.write_text(BASE)
     (tmp_path / "w.toml.d").write_text("")
     with pytest.raises(ConfigError, match=r"w\.toml\.d: is not a directory"):
-        config.load(path)
+        loader.load(path)
 
 
 def test_an_empty_array_clears_a_section(tmp_path: pathlib.Path) -> None:
     path = tree(tmp_path, {"10-nodisk.toml": "disk = []\n"})
-    cfg = config.load(path)
+    cfg = loader.load(path)
     assert cfg.disk == ()
     # What the config wrote inside the replaced value is gone with it.
     assert cfg.sources.set_by("disk[0].path") == []
@@ -126,7 +128,7 @@ def test_an_empty_array_clears_a_section(tmp_path: pathlib.Path) -> None:
 def test_a_value_of_the_wrong_type_is_reported_at_the_dropin(tmp_path: pathlib.Path) -> None:
     path = tree(tmp_path, {"10-env.toml": '[vm]\nenv = { A = "1" }\n', "20-env.toml": "[vm]\nenv = 3\n"})
     with pytest.raises(ConfigError) as e:
-        config.load(path)
+        loader.load(path)
     assert e.value.lines() == [
         f"{tmp_path}/w.toml.d/20-env.toml: vm.env: expected a table of environment variables, "
         'e.g. { RUST_LOG = "info" }, got integer 3'
@@ -186,7 +188,7 @@ def test_a_dropin_others_could_write_is_refused(tmp_path: pathlib.Path) -> None:
     dropin = tmp_path / "w.toml.d" / "10-mem.toml"
     dropin.chmod(0o666)
     with pytest.raises(ConfigError) as e:
-        config.load(path)
+        loader.load(path)
     owner = "uid 0 (root), group root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
     assert e.value.lines()[0].startswith(f"{dropin}: is writable by every user (owner {owner}") and e.value.lines()[
         0
@@ -194,13 +196,13 @@ def test_a_dropin_others_could_write_is_refused(tmp_path: pathlib.Path) -> None:
     dropin.chmod(0o644)
     (tmp_path / "w.toml.d").chmod(0o777)
     with pytest.raises(ConfigError, match=r"w\.toml\.d: is writable by every user .*mode 0777"):
-        config.load(path)
+        loader.load(path)
     (tmp_path / "w.toml.d").chmod(0o755)
     if os.geteuid() != 0:
         return  # only root can give a file away
     os.chown(dropin, 4242, 4242)
     with pytest.raises(ConfigError, match=r"10-mem\.toml: is owned by uid 4242, not by root \(owner uid 4242"):
-        config.load(path)
+        loader.load(path)
 
 
 def test_validate_names_the_dropins_it_merged(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:

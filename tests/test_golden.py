@@ -12,7 +12,7 @@ import pathlib
 import pytest
 
 from tests.conftest import REPO, plan_for
-from vmrun import render
+from vmrun.plan import render
 
 GOLDEN = REPO / "tests" / "golden"
 CASES = sorted(GOLDEN.glob("*.toml"))

@@ -16,9 +16,11 @@ import tomli_w
 
 from tests import fakehost
 from tests.conftest import ROOT, plan_for
-from vmrun import check, cli, pci
-from vmrun.bind import Binder, BindError
-from vmrun.host import Host
+from vmrun import cli
+from vmrun.host import pci
+from vmrun.host.facts import Host
+from vmrun.launch.bind import Binder, BindError
+from vmrun.tools import check
 
 PCI_IDS = """\
 # a few lines in the format of pci.ids
@@ -228,7 +230,7 @@ def test_bind_records_are_data_never_paths(tree: pathlib.Path, tmp_path: pathlib
 
 def test_bind_records_live_apart_from_vm_names() -> None:
     # A VM may be called "bind": its state directory is <state base>/bind, never the records.
-    from vmrun import bind
+    from vmrun.launch import bind
 
     assert bind.STATE_DIR == "/run/vmrun-bind" and not bind.STATE_DIR.startswith("/run/vmrun/")
 

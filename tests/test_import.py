@@ -12,8 +12,12 @@ import pytest
 
 from tests.conftest import REPO, plan_for
 from tests.test_lifecycle import Running
-from vmrun import cli, config, host, importer, qemu_cmdline
-from vmrun.plan import Plan
+from vmrun import cli
+from vmrun.config import loader
+from vmrun.host import facts as host
+from vmrun.plan.planner import Plan
+from vmrun.qemu import cmdline as qemu_cmdline
+from vmrun.tools import importer
 
 GOLDEN = sorted((REPO / "tests" / "golden").glob("*.toml"))
 FD_RE = re.compile(r"(?<=fd=)[0-9]+|(?<=/proc/self/fd/)[0-9]+|(?<=/dev/fdset/)[0-9]+|(?<=set=)[0-9]+")
@@ -98,7 +102,7 @@ def test_a_hand_written_command_line(tmp_path: pathlib.Path, standard_host: path
     assert "    # -overcommit mem-lock=off: not modelled by vmrun: kept as is\n" in text
     assert "    # -machine usb=on: machine properties vmrun does not model\n" in text
     assert "    # -cpu host,+invtsc: CPU features vmrun does not model\n" in text
-    config.parse(text, tmp_path / "x.toml")
+    loader.parse(text, tmp_path / "x.toml")
 
 
 def test_cli_reads_args_after_the_separator_and_writes_a_file(

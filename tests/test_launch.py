@@ -22,9 +22,9 @@ import tomli_w
 
 from tests import fakehost
 from tests.conftest import REPO, is_root
-from vmrun.errors import LaunchError
-from vmrun.launch import place_fds, set_memlock
-from vmrun.sizes import MiB
+from vmrun.base.errors import LaunchError
+from vmrun.base.sizes import MiB
+from vmrun.launch.launcher import place_fds, set_memlock
 
 FAKE_QEMU = REPO / "tests" / "fake-qemu"
 needs_root = pytest.mark.skipif(not is_root(), reason="switching users needs root")

@@ -27,7 +27,9 @@ import pytest
 import tomli_w
 
 from tests.conftest import REPO
-from vmrun import cli, completion, state
+from vmrun import cli
+from vmrun.control import state
+from vmrun.tools import completion
 
 QEMU_MARK = pytest.mark.qemu
 
@@ -91,7 +93,7 @@ class Running:
 
 
 def vm_answers(path: str) -> bool:
-    from vmrun import qmp
+    from vmrun.control import qmp
 
     try:
         qmp.execute(path, "query-status")
@@ -453,7 +455,7 @@ def test_systemd_unit(tmp_path: pathlib.Path) -> None:
     assert "LimitMEMLOCK" not in settings
     # systemd's own SIGTERM/SIGKILL must not cut vmrun stop short: its timeout, the wait after
     # SIGKILL, and a margin.
-    from vmrun import lifecycle
+    from vmrun.control import lifecycle
 
     assert int(settings["TimeoutStopSec"]) > cli.STOP_TIMEOUT + lifecycle.KILL_WAIT
     analyze = shutil.which("systemd-analyze")

@@ -21,10 +21,12 @@ import tomli_w
 
 from tests.conftest import FAKE_CAPS, ROOT, is_root
 from tests.test_plan import qcow2_header
-from vmrun import cli, config, host
-from vmrun.host import image_facts, lookup_user
-from vmrun.opener import Opener
-from vmrun.plan import Plan, plan
+from vmrun import cli
+from vmrun.config import loader
+from vmrun.host import facts as host
+from vmrun.host.facts import image_facts, lookup_user
+from vmrun.kernel.opener import Opener
+from vmrun.plan.planner import Plan, plan
 
 pytestmark = pytest.mark.skipif(not is_root(), reason="opening as another user needs root")
 NOBODY = lookup_user("nobody")
@@ -55,7 +57,7 @@ def plan_as_nobody(directory: pathlib.Path, standard_host: pathlib.Path, **secti
     vm = {"name": "t", "memory": "64M", "user": "nobody", **sections.pop("vm", {})}
     path = directory / "vm.toml"
     path.write_text(tomli_w.dumps({"vm": vm, **sections}))
-    cfg = config.load(path)
+    cfg = loader.load(path)
     return plan(cfg, host.gather(cfg, standard_host, qemu_caps=lambda _: FAKE_CAPS, launcher=ROOT))
 
 

@@ -13,10 +13,14 @@ import tomli_w
 
 from tests import fakehost
 from tests.conftest import plan_for
-from vmrun import config, cpulist, host_read, launch, numa, render
-from vmrun.errors import ConfigError, LaunchError
-from vmrun.memlock import MemlockPlan
-from vmrun.plan import Plan
+from vmrun.base import cpulist
+from vmrun.base.errors import ConfigError, LaunchError
+from vmrun.config import loader
+from vmrun.host import numa, reader
+from vmrun.launch import launcher as launch
+from vmrun.plan import render
+from vmrun.plan.memlock import MemlockPlan
+from vmrun.plan.planner import Plan
 
 
 def vm_config(tmp_path: pathlib.Path, devices: tuple[str, ...] = ("0000:01:00.0",), **vm: Any) -> pathlib.Path:
@@ -178,14 +182,14 @@ def test_cli_check_shows_the_shortage(
 )
 def test_key_validation(tmp_path: pathlib.Path, vm: Mapping[str, Any], expected: str) -> None:
     with pytest.raises(ConfigError) as e:
-        config.load(vm_config(tmp_path, **vm))
+        loader.load(vm_config(tmp_path, **vm))
     assert any(line.split(": ", 1)[1].startswith(expected) for line in e.value.lines()), e.value.lines()
 
 
 def test_key_values(tmp_path: pathlib.Path) -> None:
-    vm = config.load(vm_config(tmp_path, hugepages="1G", memory="2G", prealloc=True, numa=3)).vm
+    vm = loader.load(vm_config(tmp_path, hugepages="1G", memory="2G", prealloc=True, numa=3)).vm
     assert (vm.hugepages, vm.prealloc, vm.numa) == ("1G", True, 3)
-    vm = config.load(vm_config(tmp_path)).vm
+    vm = loader.load(vm_config(tmp_path)).vm
     assert (vm.hugepages, vm.prealloc, vm.numa) == ("off", False, "auto")
 
 
@@ -193,8 +197,8 @@ def test_cpulist_round_trip() -> None:
     assert cpulist.parse_cpulist("0-3,8,10-11\n") == (0, 1, 2, 3, 8, 10, 11)
     assert cpulist.format_cpulist((0, 1, 2, 3, 8, 10, 11)) == "0-3,8,10-11"
     assert cpulist.parse_cpulist("") == ()
-    assert host_read.device_node("-1") is None and host_read.device_node(None) is None
-    assert host_read.device_node("1") == 1 and host_read.device_node("x") is None
+    assert reader.device_node("-1") is None and reader.device_node(None) is None
+    assert reader.device_node("1") == 1 and reader.device_node("x") is None
 
 
 def plan_with_affinity(cpus: tuple[int, ...] | None) -> Plan:

@@ -15,12 +15,15 @@ import tomli_w
 
 from tests import fakehost
 from tests.conftest import FAKE_CAPS, REPO, ROOT, UNPRIVILEGED, is_root, plan_for
-from vmrun import cli, host, qemu_caps, render
-from vmrun.host import Launcher
-from vmrun.memlock import MARGIN
-from vmrun.plan import Plan
-from vmrun.qemu_caps import QemuCaps
-from vmrun.sizes import GiB
+from vmrun import cli
+from vmrun.base.sizes import GiB
+from vmrun.host import facts as host
+from vmrun.host import qemu_caps
+from vmrun.host.facts import Launcher
+from vmrun.host.qemu_caps import QemuCaps
+from vmrun.plan import render
+from vmrun.plan.memlock import MARGIN
+from vmrun.plan.planner import Plan
 
 SHARED: dict[str, Any] = {
     "vm": {"name": "t", "memory": "1G", "user": "nobody"},

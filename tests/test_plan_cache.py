@@ -1,4 +1,4 @@
-"""A kept plan is launched only when nothing it came from has changed (vmrun/plan_cache.py).
+"""A kept plan is launched only when nothing it came from has changed (vmrun/launch/plan_cache.py).
 
 Every test launches for real (vmrun as a process, QEMU's stand-in recording what it got),
 once to keep the plan and again after changing one thing the plan depends on; -X importtime
@@ -47,7 +47,7 @@ def launch(
     )
     modules = modules_in(proc.stderr)
     proc.stderr = "\n".join(line for line in proc.stderr.splitlines() if not line.startswith("import time:"))
-    return proc, "vmrun.plan" in modules
+    return proc, "vmrun.plan.planner" in modules
 
 
 def recorded(outdir: pathlib.Path) -> dict[str, Any]:
@@ -261,7 +261,7 @@ def test_an_entry_someone_else_could_have_written_is_not_trusted(
 def test_the_key_reads_dropins_only_where_the_loader_would(tmp_path: pathlib.Path) -> None:
     """vmrun runs as root and takes the key before the loader has checked the drop-in
     directory: what it opens there must be what the loader would open."""
-    from vmrun import plan_cache
+    from vmrun.launch import plan_cache
 
     cfg = tmp_path / "vm.toml"
     cfg.write_text('[vm]\nname = "t"\nmemory = "64M"\n')

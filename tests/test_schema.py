@@ -13,8 +13,10 @@ import jsonschema
 import pytest
 
 from tests.conftest import REPO
-from vmrun import cli, config, schema
-from vmrun.errors import ConfigError
+from vmrun import cli
+from vmrun.base.errors import ConfigError
+from vmrun.config import keytable, loader, quoting
+from vmrun.tools import schema
 
 BAD = sorted((REPO / "tests" / "bad").glob("*.toml"))
 SHIPPED = sorted(
@@ -39,8 +41,8 @@ def test_the_schema_is_a_valid_2020_12_schema() -> None:
 
 def test_every_key_of_every_section_is_described() -> None:
     props = schema.schema()["properties"]
-    for section, keys in config.SECTION_KEYS.items():
-        table = props[section]["items"] if config.SECTIONS[section] == "array" else props[section]
+    for section, keys in keytable.SECTION_KEYS.items():
+        table = props[section]["items"] if keytable.SECTIONS[section] == "array" else props[section]
         assert table["additionalProperties"] is False
         for key in keys:
             assert table["properties"][key.name]["description"] == key.doc
@@ -62,7 +64,7 @@ def test_the_configs_the_project_ships_are_valid() -> None:
 def key_path(parts: Any) -> str:
     out = ""
     for part in parts:
-        out += f"[{part}]" if isinstance(part, int) else config.key_part(part) if out else config.key_part(part)[1:]
+        out += f"[{part}]" if isinstance(part, int) else quoting.key_part(part) if out else quoting.key_part(part)[1:]
     return out
 
 
@@ -73,7 +75,7 @@ def test_the_schema_rejects_what_the_parser_rejects_for_type_or_key(file: pathli
     except (tomllib.TOMLDecodeError, RecursionError, ValueError):
         pytest.skip("not a TOML document: no editor schema applies")
     with pytest.raises(ConfigError) as e:
-        config.load(file)
+        loader.load(file)
     wanted = [p for p in e.value.problems if TYPE_OR_KEY.search(p.message)]
     try:
         at = [key_path(err.absolute_path) for err in validator().iter_errors(doc)]

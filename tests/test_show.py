@@ -11,15 +11,17 @@ import pytest
 
 from tests.conftest import REPO
 from tests.test_dropins import BASE, tree
-from vmrun import cli, config, show
+from vmrun import cli
+from vmrun.config import loader
+from vmrun.tools import show
 
 CONFIGS = sorted(p for d in ("configs", "tests/golden", "tests/smoke") for p in (REPO / d).glob("*.toml"))
 
 
 @pytest.mark.parametrize("file", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_the_toml_form_is_a_config_of_the_same_vm(file: pathlib.Path, tmp_path: pathlib.Path) -> None:
-    cfg = config.load(file)
-    again = config.parse(show.toml_text(cfg), tmp_path / "shown.toml")
+    cfg = loader.load(file)
+    again = loader.parse(show.toml_text(cfg), tmp_path / "shown.toml")
     assert attrs.evolve(again, file=cfg.file) == cfg
 
 

@@ -18,7 +18,9 @@ import pytest
 import tomli_w
 
 from tests.conftest import REPO
-from vmrun import config, qmp, smoke, state
+from vmrun.config import loader
+from vmrun.control import qmp, state
+from vmrun.tools import smoke
 
 DEMO = REPO / "configs" / "demo.toml"
 
@@ -268,7 +270,7 @@ def test_expected_from_a_config(tmp_path: pathlib.Path) -> None:
             {"id": "plat0", "driver": "vfio-platform", "sysfsdev": "/sys/bus/platform/devices/x"},
         ],
     )
-    expected = smoke.Expected.of(config.load(cfg))
+    expected = smoke.Expected.of(loader.load(cfg))
     assert expected == smoke.Expected(
         devices=(("gpu0", "vfio-pci"), ("plat0", "vfio-platform")), objects=(("iommufd0", "iommufd"),)
     )

@@ -6,7 +6,8 @@ import pathlib
 import threading
 import time
 
-from vmrun import host, smoke_schedule
+from vmrun.host import facts as host
+from vmrun.tools import smoke_schedule
 
 
 def test_jobs_that_share_a_claim_never_overlap_and_the_others_do() -> None:

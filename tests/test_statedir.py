@@ -20,7 +20,10 @@ import pytest
 
 from tests.conftest import REPO, UNPRIVILEGED, is_root, plan_for
 from tests.test_launch import config, run_recorded, run_refused
-from vmrun import host, state, statedir
+from vmrun.base.errors import VmError
+from vmrun.control import state
+from vmrun.host import reader
+from vmrun.kernel import statedir
 
 needs_root = pytest.mark.skipif(not is_root(), reason="changing owners needs root")
 
@@ -109,14 +112,14 @@ def test_no_predictable_state_directory_without_a_runtime_dir(
 ) -> None:
     monkeypatch.delenv("VMRUN_STATE_DIR")
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
-    assert host.state_base(1000) is None
-    assert host.state_base(0) == "/run/vmrun"
+    assert reader.state_base(1000) is None
+    assert reader.state_base(0) == "/run/vmrun"
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
-    assert host.state_base(1000) == "/run/user/1000/vmrun"
+    assert reader.state_base(1000) == "/run/user/1000/vmrun"
     monkeypatch.setenv("XDG_RUNTIME_DIR", "run/user/1000")  # relative: the XDG spec says ignore it
-    assert host.state_base(1000) is None
+    assert reader.state_base(1000) is None
     monkeypatch.setenv("VMRUN_STATE_DIR", "state")  # sockets are connected to by path: made absolute
-    assert host.state_base(1000) == os.path.join(os.getcwd(), "state")
+    assert reader.state_base(1000) == os.path.join(os.getcwd(), "state")
     monkeypatch.delenv("VMRUN_STATE_DIR")
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     cfg = tmp_path / "vm.toml"
@@ -128,7 +131,7 @@ def test_no_predictable_state_directory_without_a_runtime_dir(
         " or run vmrun as root)"
     ]
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    with pytest.raises(state.VmError, match="no state directory: XDG_RUNTIME_DIR is not set"):
+    with pytest.raises(VmError, match="no state directory: XDG_RUNTIME_DIR is not set"):
         state.base()
 
 
@@ -137,7 +140,14 @@ def test_no_predictable_state_directory_without_a_runtime_dir(
 AS_NOBODY = """
 import os, pwd, sys
 import psutil
-from vmrun import check, cli, host, host_read, launch, lifecycle, plan, plan_cache, qmp, render, state, statedir
+from vmrun import cli
+from vmrun.config import loader
+from vmrun.control import lifecycle, qmp, state
+from vmrun.host import facts, reader
+from vmrun.kernel import statedir
+from vmrun.launch import launcher, plan_cache
+from vmrun.plan import planner, render
+from vmrun.tools import check
 cli.parser()  # argparse imports more (shutil, locale) when it first builds a parser: as root, who can read them
 nobody = pwd.getpwnam("nobody")
 keep = os.environ.get("NOBODY_STATE_DIR")

@@ -1,4 +1,4 @@
-"""The trust rule (vmrun/trust.py) for every file that steers vmrun as root: a config, its
+"""The trust rule (vmrun/base/trust.py) for every file that steers vmrun as root: a config, its
 drop-in directory and drop-ins, and the plan cache's key, which reads them as the loader
 does. (Fragments: tests/test_attach.py.) Each test plays the other local user, `mallory`,
 who wants root to hand QEMU a file of theirs or a root-only one."""
@@ -16,8 +16,11 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import LocalUsers
-from vmrun import config, host_read, plan_cache, qemu_caps, trust
-from vmrun.errors import ConfigError
+from vmrun.base import trust
+from vmrun.base.errors import ConfigError
+from vmrun.config import loader
+from vmrun.host import qemu_caps, reader
+from vmrun.launch import plan_cache
 
 # What mallory wants root to do: open /etc/shadow for QEMU.
 LOOT = '[[disk]]\nid = "loot"\npath = "/etc/shadow"\ntrusted = true\n'
@@ -56,14 +59,14 @@ def link(path: pathlib.Path, target: str, uid: int = 0) -> pathlib.Path:
 def loads_loot(cfg: pathlib.Path) -> bool:
     """Whether the config as vmrun reads it has mallory's disk; False when it is refused."""
     try:
-        return any(d.id == "loot" for d in config.load(cfg).disk)
+        return any(d.id == "loot" for d in loader.load(cfg).disk)
     except ConfigError:
         return False
 
 
 def refusal(cfg: pathlib.Path) -> str:
     with pytest.raises(ConfigError) as e:
-        config.load(cfg)
+        loader.load(cfg)
     return str(e.value)
 
 
@@ -115,7 +118,7 @@ def test_a_link_another_user_owns_is_not_followed(
     assert f"{shared / '50-a.toml'}: is owned by uid {mallory}" in refusal(owned_config)
     (shared / "50-a.toml").unlink()
     link(shared / "50-a.toml", f"../../{others.name}/10-nic.toml")  # root's link to root's file: followed
-    assert [d.id for d in config.load(owned_config).vfio] == ["nic0"]
+    assert [d.id for d in loader.load(owned_config).vfio] == ["nic0"]
 
 
 def test_a_dropin_directory_a_group_may_write_is_refused(owned_config: pathlib.Path, local_users: LocalUsers) -> None:
@@ -126,7 +129,7 @@ def test_a_dropin_directory_a_group_may_write_is_refused(owned_config: pathlib.P
     message = refusal(owned_config)
     assert f"{shared}: is writable by group {local_users.ops}" in message and f"(chmod g-w {shared})" in message
     os.chown(shared, local_users.uid(local_users.owner), 0)  # root's group: only root is in it
-    assert config.load(owned_config).vm.memory == 96 << 20
+    assert loader.load(owned_config).vm.memory == 96 << 20
 
 
 def test_swapping_links_in_a_group_writable_directory_never_gets_in(
@@ -177,14 +180,14 @@ def test_a_directory_on_the_path_that_another_user_controls_is_refused(
     cfg = put(theirs / "web.toml", VM)  # root's config, in mallory's directory: they can swap it
     assert f"{theirs}, a directory on its path, is owned by uid {mallory}" in refusal(cfg)
     os.chown(cfg, mallory, mallory)  # mallory's own config, named by root itself: root chose it
-    assert config.load(cfg).owner == mallory
+    assert loader.load(cfg).owner == mallory
     open_dir = directory(base / "open", mode=0o777)
     cfg = put(open_dir / "web.toml", VM)
     message = refusal(cfg)
     assert f"{open_dir}, a directory on its path, is writable by every user" in message
     assert "sticky bit (chmod +t)" in message
     open_dir.chmod(0o1777)  # as /tmp: nobody may rename or remove root's file there
-    assert config.load(cfg).vm.name == "web"
+    assert loader.load(cfg).vm.name == "web"
 
 
 def test_a_second_name_in_a_shared_directory_is_refused(base: pathlib.Path) -> None:
@@ -192,7 +195,7 @@ def test_a_second_name_in_a_shared_directory_is_refused(base: pathlib.Path) -> N
     original = put(base / "web.toml", VM)
     os.link(original, sticky / "web.toml")  # as if planted there: the file's other name is elsewhere
     assert "has 2 names, in a directory others may write" in refusal(sticky / "web.toml")
-    assert config.load(original).vm.name == "web"  # its own directory is root's alone
+    assert loader.load(original).vm.name == "web"  # its own directory is root's alone
 
 
 def test_nothing_is_read_from_what_is_refused(
@@ -229,8 +232,8 @@ def test_root_never_caches_where_the_callers_environment_points(
     mallory = local_users.uid(local_users.mallory)
     monkeypatch.delenv("VMRUN_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(base / "mallory" / ".cache"))
-    assert host_read.cache_base(0) == "/var/cache/vmrun"
-    assert host_read.cache_base(1000) == f"{base}/mallory/.cache/vmrun"
+    assert reader.cache_base(0) == "/var/cache/vmrun"
+    assert reader.cache_base(1000) == f"{base}/mallory/.cache/vmrun"
     # Through a directory of mallory's, and through mallory's link to a directory of root's.
     target = directory(base / "roots")
     theirs = directory(base / "mallory", mallory, mallory)

@@ -16,14 +16,14 @@ import types
 from collections.abc import Callable, Sequence
 
 from vmrun import __version__
-from vmrun.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BadName, ConfigError, LaunchError, VmError
+from vmrun.base.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BadName, ConfigError, LaunchError, VmError
 
-TYPE_CHECKING = False  # as in host_read: typing itself costs a launch 15 ms
+TYPE_CHECKING = False  # as in host/reader.py: typing itself costs a launch 15 ms
 
 if TYPE_CHECKING:
     import argparse
 
-    from vmrun.plan import Plan
+    from vmrun.plan.planner import Plan
 
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
     AddParser = Callable[[Subparsers, str], None]
@@ -361,20 +361,21 @@ def add_completion(sub: Subparsers, name: str) -> None:
 
 
 def make_plan(file: str, host_root: str) -> Plan:
-    from vmrun import config, host
-    from vmrun.plan import plan
+    from vmrun.config import loader
+    from vmrun.host import facts as host
+    from vmrun.plan.planner import plan
 
-    cfg = config.load(file)
+    cfg = loader.load(file)
     return plan(cfg, host.gather(cfg, host_root))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from vmrun import config
+    from vmrun.config import loader
 
     status = EXIT_OK
     for file in args.files:
         try:
-            cfg = config.load(file)
+            cfg = loader.load(file)
         except ConfigError as e:
             print(e, file=sys.stderr)
             status = EXIT_USAGE
@@ -385,7 +386,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from vmrun import render
+    from vmrun.plan import render
 
     p = make_plan(args.file, args.host_root)
     sys.stdout.write(render.json_text(p) if args.json else render.text(p))
@@ -393,13 +394,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def say_err(line: str) -> None:
-    from vmrun.text import printable_lines
+    from vmrun.base.text import printable_lines
 
     print(printable_lines(line), file=sys.stderr, flush=True)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from vmrun import config_init, host
+    from vmrun.host import facts as host
+    from vmrun.tools import init as config_init
 
     try:
         result = config_init.build(args.name, addresses(args.devices), host.Host(args.host_root), args.legacy)
@@ -416,7 +418,11 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     import pathlib
 
-    from vmrun import config, config_init, host, importer, qemu_cmdline
+    from vmrun.config import loader
+    from vmrun.host import facts as host
+    from vmrun.qemu import cmdline as qemu_cmdline
+    from vmrun.tools import importer
+    from vmrun.tools import init as config_init
 
     argv = args.qemu_args[1:] if args.qemu_args[:1] == ["--"] else args.qemu_args
     if bool(argv) == (args.pid is not None):
@@ -434,7 +440,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     if user is not None:
         imported.doc["vm"]["user"] = user
     text = imported.text(source)
-    config.parse(text, pathlib.Path(args.output or "imported.toml"))  # the same checks as any config
+    loader.parse(text, pathlib.Path(args.output or "imported.toml"))  # the same checks as any config
     try:
         config_init.output(args.output, text, args.force, say_err, "import")
     except config_init.InitError as e:
@@ -443,15 +449,16 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from vmrun import config, show
+    from vmrun.config import loader
+    from vmrun.tools import show
 
-    cfg = config.load(args.file)
+    cfg = loader.load(args.file)
     sys.stdout.write(show.json_text(cfg) if args.json else show.toml_text(cfg) if args.toml else show.text(cfg))
     return EXIT_OK
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from vmrun import schema
+    from vmrun.tools import schema
 
     sys.stdout.write(schema.text(args.dropin))
     return EXIT_OK
@@ -460,7 +467,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     import json
 
-    from vmrun import check
+    from vmrun.tools import check
 
     report = check.check(make_plan(args.file, args.host_root))
     if args.json:
@@ -473,13 +480,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 def addresses(values: list[str]) -> list[str]:
     import pathlib
 
-    from vmrun import config
+    from vmrun.config import parsers
 
     out, bad = [], []
     for value in values:
         try:
-            out.append(config.pci_address(value, config.Context(base=pathlib.Path("."))))
-        except config.Invalid:
+            out.append(parsers.pci_address(value, parsers.Context(base=pathlib.Path("."))))
+        except parsers.Invalid:
             bad.append(value)
     if bad:
         raise UsageError(f"not a PCI address: {', '.join(bad)} (write DDDD:BB:DD.F or BB:DD.F)")
@@ -491,7 +498,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
     import attrs
 
-    from vmrun import host, pci
+    from vmrun.host import facts as host
+    from vmrun.host import pci
 
     wanted = set(addresses(args.addresses))
     devices = [
@@ -509,21 +517,21 @@ def cmd_devices(args: argparse.Namespace) -> int:
 def config_addresses(file: str) -> list[str]:
     import os
 
-    from vmrun import config
+    from vmrun.config import loader, rules
 
-    cfg = config.load(file)
+    cfg = loader.load(file)
     out = []
     for dev in cfg.vfio:
         if dev.host is not None:
             out.append(dev.host)
-        elif dev.sysfsdev is not None and config.PCI_RE.fullmatch(os.path.basename(dev.sysfsdev)):
+        elif dev.sysfsdev is not None and rules.PCI_RE.fullmatch(os.path.basename(dev.sysfsdev)):
             out.append(os.path.basename(dev.sysfsdev))
     return out
 
 
 def cmd_bind(args: argparse.Namespace) -> int:
-    from vmrun import host
-    from vmrun.bind import Binder
+    from vmrun.host import facts as host
+    from vmrun.launch.bind import Binder
 
     binder = Binder(host.Host(args.host_root))
     if args.command == "prepare":
@@ -538,8 +546,8 @@ def cmd_bind(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from vmrun import fd_open, plan_cache
-    from vmrun.launch import ensure_stdio, launch  # only `run` needs the module with side effects
+    from vmrun.launch import fd_open, plan_cache
+    from vmrun.launch.launcher import ensure_stdio, launch  # only `run` needs the module with side effects
 
     ensure_stdio()  # first: the opener's socket must not take the number of a closed stdio fd
     passed = fd_open.open_fds()  # the caller's fds, before vmrun opens any of its own
@@ -560,23 +568,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 def plan_and_run(args: argparse.Namespace, passed: frozenset[int], key: dict[str, object] | None) -> int:
     import attrs
 
-    from vmrun import config, host, host_read, plan_cache
-    from vmrun.launch import launch
-    from vmrun.opener import Opener
-    from vmrun.plan import plan
+    from vmrun.config import loader
+    from vmrun.host import facts as host
+    from vmrun.host import reader
+    from vmrun.kernel.opener import Opener
+    from vmrun.launch import plan_cache
+    from vmrun.launch.launcher import launch
+    from vmrun.plan.planner import plan
 
-    cfg = config.load(args.file)
+    cfg = loader.load(args.file)
     # One helper opens files as the VM user for the plan's facts and for the launch: one fork, not two.
     with Opener(host.lookup_user(cfg.vm.user) if cfg.vm.user else None) as opener:
         record, facts = host.gather_record(cfg, args.host_root, opener=opener)
         p = plan(cfg, facts)
         if key is not None:
-            plan_cache.store(key, args.file, args.host_root, host_read.query(cfg), record, p)
+            plan_cache.store(key, args.file, args.host_root, reader.query(cfg), record, p)
         if args.paused:
             # Last, after vm.args: QEMU creates the whole machine, the CPUs wait for QMP `cont`.
             p = attrs.evolve(p, options=(*p.options, ("-S",)))
         if args.dry_run:
-            from vmrun import render
+            from vmrun.plan import render
 
             sys.stdout.write(render.text(p))
             return EXIT_FAILED if p.problems else EXIT_OK
@@ -585,7 +596,7 @@ def plan_and_run(args: argparse.Namespace, passed: frozenset[int], key: dict[str
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    from vmrun import lifecycle
+    from vmrun.control import lifecycle
 
     lifecycle.ps(show_all=args.all, as_json=args.json, names_only=args.quiet)
     return EXIT_OK
@@ -594,7 +605,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from vmrun import lifecycle
+    from vmrun.control import lifecycle
 
     status = lifecycle.status(args.name)
     sys.stdout.write(json.dumps(status.to_json(), indent=2) + "\n" if args.json else status.text())
@@ -605,7 +616,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from vmrun import lifecycle
+    from vmrun.control import lifecycle
 
     lifecycle.stop(args.name, args.timeout)
     return EXIT_OK
@@ -614,7 +625,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_qmp(args: argparse.Namespace) -> int:
     import json
 
-    from vmrun import qmp, state
+    from vmrun.control import qmp, state
 
     arguments = None
     if args.qmp_args is not None:
@@ -631,23 +642,23 @@ def cmd_qmp(args: argparse.Namespace) -> int:
 
 
 def say(line: str) -> None:
-    from vmrun.text import printable_lines
+    from vmrun.base.text import printable_lines
 
     print(printable_lines(line), flush=True)
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
-    from vmrun import fd_open
+    from vmrun.launch import fd_open
 
     passed = fd_open.open_fds()  # before vmrun opens anything of its own
-    from vmrun import hotplug
+    from vmrun.control import hotplug
 
     hotplug.attach(args.name, args.fragment, args.host_root, say, passed)
     return EXIT_OK
 
 
 def cmd_detach(args: argparse.Namespace) -> int:
-    from vmrun import hotplug
+    from vmrun.control import hotplug
 
     try:
         hotplug.detach(args.name, args.id, args.timeout, say)
@@ -660,7 +671,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     import os
     import re
 
-    from vmrun import smoke
+    from vmrun.tools import smoke
 
     try:
         boot = re.compile(args.boot) if args.boot is not None else None
@@ -674,7 +685,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
-    from vmrun import completion
+    from vmrun.tools import completion
 
     sys.stdout.write(completion.script(parser(), args.shell))
     return EXIT_OK
@@ -757,7 +768,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def tell(message: str) -> None:
     """An error on stderr: whatever QEMU, a guest or a file put in it shows as escapes."""
-    from vmrun.text import printable_lines
+    from vmrun.base.text import printable_lines
 
     print(printable_lines(message), file=sys.stderr)
 

@@ -2133,7 +2133,12 @@ def kept_plan_launch(work: Workdir, name: str, cfg: Path, label: str) -> dict[st
         modules = {line.split("|")[2].strip() for line in vm.stderr().splitlines() if line.startswith("import time:")}
     finally:
         vm.close()
-    return {"planned": "vmrun.plan" in modules, "attrs": "attrs" in modules, "cdevs": held, "ready_s": round(ready, 2)}
+    return {
+        "planned": "vmrun.plan.planner" in modules,
+        "attrs": "attrs" in modules,
+        "cdevs": held,
+        "ready_s": round(ready, 2),
+    }
 
 
 @scenario

@@ -1,0 +1,54 @@
+"""The config's own words: which names, ids, paths and addresses it accepts, the ids
+vmrun keeps for itself, and the small rules other stages ask about (is_q35).
+"""
+
+from __future__ import annotations
+
+import re
+
+# Every pattern is applied with fullmatch: `$` would let a trailing newline through.
+# QEMU accepts ids that start with a letter and go on with letters, digits, '-', '.', '_'.
+ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+ID_MAX = 63
+# Planner.disk (vmrun/plan/planner.py) names a disk's block nodes ID-file and ID-fmt, and those of
+# its backing layers ID-bK-file and ID-bK-fmt, K up to host.MAX_BACKING_DEPTH (16); QEMU's
+# node names have at most 31 characters.
+DISK_ID_MAX = 31 - len("-b16-file")
+# Ids vmrun/plan/planner.py gives its own devices, chardevs and block nodes: a config must not take
+# them, or QEMU would refuse the duplicate, or wire the wrong thing together.
+RESERVED_IDS = {
+    "scsi0": "the SCSI controller of scsi disks",  # Planner.disk, -device virtio-scsi-pci
+    "viommu0": "the vIOMMU",  # Planner.build, -device intel-iommu / virtio-iommu-pci
+    "video0": "the video card of a display",  # Planner.display, -device VGA
+    "fw-code": "the UEFI code's block node",  # Planner.firmware, -blockdev (and fw-code-file)
+    "fw-vars": "the UEFI variable store's block node",  # Planner.firmware, -blockdev (and fw-vars-file)
+    "console": "the serial console's chardev",  # Planner.console, -chardev
+    "vmrun-qmp": "vmrun's QMP chardev",  # Planner.state_fds, -chardev (plan.QMP_CHARDEV)
+    "guest-ram": "the guest RAM's memory backend",  # placement.RAM_ID, -object memory-backend-*
+}
+# ID-b1, ID-b2, ...: the backing layers' node names, from Planner.disk.
+BACKING_NODE_RE = re.compile(r".*-b[0-9]+")
+# hotplug0, hotplug1, ...: the empty root ports, from Planner.hotplug_ports (plan.HOTPLUG_PORT).
+HOTPLUG_PORT_RE = re.compile(r"hotplug[0-9]+")
+# A letter or digit first: the name is a directory under the state base, never "." or
+# ".."; at most 64 characters, so every socket path under it fits sun_path.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+NAME_MAX = 64
+USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}\$?")
+SERIAL_RE = re.compile(r"[A-Za-z0-9_.-]{1,20}")
+IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+MACHINE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+PCI_RE = re.compile(r"(?:(?P<domain>[0-9a-fA-F]{4}):)?(?P<bus>[0-9a-fA-F]{2}):(?P<dev>[0-1][0-9a-fA-F])\.(?P<fn>[0-7])")
+ACCELS = ("kvm", "tcg")
+DRIVERS = ("vfio-pci", "vfio-platform", "vfio-ap", "vfio-ccw")
+# Device properties that vmrun sets itself from the config's own keys. `driver` too: QEMU
+# takes the last of two, so props.driver would make the device another one.
+PLANNED_PROPS = frozenset({"driver", "id", "host", "sysfsdev", "fd", "iommufd"})
+FIRST_FREE_FD = 3
+
+
+def is_q35(machine: str) -> bool:
+    return machine == "q35" or machine.startswith("pc-q35")
+
+
+ID_HINT = "start with a letter; then letters, digits, '-', '.' or '_'"

@@ -1,0 +1,118 @@
+"""The host's PCI devices as sysfs shows them, with names from pci.ids where installed."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import attrs
+
+from vmrun.base import tables
+from vmrun.host.facts import Host
+
+PCI_IDS = ("/usr/share/misc/pci.ids", "/usr/share/hwdata/pci.ids")
+
+
+@attrs.frozen
+class PciDevice:
+    address: str
+    vendor: str  # "1234"
+    device: str
+    class_code: str  # "030000"
+    driver: str | None
+    iommu_group: str | None
+    cdev: str | None
+    vendor_name: str | None = None
+    device_name: str | None = None
+    class_name: str | None = None
+
+
+class PciIds:
+    """Names from a pci.ids file, read once; empty when none is installed."""
+
+    def __init__(self, host: Host) -> None:
+        self.vendors: dict[str, str] = {}
+        self.devices: dict[tuple[str, str], str] = {}
+        self.classes: dict[str, str] = {}
+        for candidate in PCI_IDS:
+            text = host.read(candidate)
+            if text is not None:
+                self.parse(text)
+                break
+
+    def parse(self, text: str) -> None:
+        vendor = klass = None
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("C "):
+                code, _, name = line[2:].partition("  ")
+                klass = code.strip()
+                vendor = None
+                self.classes[klass] = name.strip()
+            elif not line.startswith("\t"):
+                code, _, name = line.partition("  ")
+                vendor, klass = code.strip().lower(), None
+                self.vendors[vendor] = name.strip()
+            elif not line.startswith("\t\t"):
+                code, _, name = line[1:].partition("  ")
+                if vendor is not None:
+                    self.devices[(vendor, code.strip().lower())] = name.strip()
+                elif klass is not None:
+                    self.classes[klass + code.strip()] = name.strip()
+
+    def class_name(self, code: str) -> str | None:
+        return self.classes.get(code[:4]) or self.classes.get(code[:2])
+
+
+def hexid(text: str | None, width: int) -> str:
+    return (text or "").removeprefix("0x").lower().rjust(width, "0")
+
+
+def list_devices(host: Host) -> list[PciDevice]:
+    base = host.under("/sys/bus/pci/devices")
+    try:
+        addresses = sorted(os.listdir(base))
+    except OSError:
+        return []
+    ids = PciIds(host)
+    out = []
+    for address in addresses:
+        sysfs = f"/sys/bus/pci/devices/{address}"
+        vendor = hexid(host.read(f"{sysfs}/vendor"), 4)
+        device = hexid(host.read(f"{sysfs}/device"), 4)
+        class_code = hexid(host.read(f"{sysfs}/class"), 6)
+        out.append(
+            PciDevice(
+                address=address,
+                vendor=vendor,
+                device=device,
+                class_code=class_code,
+                driver=host.link_name(f"{sysfs}/driver"),
+                iommu_group=host.link_name(f"{sysfs}/iommu_group"),
+                cdev=host.cdev(sysfs),
+                vendor_name=ids.vendors.get(vendor),
+                device_name=ids.devices.get((vendor, device)),
+                class_name=ids.class_name(class_code),
+            )
+        )
+    return out
+
+
+def table(devices: list[PciDevice]) -> str:
+    header = ("ADDRESS", "ID", "CLASS", "DRIVER", "GROUP", "VFIO CDEV", "NAME")
+    rows = [header]
+    for d in devices:
+        name = " ".join(x for x in (d.vendor_name, d.device_name) if x) or "-"
+        rows.append(
+            (
+                d.address,
+                f"{d.vendor}:{d.device}",
+                d.class_name or d.class_code,
+                d.driver or "-",
+                d.iommu_group or "-",
+                pathlib.PurePath(d.cdev).name if d.cdev else "-",
+                name,
+            )
+        )
+    return tables.table(rows)

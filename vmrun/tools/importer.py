@@ -1,0 +1,555 @@
+"""`vmrun import`: a config from a QEMU command line, as `virsh domxml-from-native` does.
+
+What vmrun models is mapped to its keys: -name, -machine, -accel, -m, -smp, -cpu, iommufd
+objects, VFIO devices, disks (-drive, or -blockdev chains over files or fd sets), user and
+tap networks, direct kernel boot, OVMF firmware, console and display. Whatever else is on
+the command line is kept, in order, in vm.args with a comment saying why, so the VM keeps
+it. An fd on the command line is resolved through what it is open on (`FdInfo`, from
+/proc/PID/fd for `--pid`): /dev/iommu and VFIO cdevs become devices vmrun opens itself,
+files become paths, a tap fd its interface; an fd nothing is known of stays the caller's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from vmrun.base.sizes import SizeError, format_size, parse_size
+from vmrun.base.text import printable
+from vmrun.config import keytable, parsers, rules
+from vmrun.host import facts as host
+from vmrun.host import reader
+from vmrun.plan.planner import DEFAULT_HOTPLUG_SLOTS, QMP_CHARDEV, derived_mac, hotplug_port
+from vmrun.qemu.cmdline import FLAGS, FdInfo, Props, keyvals, options
+from vmrun.tools import show
+
+NET_MODELS = ("virtio-net-pci", "e1000e", "e1000")
+DISK_DEVICES = {"virtio-blk-pci": "virtio-blk", "nvme": "nvme", "scsi-hd": "scsi"}
+HOSTFWD_RE = re.compile(r"(tcp|udp)?:([0-9.]*):([0-9]+)-:([0-9]+)")
+UNMAPPED = "not modelled by vmrun: kept as is"
+# An argument shown bare in a comment: printable ASCII with nothing TOML or a reader could
+# take for the comment's end or for another argument.
+PLAIN_TOKEN_RE = re.compile(r"[!$-~]+")
+
+
+def typed(value: str) -> str | int | bool:
+    """A device property as the config writes it: on/off as booleans, exact integers as integers."""
+    if value in ("on", "off"):
+        return value == "on"
+    if re.fullmatch(r"-?[1-9][0-9]*|0", value) and parsers.PROP_INT_MIN <= int(value) <= parsers.PROP_INT_MAX:
+        return int(value)
+    return value
+
+
+def on(props: dict[str, str | None], key: str) -> bool:
+    return props.get(key) in ("on", "true", "yes")
+
+
+class Importer:
+    def __init__(self, argv: list[str], fds: Mapping[int, FdInfo], host_view: host.Host, name: str | None) -> None:
+        self.binary, self.opts = options(argv)
+        self.fds = fds
+        self.host = host_view
+        self.used: set[int] = set()
+        self.why: dict[int, str] = {}
+        self.vm: dict[str, Any] = {}
+        self.iommufd: list[dict[str, Any]] = []
+        self.vfio: list[dict[str, Any]] = []
+        self.disk: list[dict[str, Any]] = []
+        self.net: list[dict[str, Any]] = []
+        self.name = name
+        self.blockdevs: dict[str, tuple[int, dict[str, str | None]]] = {}
+        self.drives: dict[str, tuple[int, dict[str, str | None]]] = {}
+        self.fdsets: dict[str, tuple[int, int]] = {}
+        self.chardevs: dict[str, tuple[int, Props]] = {}
+        self.netdevs: dict[str, tuple[int, Props]] = {}
+        self.machine_extra: Props = []
+        self.ram_imported = False  # vmrun's guest-ram backend became hugepages/prealloc/numa
+        self.hotplug_ports = 0
+        self.console_mapped = False
+        self.args: list[tuple[str, list[str]]] = []
+        for i, opt in enumerate(self.opts):
+            if len(opt) < 2:
+                continue
+            props = keyvals(opt[1])
+            if opt[0] == "-blockdev" and (node := dict(props).get("node-name")):
+                self.blockdevs[node] = (i, dict(props))
+            elif opt[0] == "-drive" and (drive := dict(props).get("id")):
+                self.drives[drive] = (i, dict(props))
+            elif opt[0] == "-add-fd" and (s := dict(props).get("set")) and (fd := dict(props).get("fd", "")):
+                if fd and fd.isdigit():
+                    self.fdsets[s] = (i, int(fd))
+            elif opt[0] == "-chardev" and (cid := dict(props).get("id")):
+                self.chardevs[cid] = (i, props)
+            elif opt[0] == "-netdev" and (nid := dict(props).get("id")):
+                self.netdevs[nid] = (i, props)
+
+    def use(self, *indices: int) -> None:
+        self.used.update(indices)
+
+    def keep(self, i: int, why: str) -> None:
+        """Option `i` goes to vm.args with `why` as its comment."""
+        self.why[i] = why
+
+    def fd_path(self, fd: str | None) -> str | None:
+        if fd is None or not fd.isdigit():
+            return None
+        info = self.fds.get(int(fd))
+        return info.path if info else None
+
+    def file_of(self, filename: str | None) -> tuple[str | None, list[int]]:
+        """The path behind a block node's filename (through an fd set), and the options used."""
+        if filename is None:
+            return None, []
+        m = re.fullmatch(r"/dev/fdset/([0-9]+)", filename)
+        if not m:
+            return filename, []
+        if m[1] not in self.fdsets:
+            return None, []
+        i, fd = self.fdsets[m[1]]
+        return self.fd_path(str(fd)), [i]
+
+    def run(self) -> dict[str, Any]:
+        handlers = {
+            "-name": self.name_opt,
+            "-machine": self.machine,
+            "-M": self.machine,
+            "-accel": self.accel,
+            "-enable-kvm": lambda i, v: self.set_accel(i, "kvm"),
+            "-m": self.memory,
+            "-smp": self.smp,
+            "-cpu": self.cpu,
+            "-object": self.object_opt,
+            "-device": self.device,
+            "-drive": self.drive,
+            "-kernel": lambda i, v: self.vm_path(i, "kernel", v),
+            "-initrd": lambda i, v: self.vm_path(i, "initrd", v),
+            "-append": lambda i, v: self.vm_path(i, "append", v),
+            "-bios": self.bios,
+            "-pflash": self.pflash,
+            "-serial": self.serial,
+            "-display": self.display,
+            "-vnc": lambda i, v: self.set_display(i, "vnc"),
+            "-nographic": self.nographic,
+            "-sandbox": self.sandbox,
+            "-nodefaults": lambda i, v: self.use(i),
+            "-no-user-config": lambda i, v: self.use(i),
+            "-mon": self.monitor,
+        }
+        for i, opt in enumerate(self.opts):
+            if i in self.used:
+                continue
+            handler = handlers.get(opt[0])
+            if handler is not None and (len(opt) == 2 or opt[0] in FLAGS):
+                handler(i, opt[1] if len(opt) == 2 else "")
+        self.finish_machine()
+        # Empty root ports as vmrun makes them: a number other than its default is a key
+        # (0 too, so the guest's PCI layout stays as the command line had it).
+        q35 = rules.is_q35(self.vm.get("machine", "q35"))
+        if self.hotplug_ports != (DEFAULT_HOTPLUG_SLOTS if q35 else 0):
+            self.vm["hotplug_slots"] = self.hotplug_ports
+        if not self.console_mapped:
+            self.vm["console"] = "none"  # no serial port vmrun would make
+        if self.binary is not None and os.path.basename(self.binary) != "qemu-system-x86_64":
+            self.vm["qemu"] = self.binary
+        self.vm["name"] = self.name or self.vm.get("name") or "imported"
+        order = [k.name for k in keytable.VM_KEYS]
+        vm = dict(sorted(self.vm.items(), key=lambda kv: order.index(kv[0])))
+        self.args = [(self.why.get(i, UNMAPPED), list(opt)) for i, opt in enumerate(self.opts) if i not in self.used]
+        doc: dict[str, Any] = {"vm": vm}
+        for key, entries in (("iommufd", self.iommufd), ("vfio", self.vfio), ("disk", self.disk), ("net", self.net)):
+            if entries:
+                doc[key] = entries
+        vm["args"] = [token for _, tokens in self.args for token in tokens]
+        return doc
+
+    # -- the VM ------------------------------------------------------------------------
+
+    def name_opt(self, i: int, value: str) -> None:
+        props = keyvals(value)
+        names = [v if k == "guest" else k for k, v in props if k == "guest" or v is None]
+        if names and names[0] and len(props) == 1:
+            self.vm["name"] = names[0]
+            self.use(i)
+
+    def machine(self, i: int, value: str) -> None:
+        props = keyvals(value)
+        for k, v in props:
+            if v is None or k == "type":
+                self.vm["machine"] = v if k == "type" else k
+            elif k == "accel" and v in rules.ACCELS:
+                self.vm["accel"] = v
+            else:
+                self.machine_extra.append((k, v))
+        self.use(i)
+
+    def finish_machine(self) -> None:
+        extra = self.machine_extra
+        if self.ram_imported:
+            extra = [kv for kv in extra if kv != ("memory-backend", "guest-ram")]  # vmrun adds it
+        if self.vm.get("viommu") == "intel" and self.vm.get("accel", "kvm") == "kvm":
+            extra = [(k, v) for k, v in extra if (k, v) != ("kernel-irqchip", "split")]  # vmrun adds it
+        if self.pflash_nodes(extra):
+            extra = [(k, v) for k, v in extra if k not in ("pflash0", "pflash1")]
+        if extra:
+            text = ",".join(f"{k}={v.replace(',', ',,')}" if v is not None else k for k, v in extra)
+            self.opts.append(("-machine", text))
+            self.keep(len(self.opts) - 1, "machine properties vmrun does not model")
+
+    def pflash_nodes(self, extra: Props) -> bool:
+        """UEFI from -machine pflash0=NODE,pflash1=NODE: the code is vmrun's to choose, the
+        variable store is the config's uefi_vars unless it is vmrun's own copy."""
+        nodes = dict(extra)
+        code = nodes.get("pflash0")
+        if code is None or code not in self.blockdevs:
+            return False
+        self.vm["firmware"] = "uefi"
+        self.use(*self.chain(code)[1])
+        vars_node = nodes.get("pflash1")
+        if vars_node is not None and vars_node in self.blockdevs:
+            path, used = self.chain(vars_node)
+            self.use(*used)
+            self.uefi_vars(path)
+        return True
+
+    def uefi_vars(self, path: str | None) -> None:
+        name = self.name or self.vm.get("name") or ""
+        own = f"{reader.data_base(os.geteuid())}/{name}/OVMF_VARS.fd"
+        if path is not None and path != own:
+            self.vm["uefi_vars"] = path
+
+    def chain(self, node: str) -> tuple[str | None, list[int]]:
+        """The file under a format node (or a file node), and every option of its chain,
+        backing layers included: vmrun finds those in the image header again."""
+        i, props = self.blockdevs[node]
+        used = [i]
+        if props.get("driver") != "file":
+            below = props.get("file")
+            if below is None or below not in self.blockdevs:
+                return None, used
+            path, more = self.chain(below)
+            used += more
+            backing = props.get("backing")
+            if backing and backing in self.blockdevs:
+                used += self.chain(backing)[1]
+            return path, used
+        path, fdset = self.file_of(props.get("filename"))
+        return path, used + fdset
+
+    def set_accel(self, i: int, accel: str) -> None:
+        self.vm["accel"] = accel
+        self.use(i)
+
+    def accel(self, i: int, value: str) -> None:
+        props = keyvals(value)
+        if len(props) == 1 and props[0][1] is None and props[0][0] in rules.ACCELS:
+            self.set_accel(i, props[0][0])
+        else:
+            self.keep(i, "accelerator properties vmrun does not model")
+
+    def memory(self, i: int, value: str) -> None:
+        props = keyvals(value)
+        size = next((v if k == "size" else k for k, v in props if k == "size" or v is None), None)
+        if size is None or len(props) != 1:
+            self.keep(i, "memory options beyond the size (slots, maxmem) vmrun does not model")
+            return
+        text = size + "M" if size.isdigit() else size  # QEMU's unit is MiB
+        try:
+            self.vm["memory"] = format_size(parse_size(text))
+        except SizeError:
+            self.vm["memory"] = text  # the config check says what is wrong with it
+        self.use(i)
+
+    def smp(self, i: int, value: str) -> None:
+        props = keyvals(value)
+        cpus = next((v if k == "cpus" else k for k, v in props if k == "cpus" or v is None), None)
+        if cpus is None or not cpus.isdigit() or len(props) != 1:
+            self.keep(i, "a CPU topology vmrun does not model")
+            return
+        self.vm["cpus"] = int(cpus)
+        self.use(i)
+
+    def cpu(self, i: int, value: str) -> None:
+        if rules.MACHINE_RE.fullmatch(value):
+            self.vm["cpu"] = value
+            self.use(i)
+        else:
+            self.keep(i, "CPU features vmrun does not model")
+
+    def vm_path(self, i: int, key: str, value: str) -> None:
+        self.vm[key] = value
+        self.use(i)
+
+    def bios(self, i: int, value: str) -> None:
+        if re.search(r"ovmf|edk2", value, re.IGNORECASE):
+            self.vm["firmware"] = "uefi"  # vmrun picks the OVMF build from QEMU's firmware descriptors
+            self.use(i)
+
+    def pflash(self, i: int, value: str) -> None:
+        if self.vm.get("firmware") != "uefi":
+            self.bios(i, value)
+        else:
+            self.uefi_vars(value)
+            self.use(i)
+
+    def serial(self, i: int, value: str) -> None:
+        if value in ("mon:stdio", "stdio"):
+            self.vm.pop("console", None)  # the default
+            self.console_mapped = True
+            self.use(i)
+        elif value.startswith("chardev:") and value[8:] in self.chardevs:
+            j, props = self.chardevs[value[8:]]
+            if props[0] == ("socket", None):
+                self.vm["console"] = "socket"
+                self.console_mapped = True
+                self.use(i, j)
+
+    def display(self, i: int, value: str) -> None:
+        kind = keyvals(value)[0][0]
+        if kind == "none" and len(keyvals(value)) == 1:
+            self.use(i)
+        elif kind in ("gtk", "sdl") and len(keyvals(value)) == 1:
+            self.set_display(i, kind)
+
+    def set_display(self, i: int, kind: str) -> None:
+        self.vm["display"] = kind
+        self.use(i)
+
+    def nographic(self, i: int, value: str) -> None:
+        self.console_mapped = True  # the serial port on stdio, no display
+        self.use(i)
+
+    def sandbox(self, i: int, value: str) -> None:
+        if keyvals(value)[0] == ("off", None):
+            self.vm["sandbox"] = False
+        self.use(i)  # on: vmrun's own, stricter than most
+
+    def monitor(self, i: int, value: str) -> None:
+        props = dict(keyvals(value))
+        if props.get("chardev") == QMP_CHARDEV and QMP_CHARDEV in self.chardevs:
+            self.use(i, self.chardevs[QMP_CHARDEV][0])
+
+    # -- objects and devices --------------------------------------------------------------
+
+    def ram_backend(self, i: int, driver: str, rest: dict[str, str | None]) -> bool:
+        """vmrun's own guest RAM backend (placement.RAM_ID) back to hugepages, prealloc, numa."""
+        known = {"id", "size", "hugetlb", "hugetlbsize", "prealloc", "prealloc-threads", "host-nodes", "policy"}
+        if rest.get("id") != "guest-ram" or set(rest) - known:
+            return False
+        huge = rest.get("hugetlbsize") if driver == "memory-backend-memfd" and rest.get("hugetlb") == "on" else None
+        if huge is not None and huge not in ("2M", "1G"):
+            return False
+        node = rest.get("host-nodes")
+        if node is not None and (not node.isdigit() or rest.get("policy") != "bind"):
+            return False
+        if huge is not None:
+            self.vm["hugepages"] = huge
+        elif rest.get("prealloc") == "on":
+            self.vm["prealloc"] = True
+        if node is not None:
+            self.vm["numa"] = int(node)
+        self.ram_imported = True
+        self.use(i)
+        return True
+
+    def object_opt(self, i: int, value: str) -> None:
+        props = keyvals(value)
+        rest = dict(props[1:])
+        if props[0][0] in ("memory-backend-memfd", "memory-backend-ram") and self.ram_backend(i, props[0][0], rest):
+            return
+        if props[0] != ("iommufd", None) or "id" not in rest or set(rest) - {"id", "fd"}:
+            return
+        entry: dict[str, Any] = {"id": rest["id"]}
+        fd = rest.get("fd")
+        if fd is not None and self.fd_path(fd) != "/dev/iommu":
+            if not fd.isdigit():
+                return
+            entry["fd"] = int(fd)  # the caller's: vmrun passes it on
+        self.iommufd.append(entry)
+        self.use(i)
+
+    def device(self, i: int, value: str) -> None:
+        props = keyvals(value)
+        driver = props[0][0]
+        rest = dict(props[1:])
+        if driver in rules.DRIVERS:
+            self.vfio_device(i, driver, props[1:])
+        elif driver == "intel-iommu" and set(rest) <= {"id", "intremap", "caching-mode"}:
+            self.vm["viommu"] = "intel"
+            self.use(i)
+        elif driver == "virtio-iommu-pci" and set(rest) <= {"id"}:
+            self.vm["viommu"] = "virtio"
+            self.use(i)
+        elif value == hotplug_port(self.hotplug_ports):
+            self.hotplug_ports += 1
+            self.use(i)
+        elif driver == "VGA" and rest == {"id": "video0"}:
+            self.use(i)  # vmrun adds it for a display
+        elif driver == "virtio-scsi-pci" and rest == {"id": "scsi0"}:
+            self.use(i)  # vmrun adds it for scsi disks
+        elif driver in DISK_DEVICES and "drive" in rest:
+            self.disk_device(i, DISK_DEVICES[driver], rest)
+        elif driver in NET_MODELS and "netdev" in rest:
+            self.net_device(i, driver, rest)
+
+    def vfio_device(self, i: int, driver: str, props: Props) -> None:
+        entry: dict[str, Any] = {"id": f"hostdev{len(self.vfio)}"}
+        if driver != "vfio-pci":
+            entry["driver"] = driver
+        extra: dict[str, Any] = {}
+        for k, v in props:
+            if v is None:
+                return
+            if k in ("id", "host", "sysfsdev", "iommufd"):
+                entry[k] = v
+            elif k == "fd":
+                path = self.fd_path(v)
+                address = self.cdev_address(path) if path else None
+                if address is not None:
+                    entry["host"] = address
+                elif v.isdigit():
+                    entry["fd"] = int(v)
+                else:
+                    return
+            else:
+                extra[k] = typed(v)
+        if extra:
+            entry["props"] = extra
+        self.vfio.append(entry)
+        self.use(i)
+
+    def cdev_address(self, cdev: str) -> str | None:
+        """The PCI device whose VFIO cdev is `cdev` (/dev/vfio/devices/vfioN)."""
+        name = os.path.basename(cdev)
+        base = self.host.under("/sys/bus/pci/devices")
+        try:
+            addresses = sorted(os.listdir(base))
+        except OSError:
+            return None
+        return next((a for a in addresses if (base / a / "vfio-dev" / name).exists()), None)
+
+    def disk_device(self, i: int, interface: str, props: dict[str, str | None]) -> None:
+        node = props["drive"] or ""
+        entry: dict[str, Any] = {"id": props.get("id") or f"disk{len(self.disk)}"}
+        if node in self.blockdevs:
+            top = self.blockdevs[node][1]
+            path, used = self.chain(node)
+            fmt = top.get("driver") if top.get("driver") != "file" else "raw"
+            readonly, direct, no_flush = on(top, "read-only"), on(top, "cache.direct"), on(top, "cache.no-flush")
+        elif node in self.drives:
+            j, drive = self.drives[node]
+            path, used, fmt = drive.get("file"), [j], drive.get("format") or "raw"
+            readonly, direct, no_flush = (
+                on(drive, "readonly"),
+                drive.get("cache") == "none",
+                drive.get("cache") == "unsafe",
+            )
+        else:
+            return
+        extra = set(props) - {"id", "drive", "serial", "bus"}
+        if path is None or fmt not in ("raw", "qcow2") or extra:
+            return
+        entry["path"] = path
+        if fmt != "raw":
+            entry["format"] = fmt
+        if interface != "virtio-blk":
+            entry["interface"] = interface
+        if readonly:
+            entry["readonly"] = True
+        if direct or no_flush:
+            entry["cache"] = "none" if direct else "unsafe"
+        serial = props.get("serial")
+        if serial and not (interface == "nvme" and serial == entry["id"]):
+            entry["serial"] = serial
+        self.disk.append(entry)
+        self.use(i, *used)
+
+    def drive(self, i: int, value: str) -> None:
+        """-drive file=PATH,if=virtio (if=none is mapped with the device that names it)."""
+        props = dict(keyvals(value))
+        kind = props.get("if", "ide")
+        if kind == "pflash" and props.get("file"):
+            self.pflash(i, props["file"] or "")
+        elif (
+            kind == "virtio" and props.get("file") and set(props) <= {"file", "format", "if", "id", "readonly", "cache"}
+        ):
+            self.drives[f"drive-{i}"] = (i, props)
+            self.disk_device(i, "virtio-blk", {"drive": f"drive-{i}", "id": props.get("id")})
+
+    def net_device(self, i: int, model: str, props: dict[str, str | None]) -> None:
+        netdev = props["netdev"] or ""
+        if netdev not in self.netdevs or set(props) - {"id", "netdev", "mac"}:
+            return
+        j, nprops = self.netdevs[netdev]
+        kind, rest = nprops[0][0], nprops[1:]
+        entry: dict[str, Any] = {"id": netdev}
+        if kind == "user":
+            forwards = []
+            for k, v in rest:
+                m = HOSTFWD_RE.fullmatch(v or "") if k == "hostfwd" else None
+                if k == "id":
+                    continue
+                if m is None:
+                    return
+                forwards.append(f"{m[1] or 'tcp'}:{m[2] or '0.0.0.0'}:{m[3]}:{m[4]}")
+            if forwards:
+                entry["forwards"] = forwards
+        elif kind == "tap":
+            entry["type"] = "tap"
+            for k, v in rest:
+                if k == "ifname":
+                    entry["ifname"] = v
+                elif k == "fd" and v and v.isdigit() and (info := self.fds.get(int(v))) and info.ifname:
+                    entry["ifname"] = info.ifname
+                elif (k, v) not in (("id", netdev), ("script", "no"), ("downscript", "no")):
+                    return
+            if "ifname" not in entry:
+                return
+        else:
+            return
+        name = self.name or self.vm.get("name") or ""
+        mac = props.get("mac")
+        if mac and mac.lower() != derived_mac(name, netdev):
+            entry["mac"] = mac
+        if model != "virtio-net-pci":
+            entry["model"] = model
+        self.net.append(entry)
+        self.use(i, j)
+
+
+@attrs.frozen
+class Imported:
+    doc: dict[str, Any]
+    args: tuple[tuple[str, tuple[str, ...]], ...]  # the options kept in vm.args, each with why
+
+    def text(self, source: str) -> str:
+        vm = {k: v for k, v in self.doc["vm"].items() if k != "args"}
+        body = show.config_text({**self.doc, "vm": vm})
+        lines = [f"# Imported by `vmrun import` from {source}.", ""]
+        head, _, tail = body.partition("\n\n")
+        lines.append(head.rstrip("\n"))
+        if self.args:
+            lines.append("args = [")
+            for why, tokens in self.args:
+                # A comment ends at a newline: the argv is data (a process's /proc), so the
+                # comment shows it as TOML strings where it is not plain, and escapes the rest.
+                shown = " ".join(t if PLAIN_TOKEN_RE.fullmatch(t) else show.value_text(t) for t in tokens)
+                lines.append(f"    # {printable(f'{shown}: {why}')}")
+                lines.append("    " + ", ".join(show.value_text(t) for t in tokens) + ",")
+            lines.append("]")
+        return "\n".join(lines) + ("\n\n" + tail if tail else "\n")
+
+
+def import_argv(
+    argv: list[str],
+    fds: Mapping[int, FdInfo] | None = None,
+    host_view: host.Host | None = None,
+    name: str | None = None,
+) -> Imported:
+    importer = Importer(list(argv), fds or {}, host_view or host.Host("/"), name)
+    doc = importer.run()
+    return Imported(doc, tuple((why, tuple(tokens)) for why, tokens in importer.args))
