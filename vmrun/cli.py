@@ -420,7 +420,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     from vmrun.config import loader
     from vmrun.host import facts as host
-    from vmrun.qemu import cmdline as qemu_cmdline
+    from vmrun.host import process
     from vmrun.tools import importer
     from vmrun.tools import init as config_init
 
@@ -432,7 +432,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     source = "the command line"
     if args.pid is not None:
         try:
-            argv, fds, user = qemu_cmdline.from_pid(args.pid, view)
+            argv, fds, user = process.from_pid(args.pid, view)
         except OSError as e:
             raise UsageError(f"cannot read process {args.pid}: {e.strerror}") from None
         source = f"process {args.pid}"

@@ -68,6 +68,10 @@ def format_mib(n: int) -> str:
     return f"{n / MiB:g} MiB"
 
 
+# A resource limit that is no limit (RLIMIT_MEMLOCK "unlimited").
+UNLIMITED = resource.RLIM_INFINITY
+
+
 def format_limit(limit: int) -> str:
     """A memlock limit as people read it: whole MiB, or "unlimited"."""
-    return "unlimited" if limit == resource.RLIM_INFINITY else format_mib(limit)
+    return "unlimited" if limit == UNLIMITED else format_mib(limit)

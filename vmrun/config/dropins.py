@@ -14,30 +14,30 @@ from typing import Any, TypeGuard
 
 from vmrun.base.errors import ConfigError
 from vmrun.base.problems import Problem, Sources
-from vmrun.config import files as config_files
+from vmrun.config import files
+from vmrun.config.document import read_toml
+from vmrun.config.quoting import key_part
 
-SUFFIX = config_files.SUFFIX
+SUFFIX = files.SUFFIX
 
 
 def directory(config: pathlib.Path) -> pathlib.Path:
     """Where the drop-ins of `config` live: `NAME.toml.d` beside it."""
-    return pathlib.Path(config_files.directory(str(config)))
+    return pathlib.Path(files.directory(str(config)))
 
 
-def merged(config: pathlib.Path, base: dict[str, Any], main: config_files.File) -> tuple[dict[str, Any], Sources]:
+def merged(config: pathlib.Path, base: dict[str, Any], main: files.File) -> tuple[dict[str, Any], Sources]:
     """`base` (the document of `config`, read as `main`) with its drop-ins merged in, and who
     wrote what. Each drop-in is read under the trust rule, with the config's owner."""
-    from vmrun.config.loader import read_toml
-
     written: dict[str, str] = {}
     for name, value in base.items():
         record(join("", name), value, str(config), written)
     try:
-        files, unreadable = config_files.dropins(main)
-    except config_files.Unreadable as e:
+        dropin_files, unreadable = files.dropins(main)
+    except files.Unreadable as e:
         raise ConfigError(str(config), [Problem("", e.message, e.hint, e.path)]) from None
     problems = [Problem("", e.message, e.hint, e.path) for e in unreadable]
-    for file in files:
+    for file in dropin_files:
         try:
             over = read_toml(file.text, pathlib.Path(file.path))
         except ConfigError as e:
@@ -88,8 +88,6 @@ def forget(path: str, written: dict[str, str]) -> None:
 
 
 def join(path: str, name: str) -> str:
-    from vmrun.config.quoting import key_part
-
     part = key_part(name)
     return part[1:] if not path else path + part
 

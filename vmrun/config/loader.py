@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import pathlib
-import re
-import sys
-import tomllib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +15,7 @@ from vmrun.base.sizes import (
     format_size,
 )
 from vmrun.config import dropins, files  # at import time: a de-privileged caller may not read the package later
+from vmrun.config.document import read_toml
 from vmrun.config.keytable import DISK_KEYS, ENTRY_SECTIONS, IOMMUFD_KEYS, NET_KEYS, SECTIONS, VFIO_KEYS, VM_KEYS, Key
 from vmrun.config.model import Config, Disk, Iommufd, Net, Vfio, Vm
 from vmrun.config.parsers import Context, Invalid, InvalidMany
@@ -104,30 +102,6 @@ def parse(text: str, path: pathlib.Path) -> Config:
     return validate(read_toml(text, path), path, Sources(str(path)))
 
 
-def read_toml(text: str, path: pathlib.Path) -> dict[str, Any]:
-    """The TOML document in `text`, or a ConfigError that names `path`."""
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(str(path), [toml_syntax_problem(e)]) from None
-    except RecursionError:
-        raise ConfigError(
-            str(path), [Problem("", "arrays or tables are nested too deeply", "a VM config needs a few levels")]
-        ) from None
-    except ValueError:
-        # Not a syntax error: Python refuses to convert a decimal integer this long.
-        raise ConfigError(
-            str(path),
-            [
-                Problem(
-                    "",
-                    f"a number has more than {sys.get_int_max_str_digits()} digits",
-                    "numbers in a VM config have a few digits",
-                )
-            ],
-        ) from None
-
-
 def validate(raw: dict[str, Any], path: pathlib.Path, sources: Sources) -> Config:
     """The config model of the (merged) document `raw`; `sources` says who wrote each key."""
     reader = Reader(sources)
@@ -205,13 +179,6 @@ def entry(section: str, raw: dict[str, Any], base: pathlib.Path) -> Iommufd | Vf
     if reader.problems:
         raise ValueError("; ".join(p.render() for p in reader.problems))
     return model(**values)
-
-
-def toml_syntax_problem(e: tomllib.TOMLDecodeError) -> Problem:
-    # tomllib puts the position in the message: "Expected '=' ... (at line 3, column 7)".
-    m = re.fullmatch(r"(.*) \(at (line \d+, column \d+|end of document)\)", str(e), re.DOTALL)
-    message, where = (m.group(1), m.group(2)) if m else (str(e), "")
-    return Problem(where, f"TOML syntax error: {message}", "fix the TOML syntax at that position")
 
 
 def cross_check(

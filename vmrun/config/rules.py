@@ -14,22 +14,32 @@ ID_MAX = 63
 # its backing layers ID-bK-file and ID-bK-fmt, K up to host.MAX_BACKING_DEPTH (16); QEMU's
 # node names have at most 31 characters.
 DISK_ID_MAX = 31 - len("-b16-file")
-# Ids vmrun/plan/planner.py gives its own devices, chardevs and block nodes: a config must not take
-# them, or QEMU would refuse the duplicate, or wire the wrong thing together.
+# The ids vmrun gives its own devices, chardevs and block nodes (the planner writes them,
+# the importer recognises them): a config must not take them, or QEMU would refuse the
+# duplicate, or wire the wrong thing together.
+SCSI_CONTROLLER = "scsi0"  # -device virtio-scsi-pci, for scsi disks
+SCSI_BUS = f"{SCSI_CONTROLLER}.0"  # the bus its disks share
+VIOMMU = "viommu0"  # -device intel-iommu / virtio-iommu-pci
+VIDEO = "video0"  # -device VGA, for a display
+FW_CODE = "fw-code"  # the UEFI code's -blockdev (and FW_CODE-file)
+FW_VARS = "fw-vars"  # the UEFI variable store's -blockdev (and FW_VARS-file)
+CONSOLE = "console"  # the serial console's -chardev
+QMP_CHARDEV = "vmrun-qmp"  # vmrun's QMP -chardev
+GUEST_RAM = "guest-ram"  # the guest RAM's -object memory-backend-*
+HOTPLUG_PORT = "hotplug"  # hotplug0, hotplug1, ...: the empty root ports for `vmrun attach`
 RESERVED_IDS = {
-    "scsi0": "the SCSI controller of scsi disks",  # Planner.disk, -device virtio-scsi-pci
-    "viommu0": "the vIOMMU",  # Planner.build, -device intel-iommu / virtio-iommu-pci
-    "video0": "the video card of a display",  # Planner.display, -device VGA
-    "fw-code": "the UEFI code's block node",  # Planner.firmware, -blockdev (and fw-code-file)
-    "fw-vars": "the UEFI variable store's block node",  # Planner.firmware, -blockdev (and fw-vars-file)
-    "console": "the serial console's chardev",  # Planner.console, -chardev
-    "vmrun-qmp": "vmrun's QMP chardev",  # Planner.state_fds, -chardev (plan.QMP_CHARDEV)
-    "guest-ram": "the guest RAM's memory backend",  # placement.RAM_ID, -object memory-backend-*
+    SCSI_CONTROLLER: "the SCSI controller of scsi disks",
+    VIOMMU: "the vIOMMU",
+    VIDEO: "the video card of a display",
+    FW_CODE: "the UEFI code's block node",
+    FW_VARS: "the UEFI variable store's block node",
+    CONSOLE: "the serial console's chardev",
+    QMP_CHARDEV: "vmrun's QMP chardev",
+    GUEST_RAM: "the guest RAM's memory backend",
 }
 # ID-b1, ID-b2, ...: the backing layers' node names, from Planner.disk.
 BACKING_NODE_RE = re.compile(r".*-b[0-9]+")
-# hotplug0, hotplug1, ...: the empty root ports, from Planner.hotplug_ports (plan.HOTPLUG_PORT).
-HOTPLUG_PORT_RE = re.compile(r"hotplug[0-9]+")
+HOTPLUG_PORT_RE = re.compile(f"{HOTPLUG_PORT}[0-9]+")
 # A letter or digit first: the name is a directory under the state base, never "." or
 # ".."; at most 64 characters, so every socket path under it fits sun_path.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

@@ -24,8 +24,8 @@ import attrs
 
 from vmrun.base.errors import ConfigError, VmError
 from vmrun.base.problems import Problem
-from vmrun.base.sizes import format_limit
-from vmrun.config import loader, rules
+from vmrun.base.sizes import UNLIMITED, format_limit
+from vmrun.config import document, loader, rules
 from vmrun.config.model import Config
 from vmrun.control import state
 from vmrun.control.qmp import CommandFailed, Monitor, QmpError
@@ -35,8 +35,6 @@ from vmrun.kernel.opener import Opener
 from vmrun.launch import fd_open
 from vmrun.plan import attachment
 from vmrun.plan.attachment import AttachPlan, Record
-from vmrun.plan.memlock import UNLIMITED
-from vmrun.plan.planner import HOTPLUG_PORT
 from vmrun.qemu.parts import Part, Piece
 
 UNDO_DEVICE_TIMEOUT = 10.0
@@ -300,7 +298,7 @@ class Attacher:
             return []
         if not rules.is_q35(self.running.config.vm.machine):
             return [None] * len(devices)
-        free = attachment.free_slots(self.monitor.execute("query-pci"), HOTPLUG_PORT)
+        free = attachment.free_slots(self.monitor.execute("query-pci"), rules.HOTPLUG_PORT)
         if len(free) < len(devices):
             vm = self.running.config.vm
             raise VmError(
@@ -422,7 +420,7 @@ def attach(name: str, fragment_file: str, host_root: str, say: Say, passed: froz
     # opens and hands to QEMU, so it must be as trusted as the config. What is checked is
     # what is recorded.
     owner = running.launched.owner if running.launched.owner is not None else 0
-    raw = loader.read_toml(loader.read_file(path, owner, "fragment").text, path)
+    raw = document.read_toml(loader.read_file(path, owner, "fragment").text, path)
     fragment = loader.parse_fragment(raw, path, running.config, attachment.taken_ids(running.config))
     identity = running.vm.identity
     assert identity is not None

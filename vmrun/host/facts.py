@@ -22,6 +22,7 @@ from vmrun.host import numa, reader
 from vmrun.host.numa import MemoryFacts
 from vmrun.host.qemu_caps import QemuCaps, probe
 from vmrun.kernel.opener import Opener
+from vmrun.kernel.users import User
 
 VFIO_OK_DRIVERS = ("vfio-pci", "pci-stub", "pcieport")
 
@@ -66,22 +67,13 @@ class DeviceFacts:
 
 
 @attrs.frozen
-class User:
-    name: str
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-    home: str = "/"
-
-
-@attrs.frozen
 class Launcher:
     """The process that runs vmrun: who it is and which limits it may change."""
 
     uid: int
     cap_sys_resource: bool
     cap_ipc_lock: bool
-    memlock_soft: int  # resource.RLIM_INFINITY for unlimited
+    memlock_soft: int  # sizes.UNLIMITED for unlimited
     memlock_hard: int
 
 

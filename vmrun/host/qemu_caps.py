@@ -26,7 +26,7 @@ from vmrun.kernel import statedir
 if TYPE_CHECKING:
     import subprocess
 
-    from vmrun.host.facts import User
+    from vmrun.kernel.users import User
 
 PROBED_DEVICES = ("vfio-pci", "vfio-platform", "vfio-ap", "vfio-ccw")
 IOMMUFD_SINCE = (9, 0)

@@ -27,7 +27,7 @@ from vmrun.kernel.privileges import become, no_new_privs
 TYPE_CHECKING = False  # as in host/reader.py: typing itself costs a launch 15 ms
 
 if TYPE_CHECKING:
-    from vmrun.host.facts import User
+    from vmrun.kernel.users import User
 
 _REPLY = struct.Struct("=i")  # errno of the open, 0 with an fd attached
 

@@ -10,7 +10,7 @@ import os
 TYPE_CHECKING = False  # as in host/reader.py: typing itself costs a launch 15 ms
 
 if TYPE_CHECKING:
-    from vmrun.host.facts import User
+    from vmrun.kernel.users import User
 
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAPBSET_DROP = 24

@@ -18,7 +18,8 @@ from vmrun.base.errors import ConfigError
 from vmrun.base.problems import Problem
 from vmrun.config import keytable, loader
 from vmrun.config.model import Config, Disk, Iommufd, Net, Vfio
-from vmrun.host.facts import HostFacts, User
+from vmrun.host.facts import HostFacts
+from vmrun.kernel.users import User
 from vmrun.plan.memlock import MemlockPlan, memlock_plan
 from vmrun.plan.planner import FdSpec, Planner
 from vmrun.qemu.parts import Part

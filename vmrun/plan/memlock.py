@@ -9,15 +9,12 @@ margin below covers them with room to spare while staying far below libvirt's 1 
 
 from __future__ import annotations
 
-import resource
-
 import attrs
 
-from vmrun.base.sizes import MiB, format_limit, format_mib
+from vmrun.base.sizes import UNLIMITED, MiB, format_limit, format_mib
 from vmrun.config.model import Config
 
 MARGIN = 64 * MiB
-UNLIMITED = resource.RLIM_INFINITY
 
 
 @attrs.frozen

@@ -14,12 +14,11 @@ import attrs
 from vmrun.base.cpulist import format_cpulist
 from vmrun.base.sizes import HUGEPAGE_SIZES, format_size
 from vmrun.config.model import Config
+from vmrun.config.rules import GUEST_RAM
 from vmrun.host.facts import DeviceFacts, HostFacts
 from vmrun.host.reader import HUGEPAGES_DIR, NODE_DIR
 from vmrun.plan.requirements import Requirements
 from vmrun.qemu import args as qemu_args
-
-RAM_ID = "guest-ram"
 
 
 @attrs.frozen
@@ -46,7 +45,7 @@ class Placement:
         prealloc = vm.prealloc or page is not None
         if page is None and not prealloc and node is None:
             return MemoryPlan()  # QEMU's own RAM: nothing to say about it
-        props: list[tuple[str, str | int | bool | None]] = [("id", RAM_ID), ("size", format_size(vm.memory))]
+        props: list[tuple[str, str | int | bool | None]] = [("id", GUEST_RAM), ("size", format_size(vm.memory))]
         if page is not None:
             # memfd, not a hugetlbfs file: the kernel's own hugetlb mount, so QEMU opens no
             # path and needs no directory it may write (it runs de-privileged, fds only).
@@ -60,7 +59,7 @@ class Placement:
             props += [("host-nodes", node), ("policy", "bind")]
         return MemoryPlan(
             options=(("-object", qemu_args.option(backend, props)),),
-            machine=(f"memory-backend={RAM_ID}",),
+            machine=(f"memory-backend={GUEST_RAM}",),
             node=node,
             cpu_affinity=affinity,
         )

@@ -13,10 +13,22 @@ import attrs
 from vmrun.base.problems import Problem, Sources
 from vmrun.base.sizes import format_size
 from vmrun.config.model import Config
-from vmrun.config.rules import is_q35
-from vmrun.host.facts import DeviceFacts, HostFacts, User
+from vmrun.config.rules import (
+    CONSOLE,
+    FW_CODE,
+    FW_VARS,
+    HOTPLUG_PORT,
+    QMP_CHARDEV,
+    SCSI_BUS,
+    SCSI_CONTROLLER,
+    VIDEO,
+    VIOMMU,
+    is_q35,
+)
+from vmrun.host.facts import DeviceFacts, HostFacts
 from vmrun.host.reader import MINIMAL_PATH
 from vmrun.kernel.statedir import SUN_PATH_MAX
+from vmrun.kernel.users import User
 from vmrun.plan.memlock import MemlockPlan, memlock_plan
 from vmrun.plan.placement import memory_plan
 from vmrun.plan.requirements import Finding, Requirements, Status
@@ -50,10 +62,7 @@ class FdSpec:
 # qmp, console: listening unix sockets; vncdir: a directory the VM user may create its VNC
 # socket in, reached only through this fd; inherited: from the caller
 FdKind = Literal["device", "file", "data", "tap", "inherited", "lock", "qmp", "console", "vncdir"]
-QMP_CHARDEV = "vmrun-qmp"
 NO_STATE_BASE = "(no state directory)"
-SCSI_BUS = "scsi0.0"  # the bus of the controller scsi disks share (config.RESERVED_IDS keeps scsi0 free)
-HOTPLUG_PORT = "hotplug"  # ids hotplug0, hotplug1, ...: config.RESERVED_ID_RE keeps them free
 DEFAULT_HOTPLUG_SLOTS = 4
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
@@ -218,9 +227,9 @@ class Planner:
         options += firmware_opts
         # The vIOMMU must exist before the devices behind it are created.
         if vm.viommu == "intel":
-            options.append(("-device", "intel-iommu,id=viommu0,intremap=on,caching-mode=on"))
+            options.append(("-device", f"intel-iommu,id={VIOMMU},intremap=on,caching-mode=on"))
         elif vm.viommu == "virtio":
-            options.append(("-device", "virtio-iommu-pci,id=viommu0"))
+            options.append(("-device", f"virtio-iommu-pci,id={VIOMMU}"))
         options += [*iommufd_opts, *vfio_opts, *disk_opts, *net_opts, *self.hotplug_ports(), *state_opts]
         options += qemu_args.group(vm.args)
         return Plan(
@@ -303,7 +312,7 @@ class Planner:
         if kind == "none":
             return [("-display", "none")]
         # -nodefaults leaves the guest without a video card: add one to show.
-        video = ("-device", "VGA,id=video0")
+        video = ("-device", f"VGA,id={VIDEO}")
         if kind == "vnc":
             # A unix socket in the VM's state directory, never TCP: VNC has no password here.
             # QEMU creates it through a directory fd, so QEMU needs no path into the state dir.
@@ -322,7 +331,7 @@ class Planner:
         fd = self.numbers.allocate()
         path = f"{self.state_dir}/console.sock"
         self.fds.append(FdSpec(fd, path, "serial console socket", "unix, listening", kind="console"))
-        chardev = qemu_args.option("socket", [("id", "console"), ("fd", fd), ("server", True), ("wait", False)])
+        chardev = qemu_args.option("socket", [("id", CONSOLE), ("fd", fd), ("server", True), ("wait", False)])
         return [("-chardev", chardev), ("-serial", "chardev:console")]
 
     def fdset(self, fd: int, opaque: str) -> tuple[Piece, str]:
@@ -354,8 +363,8 @@ class Planner:
             )
         opts: list[tuple[str, ...]] = []
         for node, path, mode, template in (
-            ("fw-code", fw.code, "O_RDONLY", None),
-            ("fw-vars", vars_path, "O_RDWR", fw.vars_template),
+            (FW_CODE, fw.code, "O_RDONLY", None),
+            (FW_VARS, vars_path, "O_RDWR", fw.vars_template),
         ):
             fd = self.numbers.allocate()
             purpose = "UEFI code" if template is None else "UEFI variables of this VM"
@@ -371,7 +380,7 @@ class Planner:
             )
             raw_node = (("driver", "raw"), ("node-name", node), ("file", f"{node}-file"), ("read-only", readonly))
             opts += [add.option(), Piece("blockdev", "", file_node).option(), Piece("blockdev", "", raw_node).option()]
-        return opts, ["pflash0=fw-code", "pflash1=fw-vars"]
+        return opts, [f"pflash0={FW_CODE}", f"pflash1={FW_VARS}"]
 
     def disk(self, i: int) -> list[Piece]:
         disk = self.config.disk[i]
@@ -449,7 +458,7 @@ class Planner:
         else:
             if not self.scsi_controller:
                 self.scsi_controller = True
-                pieces.append(Piece("device", "virtio-scsi-pci", (("id", "scsi0"),)))
+                pieces.append(Piece("device", "virtio-scsi-pci", (("id", SCSI_CONTROLLER),)))
             device = Piece(
                 "device", "scsi-hd", (("id", disk.id), ("bus", SCSI_BUS), ("drive", drive), ("serial", disk.serial))
             )

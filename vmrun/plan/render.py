@@ -7,7 +7,7 @@ import shlex
 from typing import Any
 
 from vmrun.base.problems import Problem
-from vmrun.plan.memlock import UNLIMITED
+from vmrun.base.sizes import UNLIMITED
 from vmrun.plan.placement import describe_affinity
 from vmrun.plan.planner import Plan
 

@@ -13,11 +13,11 @@ from typing import Literal
 import attrs
 
 from vmrun.base.problems import Problem
-from vmrun.base.sizes import format_mib, format_size
+from vmrun.base.sizes import UNLIMITED, format_limit, format_size
 from vmrun.config.model import Config, Vfio
 from vmrun.host.facts import VFIO_OK_DRIVERS, DeviceFacts, HostFacts, Node
 from vmrun.host.qemu_caps import IOMMUFD_SINCE
-from vmrun.plan.memlock import UNLIMITED, MemlockPlan
+from vmrun.plan.memlock import MemlockPlan
 
 INSTALL_HINT = "on Debian 12 install qemu-system-x86 from bookworm-backports (scripts/install does)"
 Status = Literal["ok", "warn", "fail"]
@@ -129,8 +129,8 @@ class Requirements:
         if memlock.limit <= launcher.memlock_hard or launcher.memlock_hard == UNLIMITED:
             self.ok("vm.memlock", f"RLIMIT_MEMLOCK {memlock.describe()} is within the hard limit")
             return
-        have = "unlimited" if launcher.memlock_hard == UNLIMITED else format_mib(launcher.memlock_hard)
-        need = "unlimited" if memlock.limit == UNLIMITED else format_mib(memlock.limit)
+        have = format_limit(launcher.memlock_hard)
+        need = format_limit(memlock.limit)
         systemd = "infinity" if memlock.limit == UNLIMITED else format_size(memlock.limit)
         self.problem(
             "vm.memlock",

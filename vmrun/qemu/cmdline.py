@@ -1,18 +1,13 @@
-"""QEMU command lines as QEMU reads them, and a running QEMU's command line and fds.
+"""QEMU command lines as QEMU reads them.
 
-For `vmrun import`: options with their values (which options take none), QEMU's comma
-rules for `-device`/`-object`/... values, and from /proc what a process was started with,
-what each of its fds is open on and which user it runs as.
+For `vmrun import`: options with their values (which options take none) and QEMU's comma
+rules for `-device`/`-object`/... values. A running QEMU's command line and fds are read
+from /proc by host/process.py.
 """
 
 from __future__ import annotations
 
-import os
-import re
-
 import attrs
-
-from vmrun.host import facts as host
 
 # QEMU options that take no value; every other option takes one.
 FLAGS = frozenset(
@@ -84,33 +79,3 @@ def options(argv: list[str]) -> tuple[str | None, list[tuple[str, ...]]]:
             out.append((name,))
             i += 1
     return binary, out
-
-
-def from_pid(pid: int, host_view: host.Host) -> tuple[list[str], dict[int, FdInfo], str | None]:
-    """A running QEMU's command line, what its fds are open on, and the user it runs as."""
-    import pwd
-
-    raw = host_view.under(f"/proc/{pid}/cmdline").read_bytes()
-    argv = [a.decode(errors="surrogateescape") for a in raw.split(b"\0")[:-1]]
-    fds: dict[int, FdInfo] = {}
-    fd_dir = host_view.under(f"/proc/{pid}/fd")
-    for entry in os.listdir(fd_dir):
-        if not entry.isdigit():
-            continue
-        try:
-            target = os.readlink(fd_dir / entry)
-        except OSError:
-            continue
-        ifname = None
-        info = host_view.read(f"/proc/{pid}/fdinfo/{entry}") or ""
-        if m := re.search(r"^iff:\s*(\S+)", info, re.MULTILINE):
-            ifname = m[1]
-        fds[int(entry)] = FdInfo(target if target.startswith("/") else None, ifname)
-    user = None
-    status = host_view.read(f"/proc/{pid}/status") or ""
-    if (m := re.search(r"^Uid:\s*([0-9]+)", status, re.MULTILINE)) and m[1] != "0":
-        try:
-            user = pwd.getpwuid(int(m[1])).pw_name
-        except KeyError:
-            user = None
-    return argv, fds, user

@@ -23,7 +23,7 @@ from vmrun.base.text import printable
 from vmrun.config import keytable, parsers, rules
 from vmrun.host import facts as host
 from vmrun.host import reader
-from vmrun.plan.planner import DEFAULT_HOTPLUG_SLOTS, QMP_CHARDEV, derived_mac, hotplug_port
+from vmrun.plan.planner import DEFAULT_HOTPLUG_SLOTS, derived_mac, hotplug_port
 from vmrun.qemu.cmdline import FLAGS, FdInfo, Props, keyvals, options
 from vmrun.tools import show
 
@@ -190,7 +190,7 @@ class Importer:
     def finish_machine(self) -> None:
         extra = self.machine_extra
         if self.ram_imported:
-            extra = [kv for kv in extra if kv != ("memory-backend", "guest-ram")]  # vmrun adds it
+            extra = [kv for kv in extra if kv != ("memory-backend", rules.GUEST_RAM)]  # vmrun adds it
         if self.vm.get("viommu") == "intel" and self.vm.get("accel", "kvm") == "kvm":
             extra = [(k, v) for k, v in extra if (k, v) != ("kernel-irqchip", "split")]  # vmrun adds it
         if self.pflash_nodes(extra):
@@ -330,15 +330,15 @@ class Importer:
 
     def monitor(self, i: int, value: str) -> None:
         props = dict(keyvals(value))
-        if props.get("chardev") == QMP_CHARDEV and QMP_CHARDEV in self.chardevs:
-            self.use(i, self.chardevs[QMP_CHARDEV][0])
+        if props.get("chardev") == rules.QMP_CHARDEV and rules.QMP_CHARDEV in self.chardevs:
+            self.use(i, self.chardevs[rules.QMP_CHARDEV][0])
 
     # -- objects and devices --------------------------------------------------------------
 
     def ram_backend(self, i: int, driver: str, rest: dict[str, str | None]) -> bool:
-        """vmrun's own guest RAM backend (placement.RAM_ID) back to hugepages, prealloc, numa."""
+        """vmrun's own guest RAM backend (rules.GUEST_RAM) back to hugepages, prealloc, numa."""
         known = {"id", "size", "hugetlb", "hugetlbsize", "prealloc", "prealloc-threads", "host-nodes", "policy"}
-        if rest.get("id") != "guest-ram" or set(rest) - known:
+        if rest.get("id") != rules.GUEST_RAM or set(rest) - known:
             return False
         huge = rest.get("hugetlbsize") if driver == "memory-backend-memfd" and rest.get("hugetlb") == "on" else None
         if huge is not None and huge not in ("2M", "1G"):
@@ -387,9 +387,9 @@ class Importer:
         elif value == hotplug_port(self.hotplug_ports):
             self.hotplug_ports += 1
             self.use(i)
-        elif driver == "VGA" and rest == {"id": "video0"}:
+        elif driver == "VGA" and rest == {"id": rules.VIDEO}:
             self.use(i)  # vmrun adds it for a display
-        elif driver == "virtio-scsi-pci" and rest == {"id": "scsi0"}:
+        elif driver == "virtio-scsi-pci" and rest == {"id": rules.SCSI_CONTROLLER}:
             self.use(i)  # vmrun adds it for scsi disks
         elif driver in DISK_DEVICES and "drive" in rest:
             self.disk_device(i, DISK_DEVICES[driver], rest)
