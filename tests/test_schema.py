@@ -101,3 +101,19 @@ def test_cli_prints_the_schema(capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads(capsys.readouterr().out) == schema.schema()
     assert cli.main(["schema", "--dropin"]) == 0
     assert "required" not in json.loads(capsys.readouterr().out)["properties"]["vfio"]["items"]
+
+
+def test_each_default_and_choice_has_one_home() -> None:
+    """A key's choices live in its parser and its default in the model; the docs (schema,
+    messages) are made from them, never written beside them."""
+    for name, keys in keytable.SECTION_KEYS.items():
+        model = keytable.SECTION_MODELS[name]
+        for key in keys:
+            assert "default" not in key.what, f"{name}.{key.name} restates its default: {key.what!r}"
+            default = key.default(model)
+            if default is not None and key.default_text is None:
+                assert (
+                    f"{keytable.words(default)} (default" in key.doc
+                    or f"(default {keytable.words(default)})" in key.doc
+                )
+            assert all(choice in key.doc for choice in key.choices()), key.doc

@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import REPO, UNPRIVILEGED, is_root, plan_for
 from tests.test_launch import config, run_recorded, run_refused
+from vmrun.base import layout
 from vmrun.base.errors import VmError
 from vmrun.control import state
 from vmrun.host import reader
@@ -192,7 +193,7 @@ def test_no_state_directory_for_nobody_without_a_runtime_dir(outdir: pathlib.Pat
 def test_listen_refuses_a_socket_path_over_sun_path(tmp_path: pathlib.Path) -> None:
     # The bind itself would fit (it goes through /proc/self/fd/N), but clients connect by
     # the real path: a socket nobody can reach is refused before it is made.
-    deep = tmp_path / ("d" * (statedir.SUN_PATH_MAX - len(str(tmp_path)) - 10))
+    deep = tmp_path / ("d" * (layout.SUN_PATH_MAX - len(str(tmp_path)) - 10))
     deep.mkdir(mode=0o700)
     directory = os.open(deep, statedir.DIR_FLAGS)
     try:

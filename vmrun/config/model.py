@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pathlib
-from typing import Literal
+from typing import Literal, get_args
 
 import attrs
 
@@ -14,6 +14,7 @@ HugePages = Literal["off", "2M", "1G"]
 # "auto": next to the passed-through devices; "off": no binding; an int: that host node.
 Numa = Literal["auto", "off"] | int
 Driver = Literal["vfio-pci", "vfio-platform", "vfio-ap", "vfio-ccw"]
+DRIVERS: tuple[str, ...] = get_args(Driver)  # the [[vfio]] drivers: this Literal is their one home
 PropValue = str | int | bool
 
 
@@ -33,11 +34,11 @@ class Vm:
     qemu: str = "qemu-system-x86_64"
     user: str | None = None
     cpu: str | None = None  # QEMU's default model when None
-    console: str = "stdio"  # stdio | socket | none
-    display: str = "none"  # none | vnc | gtk | sdl
-    firmware: str = "bios"  # bios | uefi
+    console: str = "stdio"
+    display: str = "none"
+    firmware: str = "bios"
     uefi_vars: pathlib.Path | None = None  # per-VM copy of the UEFI variable store
-    viommu: str | None = None  # intel | virtio
+    viommu: str | None = None
     memlock: Memlock = Memlock()
     kernel: pathlib.Path | None = None
     initrd: pathlib.Path | None = None
@@ -45,7 +46,7 @@ class Vm:
     args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()  # added to QEMU's minimal environment
     sandbox: bool = True  # QEMU's seccomp sandbox
-    hotplug_slots: int | None = None  # empty root ports for `vmrun attach`; None: 4 on q35, else 0
+    hotplug_slots: int | None = None  # None: rules.hotplug_slots decides by the machine
     hugepages: HugePages = "off"  # guest RAM on huge pages of this size
     prealloc: bool = False  # fault all guest RAM in at start (always with huge pages)
     numa: Numa = "auto"
@@ -81,10 +82,10 @@ class Vfio:
 class Disk:
     id: str
     path: pathlib.Path
-    format: str = "raw"  # raw | qcow2
-    interface: str = "virtio-blk"  # virtio-blk | nvme | scsi
+    format: str = "raw"
+    interface: str = "virtio-blk"
     readonly: bool = False
-    cache: str = "writeback"  # writeback | none | unsafe
+    cache: str = "writeback"
     serial: str | None = None
     trusted: bool = False  # opened with vmrun's rights instead of the VM user's
 
@@ -103,7 +104,7 @@ class Forward:
 @attrs.frozen
 class Net:
     id: str
-    type: str = "user"  # user | tap
+    type: str = "user"
     forwards: tuple[Forward, ...] = ()
     ifname: str | None = None  # tap: an existing interface vmrun attaches to
     mac: str | None = None

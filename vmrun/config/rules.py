@@ -50,7 +50,7 @@ IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 MACHINE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 PCI_RE = re.compile(r"(?:(?P<domain>[0-9a-fA-F]{4}):)?(?P<bus>[0-9a-fA-F]{2}):(?P<dev>[0-1][0-9a-fA-F])\.(?P<fn>[0-7])")
 ACCELS = ("kvm", "tcg")
-DRIVERS = ("vfio-pci", "vfio-platform", "vfio-ap", "vfio-ccw")
+NET_MODELS = ("virtio-net-pci", "e1000e", "e1000")  # QEMU's NIC devices a [[net]] may be
 # Device properties that vmrun sets itself from the config's own keys. `driver` too: QEMU
 # takes the last of two, so props.driver would make the device another one.
 PLANNED_PROPS = frozenset({"driver", "id", "host", "sysfsdev", "fd", "iommufd"})
@@ -59,6 +59,18 @@ FIRST_FREE_FD = 3
 
 def is_q35(machine: str) -> bool:
     return machine == "q35" or machine.startswith("pc-q35")
+
+
+# Empty root ports a q35 VM gets without [vm] hotplug_slots, as libvirt leaves some.
+DEFAULT_HOTPLUG_SLOTS = 4
+
+
+def hotplug_slots(machine: str, slots: int | None) -> int:
+    """How many empty root ports the VM gets: as set, else DEFAULT_HOTPLUG_SLOTS on q35 and
+    none elsewhere (other machines have no PCIe root ports)."""
+    if slots is not None:
+        return slots
+    return DEFAULT_HOTPLUG_SLOTS if is_q35(machine) else 0
 
 
 ID_HINT = "start with a letter; then letters, digits, '-', '.' or '_'"

@@ -10,18 +10,17 @@ device goes in, and put back if the attach fails.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import os
 import pathlib
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 
+from vmrun.base import layout
 from vmrun.base.errors import ConfigError, VmError
 from vmrun.base.problems import Problem
 from vmrun.base.sizes import UNLIMITED, format_limit
@@ -30,7 +29,6 @@ from vmrun.config.model import Config
 from vmrun.control import state
 from vmrun.control.qmp import CommandFailed, Monitor, QmpError
 from vmrun.host import facts as host
-from vmrun.kernel import statedir
 from vmrun.kernel.opener import Opener
 from vmrun.launch import fd_open
 from vmrun.plan import attachment
@@ -66,7 +64,7 @@ class RunningVm:
 def running_vm(name: str) -> RunningVm:
     """The running VM `name` as it is now: its launch record, its config, what was attached."""
     vm = state.running(name)
-    record = read_record(vm)
+    record = vm.record  # as state.running judged it: read once
     if vm.config is None:
         raise VmError(f"the state of VM {name} does not name its config", "was it started by this vmrun?")
     try:
@@ -91,43 +89,18 @@ def running_vm(name: str) -> RunningVm:
     return RunningVm(vm, launched, records, merged)
 
 
-@contextlib.contextmanager
-def vm_directory(vm: state.Vm) -> Iterator[int]:
-    """The running VM's state directory as an fd (see statedir), closed on leaving."""
-    directory = state.open_vm_dir(vm.name, os.path.dirname(vm.state_dir))
-    if directory is None:
-        raise VmError(f"VM {vm.name} has no state directory any more")
-    try:
-        yield directory
-    finally:
-        os.close(directory)
-
-
-def read_record(vm: state.Vm) -> dict[str, Any]:
-    with vm_directory(vm) as directory:
-        return state.read_record(directory, vm.state_dir)[0]
-
-
-def write_record(vm: state.Vm, record: dict[str, Any]) -> None:
-    with vm_directory(vm) as directory:
-        try:
-            statedir.write_file(directory, "state.json", (json.dumps(record, indent=1) + "\n").encode())
-        except OSError as e:
-            raise VmError(f"cannot update {vm.state_dir}/state.json: {e.strerror}") from None
-
-
 def records_of(record: dict[str, Any]) -> list[Record]:
     return [r for r in (Record.of(d) for d in record.get("attached", ())) if r is not None]
 
 
 def add_records(vm: state.Vm, new: list[Record]) -> None:
-    record = read_record(vm)
-    write_record(vm, with_records(record, [*records_of(record), *new]))
+    record = state.read_vm_record(vm)
+    state.write_vm_record(vm, with_records(record, [*records_of(record), *new]))
 
 
 def with_records(record: dict[str, Any], records: list[Record]) -> dict[str, Any]:
     """state.json with `records` as what is attached, and `devices` to match for ps/status."""
-    own = [d for d in record.get("devices", []) if not (isinstance(d, dict) and d.get("attached"))]
+    own = [d for d in record.get("devices", []) if not layout.is_attached(d)]
     shown = [{**r.label, "attached": True} for r in records if r.device is not None]
     return {**record, "attached": [r.to_json() for r in records], "devices": own + shown}
 
@@ -566,8 +539,8 @@ def detach(name: str, ident: str, timeout: float, say: Say) -> None:
             if r.section == "iommufd" and r.id not in used:
                 leftovers += remove_backend(monitor, r)
                 gone.append(r)
-        record = read_record(running.vm)
-        write_record(running.vm, with_records(record, [r for r in records_of(record) if r not in gone]))
+        record = state.read_vm_record(running.vm)
+        state.write_vm_record(running.vm, with_records(record, [r for r in records_of(record) if r not in gone]))
     for r in gone:
         say(f"detached {r.section} {r.id}")
     for line in leftovers:

@@ -22,11 +22,13 @@ import os
 import select
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import attrs
 
 # Defined with the other error types, so `vmrun run` can catch them without importing this module.
+from vmrun.base import layout
 from vmrun.base.errors import BadName, VmError
 from vmrun.base.text import printable
 from vmrun.config import rules
@@ -102,6 +104,7 @@ class Vm:
     process: Process | None = None
     why: str = ""  # for stale: why the recorded process is not the VM's QEMU
     identity: Identity | None = None
+    record: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)  # state.json as it was judged
 
     @property
     def running(self) -> bool:
@@ -109,11 +112,11 @@ class Vm:
 
     @property
     def qmp_socket(self) -> str:
-        return os.path.join(self.state_dir, "qmp.sock")
+        return os.path.join(self.state_dir, layout.QMP_SOCKET)
 
     @property
     def lock_file(self) -> str:
-        return os.path.join(self.state_dir, "lock")
+        return os.path.join(self.state_dir, layout.LOCK)
 
     def to_json(self) -> dict[str, Any]:
         p = self.process
@@ -156,7 +159,7 @@ def lock_state(directory: int, dir_path: str) -> tuple[bool, tuple[int, int] | N
     by closing, so a `vmrun run` racing with us fails only within that instant.
     """
     try:
-        fd = statedir.open_file(directory, dir_path, "lock", os.O_RDONLY)
+        fd = statedir.open_file(directory, dir_path, layout.LOCK, os.O_RDONLY)
     except FileNotFoundError:
         return False, None
     except PermissionError:
@@ -190,7 +193,7 @@ def inode_of(directory: int, name: str) -> int | None:
 def read_record(directory: int, dir_path: str) -> tuple[dict[str, Any], int | None]:
     """state.json as a dict ({} when missing or damaged) and its inode."""
     try:
-        fd = statedir.open_file(directory, dir_path, "state.json", os.O_RDONLY)
+        fd = statedir.open_file(directory, dir_path, layout.RECORD, os.O_RDONLY)
     except (FileNotFoundError, statedir.UnsafeDirectory, PermissionError):
         return {}, None
     try:
@@ -372,6 +375,33 @@ def open_vm_dir(name: str, state_base: str) -> int | None:
         os.close(base_fd)
 
 
+@contextlib.contextmanager
+def vm_directory(vm: Vm) -> Iterator[int]:
+    """The VM's state directory as an fd (see statedir), closed on leaving."""
+    directory = open_vm_dir(vm.name, os.path.dirname(vm.state_dir))
+    if directory is None:
+        raise VmError(f"VM {vm.name} has no state directory any more")
+    try:
+        yield directory
+    finally:
+        os.close(directory)
+
+
+def read_vm_record(vm: Vm) -> dict[str, Any]:
+    """The VM's record as it is now ({} when missing or damaged)."""
+    with vm_directory(vm) as directory:
+        return read_record(directory, vm.state_dir)[0]
+
+
+def write_vm_record(vm: Vm, record: dict[str, Any]) -> None:
+    """Replace the VM's record (attach and detach keep what they added in it)."""
+    with vm_directory(vm) as directory:
+        try:
+            statedir.write_file(directory, layout.RECORD, (json.dumps(record, indent=1) + "\n").encode())
+        except OSError as e:
+            raise VmError(f"cannot update {vm.state_dir}/{layout.RECORD}: {e.strerror}") from None
+
+
 def load(name: str, state_base: str | None = None, cpu_interval: float | None = None) -> Vm | None:
     """The VM called `name` as its state directory shows it; None when there is none.
 
@@ -387,7 +417,7 @@ def load(name: str, state_base: str | None = None, cpu_interval: float | None = 
         held, lock = lock_state(directory, state_dir)
         # The pid file before state.json: a launch removes pid first and writes it last, so
         # a pid file seen before an old state.json is old too (or gone), never the launch's.
-        pid_inode = inode_of(directory, "pid")
+        pid_inode = inode_of(directory, layout.PID)
         record, inode = read_record(directory, state_dir)
         identity = Identity.of(record)
         verdict = Verdict("stopped")
@@ -403,7 +433,7 @@ def load(name: str, state_base: str | None = None, cpu_interval: float | None = 
             # A record of a VM that is gone, or of a process that can never be the VM (it
             # exited, started later, does not hold the lock, became something else):
             # history. Only the files judged: a launch may have just written fresh ones.
-            for entry, seen in (("state.json", inode), ("pid", pid_inode)):
+            for entry, seen in ((layout.RECORD, inode), (layout.PID, pid_inode)):
                 if seen is not None:
                     with contextlib.suppress(OSError):  # tidying only: what is left is ignored
                         statedir.remove(directory, entry, seen)
@@ -419,19 +449,12 @@ def load(name: str, state_base: str | None = None, cpu_interval: float | None = 
         pid=pid,
         config=record.get("config") if isinstance(record.get("config"), str) else None,
         run_as=record.get("run_as") if isinstance(record.get("run_as"), str) else None,
-        devices=tuple(device_label(d) for d in devices) if isinstance(devices, list) else (),
+        devices=tuple(layout.device_label(d) for d in devices) if isinstance(devices, list) else (),
         process=proc,
         why=why,
         identity=identity if state == "running" else None,
+        record=record if state == "running" else {},
     )
-
-
-def device_label(entry: object) -> str:
-    """ "vfio-pci gpu0 (host=0000:01:00.0)" from a state.json device entry."""
-    if isinstance(entry, dict):
-        attached = ", attached" if entry.get("attached") else ""
-        return f"{entry.get('driver')} {entry.get('id')} ({entry.get('source')}, {entry.get('backend')}{attached})"
-    return str(entry)
 
 
 def all_vms(state_base: str | None = None) -> list[Vm]:

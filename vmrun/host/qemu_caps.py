@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from vmrun.config.model import DRIVERS
 from vmrun.host import reader
 from vmrun.host.reader import MINIMAL_PATH
 from vmrun.kernel import statedir
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
     from vmrun.kernel.users import User
 
-PROBED_DEVICES = ("vfio-pci", "vfio-platform", "vfio-ap", "vfio-ccw")
+PROBED_DEVICES = DRIVERS
 IOMMUFD_SINCE = (9, 0)
 CACHE_VERSION = 4
 

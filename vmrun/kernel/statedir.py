@@ -21,9 +21,8 @@ import stat
 
 from vmrun.base import trust
 from vmrun.base.errors import Failure
+from vmrun.base.layout import SUN_PATH_MAX
 
-# struct sockaddr_un's sun_path holds 108 bytes with the terminating NUL.
-SUN_PATH_MAX = 108
 MAX_RECORD = 1 << 20  # state.json, bind records: far smaller in practice
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 

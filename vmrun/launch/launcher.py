@@ -18,6 +18,7 @@ import sys
 import termios
 import time
 
+from vmrun.base import layout
 from vmrun.base.cpulist import format_cpulist
 from vmrun.base.errors import LaunchError
 from vmrun.base.sizes import format_limit
@@ -88,7 +89,7 @@ class StateDir:
     def take_lock(self) -> int:
         """Lock the VM's name; the fd goes to QEMU, which so holds the lock until it exits."""
         try:
-            fd = statedir.open_file(self.fd, self.path, "lock", os.O_RDWR | os.O_CREAT)
+            fd = statedir.open_file(self.fd, self.path, layout.LOCK, os.O_RDWR | os.O_CREAT)
         except statedir.UnsafeDirectory as e:
             raise LaunchError(e.what, e.hint) from None
         except OSError as e:
@@ -106,7 +107,7 @@ class StateDir:
         # else, so `ps`/`stop` can tell it from a process that only holds the lock. The pid
         # file goes first and comes back last (see state.load, which reads them the other way).
         try:
-            for name in ("pid", "state.json"):
+            for name in (layout.PID, layout.RECORD):
                 try:
                     statedir.remove(self.fd, name)
                 except OSError as e:
@@ -124,7 +125,7 @@ class StateDir:
 
     def read_pid(self) -> int | None:
         try:
-            data = statedir.read_file(self.fd, self.path, "pid", limit=32)
+            data = statedir.read_file(self.fd, self.path, layout.PID, limit=32)
             return int(data) if data else None
         except (OSError, ValueError, statedir.UnsafeDirectory):
             return None
@@ -173,14 +174,12 @@ class StateDir:
             "lock": list(self.lock_id),
             "started": time.time(),
             "run_as": plan.run_as.name if plan.run_as else None,
-            "devices": [
-                {"id": d.id, "driver": d.driver, "source": d.source, "backend": d.backend} for d in plan.passthrough
-            ],
+            "devices": [layout.device_entry(d.driver, d.id, d.source, d.backend) for d in plan.passthrough],
             "argv": plan.argv,
         }
         try:
-            statedir.write_file(self.fd, "state.json", (json.dumps(state, indent=1) + "\n").encode())
-            statedir.write_file(self.fd, "pid", f"{os.getpid()}\n".encode())
+            statedir.write_file(self.fd, layout.RECORD, (json.dumps(state, indent=1) + "\n").encode())
+            statedir.write_file(self.fd, layout.PID, f"{os.getpid()}\n".encode())
         except OSError as e:
             raise LaunchError(
                 f"cannot write the VM's state in {self.path}: {e.strerror}",

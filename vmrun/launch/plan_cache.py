@@ -34,6 +34,7 @@ import types
 import zlib
 
 from vmrun import __version__
+from vmrun.base import layout
 from vmrun.config import files as config_files
 from vmrun.host import reader
 from vmrun.kernel import statedir
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 
     from vmrun.plan.planner import Plan
 
-DIRECTORY = ".plans"
 FORMAT = 1
 
 
@@ -104,7 +104,7 @@ def open_directory(create: bool) -> tuple[int, str] | None:
         return None
     base_fd = statedir.open_dir(base, create=create, mode=0o755 if os.geteuid() == 0 else 0o700)
     try:
-        return statedir.open_subdir(base_fd, base, DIRECTORY, create=create), os.path.join(base, DIRECTORY)
+        return statedir.open_subdir(base_fd, base, layout.PLANS, create=create), os.path.join(base, layout.PLANS)
     finally:
         os.close(base_fd)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from vmrun.base import layout
 from vmrun.base.errors import ConfigError
 from vmrun.base.problems import Problem
 from vmrun.config import keytable, loader
@@ -206,11 +207,11 @@ def label(part: Part, entry: Entry) -> dict[str, str]:
     """How `vmrun ps` shows an attached entry: like the config's passthrough devices."""
     device = part.device
     if isinstance(entry, Vfio):
-        return {"driver": entry.driver, "id": entry.id, "source": entry.source, "backend": entry.iommufd or "legacy"}
+        return layout.device_entry(entry.driver, entry.id, entry.source, entry.iommufd or "legacy")
     if isinstance(entry, Disk):
         assert device is not None
-        return {"driver": device.type, "id": entry.id, "source": str(entry.path), "backend": entry.format}
+        return layout.device_entry(device.type, entry.id, str(entry.path), entry.format)
     if isinstance(entry, Net):
         source = f"tap {entry.ifname}" if entry.type == "tap" else "user"
-        return {"driver": entry.model, "id": entry.id, "source": source, "backend": "netdev"}
-    return {"driver": "iommufd", "id": entry.id, "source": "/dev/iommu", "backend": "object"}
+        return layout.device_entry(entry.model, entry.id, source, "netdev")
+    return layout.device_entry("iommufd", entry.id, "/dev/iommu", "object")

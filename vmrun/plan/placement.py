@@ -19,6 +19,7 @@ from vmrun.host.facts import DeviceFacts, HostFacts
 from vmrun.host.reader import HUGEPAGES_DIR, NODE_DIR
 from vmrun.plan.requirements import Requirements
 from vmrun.qemu import args as qemu_args
+from vmrun.qemu import devices
 
 
 @attrs.frozen
@@ -49,10 +50,10 @@ class Placement:
         if page is not None:
             # memfd, not a hugetlbfs file: the kernel's own hugetlb mount, so QEMU opens no
             # path and needs no directory it may write (it runs de-privileged, fds only).
-            backend = "memory-backend-memfd"
+            backend = devices.RAM_HUGE
             props += [("hugetlb", True), ("hugetlbsize", format_size(page))]
         else:
-            backend = "memory-backend-ram"
+            backend = devices.RAM_PLAIN
         if prealloc:
             props += [("prealloc", True), ("prealloc-threads", self.prealloc_threads(affinity))]
         if node is not None:

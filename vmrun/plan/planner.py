@@ -10,6 +10,7 @@ from typing import Literal
 
 import attrs
 
+from vmrun.base import layout
 from vmrun.base.problems import Problem, Sources
 from vmrun.base.sizes import format_size
 from vmrun.config.model import Config
@@ -23,16 +24,16 @@ from vmrun.config.rules import (
     SCSI_CONTROLLER,
     VIDEO,
     VIOMMU,
-    is_q35,
+    hotplug_slots,
 )
 from vmrun.host.facts import DeviceFacts, HostFacts
 from vmrun.host.reader import MINIMAL_PATH
-from vmrun.kernel.statedir import SUN_PATH_MAX
 from vmrun.kernel.users import User
 from vmrun.plan.memlock import MemlockPlan, memlock_plan
 from vmrun.plan.placement import memory_plan
 from vmrun.plan.requirements import Finding, Requirements, Status
 from vmrun.qemu import args as qemu_args
+from vmrun.qemu import devices
 from vmrun.qemu.parts import FDSET_PREFIX, Part, Piece
 
 FIRST_FD = 3
@@ -63,7 +64,6 @@ class FdSpec:
 # socket in, reached only through this fd; inherited: from the caller
 FdKind = Literal["device", "file", "data", "tap", "inherited", "lock", "qmp", "console", "vncdir"]
 NO_STATE_BASE = "(no state directory)"
-DEFAULT_HOTPLUG_SLOTS = 4
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
@@ -227,9 +227,9 @@ class Planner:
         options += firmware_opts
         # The vIOMMU must exist before the devices behind it are created.
         if vm.viommu == "intel":
-            options.append(("-device", f"intel-iommu,id={VIOMMU},intremap=on,caching-mode=on"))
+            options.append(("-device", f"{devices.VIOMMU_DEVICES['intel']},id={VIOMMU},intremap=on,caching-mode=on"))
         elif vm.viommu == "virtio":
-            options.append(("-device", f"virtio-iommu-pci,id={VIOMMU}"))
+            options.append(("-device", f"{devices.VIOMMU_DEVICES['virtio']},id={VIOMMU}"))
         options += [*iommufd_opts, *vfio_opts, *disk_opts, *net_opts, *self.hotplug_ports(), *state_opts]
         options += qemu_args.group(vm.args)
         return Plan(
@@ -262,7 +262,10 @@ class Planner:
         Last among the devices, so adding them moves no device of the config to another
         PCI address.
         """
-        return [("-device", hotplug_port(k)) for k in range(hotplug_slots(self.config))]
+        return [
+            ("-device", hotplug_port(k))
+            for k in range(hotplug_slots(self.config.vm.machine, self.config.vm.hotplug_slots))
+        ]
 
     @property
     def qemu_identity(self) -> User | None:
@@ -312,14 +315,16 @@ class Planner:
         if kind == "none":
             return [("-display", "none")]
         # -nodefaults leaves the guest without a video card: add one to show.
-        video = ("-device", f"VGA,id={VIDEO}")
+        video = ("-device", f"{devices.VIDEO},id={VIDEO}")
         if kind == "vnc":
             # A unix socket in the VM's state directory, never TCP: VNC has no password here.
             # QEMU creates it through a directory fd, so QEMU needs no path into the state dir.
             fd = self.numbers.allocate()
-            path = f"{self.state_dir}/vnc"
-            self.fds.append(FdSpec(fd, path, "directory of the VNC socket vnc.sock", "O_DIRECTORY", kind="vncdir"))
-            return [video, ("-display", "none"), ("-vnc", f"unix:/proc/self/fd/{fd}/vnc.sock")]
+            path = f"{self.state_dir}/{layout.VNC_DIR}"
+            self.fds.append(
+                FdSpec(fd, path, f"directory of the VNC socket {layout.VNC_SOCKET}", "O_DIRECTORY", kind="vncdir")
+            )
+            return [video, ("-display", "none"), ("-vnc", f"unix:/proc/self/fd/{fd}/{layout.VNC_SOCKET}")]
         return [video, ("-display", kind)]
 
     def console(self) -> list[tuple[str, ...]]:
@@ -329,7 +334,7 @@ class Planner:
         if kind == "none":
             return []
         fd = self.numbers.allocate()
-        path = f"{self.state_dir}/console.sock"
+        path = f"{self.state_dir}/{layout.CONSOLE_SOCKET}"
         self.fds.append(FdSpec(fd, path, "serial console socket", "unix, listening", kind="console"))
         chardev = qemu_args.option("socket", [("id", CONSOLE), ("fd", fd), ("server", True), ("wait", False)])
         return [("-chardev", chardev), ("-serial", "chardev:console")]
@@ -450,17 +455,18 @@ class Planner:
             nodes[:0] = [add, file_node, fmt_node]
         pieces = nodes
         drive = f"{disk.id}-fmt"
+        driver = devices.DISK_DEVICES[disk.interface]
         if disk.interface == "virtio-blk":
-            device = Piece("device", "virtio-blk-pci", (("id", disk.id), ("drive", drive), ("serial", disk.serial)))
+            device = Piece("device", driver, (("id", disk.id), ("drive", drive), ("serial", disk.serial)))
         elif disk.interface == "nvme":
             # An NVMe controller must have a serial number.
-            device = Piece("device", "nvme", (("id", disk.id), ("drive", drive), ("serial", disk.serial or disk.id)))
+            device = Piece("device", driver, (("id", disk.id), ("drive", drive), ("serial", disk.serial or disk.id)))
         else:
             if not self.scsi_controller:
                 self.scsi_controller = True
-                pieces.append(Piece("device", "virtio-scsi-pci", (("id", SCSI_CONTROLLER),)))
+                pieces.append(Piece("device", devices.SCSI_CONTROLLER, (("id", SCSI_CONTROLLER),)))
             device = Piece(
-                "device", "scsi-hd", (("id", disk.id), ("bus", SCSI_BUS), ("drive", drive), ("serial", disk.serial))
+                "device", driver, (("id", disk.id), ("bus", SCSI_BUS), ("drive", drive), ("serial", disk.serial))
             )
         pieces.append(device)
         return pieces
@@ -504,18 +510,18 @@ class Planner:
                 "set XDG_RUNTIME_DIR (a login session has it) or VMRUN_STATE_DIR to a directory of yours, "
                 "or run vmrun as root",
             )
-        qmp_path = f"{self.state_dir}/qmp.sock"
-        longest = max(len(qmp_path), len(f"{self.state_dir}/console.sock"))
-        if longest >= SUN_PATH_MAX:
+        qmp_path = f"{self.state_dir}/{layout.QMP_SOCKET}"
+        longest = max(len(qmp_path), len(f"{self.state_dir}/{layout.CONSOLE_SOCKET}"))
+        if longest >= layout.SUN_PATH_MAX:
             self.problem(
                 "vm.name",
-                f"the VM's socket paths under {self.state_dir} are {longest} bytes, over the {SUN_PATH_MAX - 1} "
+                f"the VM's socket paths under {self.state_dir} are {longest} bytes, over the {layout.SUN_PATH_MAX - 1} "
                 "a unix socket path may have",
                 "use a shorter vm.name or a shorter state directory (VMRUN_STATE_DIR)",
             )
         lock = self.numbers.allocate()
         self.fds.append(
-            FdSpec(lock, f"{self.state_dir}/lock", "lock on the VM name", "O_RDWR|O_CREAT, flock", kind="lock")
+            FdSpec(lock, f"{self.state_dir}/{layout.LOCK}", "lock on the VM name", "O_RDWR|O_CREAT, flock", kind="lock")
         )
         qmp = self.numbers.allocate()
         self.fds.append(FdSpec(qmp, qmp_path, "QMP socket for vmrun", "unix, listening", kind="qmp"))
@@ -589,19 +595,11 @@ class Planner:
         return Piece("device", dev.driver, tuple(props), fd=fd_prop if isinstance(fd_prop, int) else None)
 
 
-def hotplug_slots(config: Config) -> int:
-    """How many empty root ports the VM gets: as set, else 4 on q35 (as libvirt leaves), none elsewhere."""
-    slots = config.vm.hotplug_slots
-    if slots is not None:
-        return slots
-    return DEFAULT_HOTPLUG_SLOTS if is_q35(config.vm.machine) else 0
-
-
 def hotplug_port(k: int) -> str:
     # Each root port needs its own (chassis, slot) pair. vmrun's take chassis numbers from
     # the top of the 8-bit range down (255, 254, ...; hotplug_slots is at most 32), so root
     # ports a config adds in `args`, which people number from 1, do not collide with them.
-    return qemu_args.option("pcie-root-port", [("id", f"{HOTPLUG_PORT}{k}"), ("chassis", 255 - k)])
+    return qemu_args.option(devices.HOTPLUG_PORT, [("id", f"{HOTPLUG_PORT}{k}"), ("chassis", 255 - k)])
 
 
 def plan(config: Config, facts: HostFacts) -> Plan:

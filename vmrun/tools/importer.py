@@ -21,14 +21,16 @@ import attrs
 from vmrun.base.sizes import SizeError, format_size, parse_size
 from vmrun.base.text import printable
 from vmrun.config import keytable, parsers, rules
+from vmrun.config.model import DRIVERS
 from vmrun.host import facts as host
 from vmrun.host import reader
-from vmrun.plan.planner import DEFAULT_HOTPLUG_SLOTS, derived_mac, hotplug_port
+from vmrun.plan.planner import derived_mac, hotplug_port
+from vmrun.qemu import devices
 from vmrun.qemu.cmdline import FLAGS, FdInfo, Props, keyvals, options
 from vmrun.tools import show
 
-NET_MODELS = ("virtio-net-pci", "e1000e", "e1000")
-DISK_DEVICES = {"virtio-blk-pci": "virtio-blk", "nvme": "nvme", "scsi-hd": "scsi"}
+# The QEMU disk device -> the [[disk]] interface vmrun would write it for.
+DISK_INTERFACES = {driver: interface for interface, driver in devices.DISK_DEVICES.items()}
 HOSTFWD_RE = re.compile(r"(tcp|udp)?:([0-9.]*):([0-9]+)-:([0-9]+)")
 UNMAPPED = "not modelled by vmrun: kept as is"
 # An argument shown bare in a comment: printable ASCII with nothing TOML or a reader could
@@ -149,8 +151,7 @@ class Importer:
         self.finish_machine()
         # Empty root ports as vmrun makes them: a number other than its default is a key
         # (0 too, so the guest's PCI layout stays as the command line had it).
-        q35 = rules.is_q35(self.vm.get("machine", "q35"))
-        if self.hotplug_ports != (DEFAULT_HOTPLUG_SLOTS if q35 else 0):
+        if self.hotplug_ports != rules.hotplug_slots(self.vm.get("machine", "q35"), None):
             self.vm["hotplug_slots"] = self.hotplug_ports
         if not self.console_mapped:
             self.vm["console"] = "none"  # no serial port vmrun would make
@@ -340,7 +341,7 @@ class Importer:
         known = {"id", "size", "hugetlb", "hugetlbsize", "prealloc", "prealloc-threads", "host-nodes", "policy"}
         if rest.get("id") != rules.GUEST_RAM or set(rest) - known:
             return False
-        huge = rest.get("hugetlbsize") if driver == "memory-backend-memfd" and rest.get("hugetlb") == "on" else None
+        huge = rest.get("hugetlbsize") if driver == devices.RAM_HUGE and rest.get("hugetlb") == "on" else None
         if huge is not None and huge not in ("2M", "1G"):
             return False
         node = rest.get("host-nodes")
@@ -359,7 +360,7 @@ class Importer:
     def object_opt(self, i: int, value: str) -> None:
         props = keyvals(value)
         rest = dict(props[1:])
-        if props[0][0] in ("memory-backend-memfd", "memory-backend-ram") and self.ram_backend(i, props[0][0], rest):
+        if props[0][0] in (devices.RAM_HUGE, devices.RAM_PLAIN) and self.ram_backend(i, props[0][0], rest):
             return
         if props[0] != ("iommufd", None) or "id" not in rest or set(rest) - {"id", "fd"}:
             return
@@ -376,24 +377,24 @@ class Importer:
         props = keyvals(value)
         driver = props[0][0]
         rest = dict(props[1:])
-        if driver in rules.DRIVERS:
+        if driver in DRIVERS:
             self.vfio_device(i, driver, props[1:])
-        elif driver == "intel-iommu" and set(rest) <= {"id", "intremap", "caching-mode"}:
+        elif driver == devices.VIOMMU_DEVICES["intel"] and set(rest) <= {"id", "intremap", "caching-mode"}:
             self.vm["viommu"] = "intel"
             self.use(i)
-        elif driver == "virtio-iommu-pci" and set(rest) <= {"id"}:
+        elif driver == devices.VIOMMU_DEVICES["virtio"] and set(rest) <= {"id"}:
             self.vm["viommu"] = "virtio"
             self.use(i)
         elif value == hotplug_port(self.hotplug_ports):
             self.hotplug_ports += 1
             self.use(i)
-        elif driver == "VGA" and rest == {"id": rules.VIDEO}:
+        elif driver == devices.VIDEO and rest == {"id": rules.VIDEO}:
             self.use(i)  # vmrun adds it for a display
-        elif driver == "virtio-scsi-pci" and rest == {"id": rules.SCSI_CONTROLLER}:
+        elif driver == devices.SCSI_CONTROLLER and rest == {"id": rules.SCSI_CONTROLLER}:
             self.use(i)  # vmrun adds it for scsi disks
-        elif driver in DISK_DEVICES and "drive" in rest:
-            self.disk_device(i, DISK_DEVICES[driver], rest)
-        elif driver in NET_MODELS and "netdev" in rest:
+        elif driver in DISK_INTERFACES and "drive" in rest:
+            self.disk_device(i, DISK_INTERFACES[driver], rest)
+        elif driver in devices.NICS and "netdev" in rest:
             self.net_device(i, driver, rest)
 
     def vfio_device(self, i: int, driver: str, props: Props) -> None:

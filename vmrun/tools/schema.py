@@ -16,18 +16,20 @@ from vmrun.config import keytable, parsers
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
 
-def key_schema(key: keytable.Key) -> dict[str, Any]:
+def key_schema(key: keytable.Key, model: type) -> dict[str, Any]:
     # A parser without Traits gives a key of any type (tests/test_schema.py fails on it:
-    # register one with config.described).
+    # register one with parsers.described).
     traits = parsers.TRAITS.get(key.parse)
-    return {**(traits.schema if traits else {}), "description": key.doc}
+    default = key.default(model)
+    schema = {**(traits.schema if traits else {}), "description": key.doc}
+    return schema if default is None else {**schema, "default": default}
 
 
-def table_schema(keys: tuple[keytable.Key, ...], what: str, required: bool) -> dict[str, Any]:
+def table_schema(keys: tuple[keytable.Key, ...], model: type, what: str, required: bool) -> dict[str, Any]:
     out: dict[str, Any] = {
         "type": "object",
         "description": what,
-        "properties": {k.name: key_schema(k) for k in keys},
+        "properties": {k.name: key_schema(k, model) for k in keys},
         "additionalProperties": False,
     }
     needed = [k.name for k in keys if k.required]
@@ -52,7 +54,7 @@ def schema(dropin: bool = False) -> dict[str, Any]:
     for name, kind in keytable.SECTIONS.items():
         doc = SECTION_DOCS.get(name, name)
         # A drop-in's entry may name an existing entry's id and change only some of its keys.
-        table = table_schema(keytable.SECTION_KEYS[name], doc, required=not dropin)
+        table = table_schema(keytable.SECTION_KEYS[name], keytable.SECTION_MODELS[name], doc, required=not dropin)
         if kind == "array":
             properties[name] = {"type": "array", "description": f"[[{name}]]: {doc}", "items": table}
         else:

@@ -8,36 +8,21 @@ a config that loads to the same VM. The text form says which file set each value
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import Any
 
 import attrs
 import tomli_w
 
 from vmrun.base import tables
-from vmrun.config import keytable, parsers, quoting
+from vmrun.config import keytable, quoting
 from vmrun.config.model import Config
 
 DEFAULT = "(default)"
 
 
-def dumped(key: keytable.Key, value: object) -> object:
-    """A model value as TOML writes it; None for a key left unset."""
-    if value is None:
-        return None
-    traits = parsers.TRAITS.get(key.parse)
-    if traits is not None and traits.dump is not None:
-        return traits.dump(value)
-    if isinstance(value, pathlib.Path):
-        return str(value)
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
 def section(keys: tuple[keytable.Key, ...], model: object) -> dict[str, object]:
     values = attrs.asdict(model, recurse=False)  # type: ignore[arg-type]
-    return {k.name: dumped(k, values[k.name]) for k in keys}
+    return {k.name: k.dump(values[k.name]) for k in keys}
 
 
 def document(cfg: Config) -> dict[str, Any]:

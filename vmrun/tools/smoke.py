@@ -29,6 +29,7 @@ from typing import IO, Any
 
 import attrs
 
+from vmrun.base import layout
 from vmrun.base.errors import ConfigError, VmError
 from vmrun.base.text import printable, printable_lines
 from vmrun.config import loader
@@ -312,7 +313,7 @@ def smoke_in(file: str, timeout: float, boot: re.Pattern[str] | None, state_base
             verified = expected.summary()
             if boot is not None:
                 if console == "socket":
-                    child.attach_console(os.path.join(vm.state_dir, "console.sock"))
+                    child.attach_console(os.path.join(vm.state_dir, layout.CONSOLE_SOCKET))
                 m.execute("cont", timeout=max(0.1, deadline - time.monotonic()))
         finally:
             m.close()
