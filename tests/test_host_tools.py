@@ -326,3 +326,40 @@ def test_ctrl_c_during_bind_from_the_command_line(tree: pathlib.Path, monkeypatc
     assert writes(tree, "0000:02:00.0")["override"] == "\n", "the override is cleared again"
     assert (tree / "sys" / "bus" / "pci" / "drivers" / "e1000e" / "unbind").read_text() == ""
     assert not (tree / "run" / "vmrun-bind" / "0000:02:00.0.json").exists(), "the record is forgotten"
+
+
+def test_one_viability_rule_for_requirements_bind_and_init(tmp_path: pathlib.Path) -> None:
+    """The kernel lets a group be used by VFIO when every member is unbound, on a VFIO driver
+    or pci-stub, or is a bridge (on any driver: pcieport, shpchp). The preflight, `vmrun
+    bind` and `vmrun init` judge a group by that one rule (host/sysfs.py)."""
+    from vmrun.host import sysfs
+    from vmrun.tools import init
+
+    assert [sysfs.keeps_group_viable(d, "0x020000") for d in (None, "vfio-pci", "pci-stub", "e1000e", "pcieport")] == [
+        True,
+        True,
+        True,
+        False,
+        False,  # pcieport on an endpoint is a host driver like any other
+    ]
+    assert sysfs.keeps_group_viable("shpchp", "0x060400") and sysfs.keeps_group_viable("pcieport", "0x060400")
+    root = fakehost.build(
+        tmp_path,
+        fakehost.FakeHost(
+            devices=(
+                fakehost.FakePci("0000:03:00.0", group=7, cdev=0),
+                fakehost.FakePci("0000:00:1c.0", driver="shpchp", group=7, cdev=None, class_code="0x060400"),
+            )
+        ),
+    )
+    cfg = tmp_path / "vm.toml"
+    cfg.write_text(
+        '[vm]\nname = "g"\nmemory = "1G"\n[[iommufd]]\nid = "io"\n'
+        '[[vfio]]\nid = "d"\nhost = "03:00.0"\niommufd = "io"\n'
+    )
+    findings = [f for f in plan_for(cfg, root).findings if f.problem.path == "vfio[0]"]
+    assert all(f.status == "ok" for f in findings)
+    assert any("IOMMU group 7 (2 devices) is viable" in f.problem.message for f in findings)
+    Binder(Host(root)).check_groups(["0000:03:00.0"])  # no BindError
+    result = init.build("g", ["0000:03:00.0"], Host(root))
+    assert result.warnings == () and "00:1c.0" not in result.text

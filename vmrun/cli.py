@@ -515,18 +515,10 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def config_addresses(file: str) -> list[str]:
-    import os
-
     from vmrun.config import loader, rules
 
-    cfg = loader.load(file)
-    out = []
-    for dev in cfg.vfio:
-        if dev.host is not None:
-            out.append(dev.host)
-        elif dev.sysfsdev is not None and rules.PCI_RE.fullmatch(os.path.basename(dev.sysfsdev)):
-            out.append(os.path.basename(dev.sysfsdev))
-    return out
+    addresses = (rules.pci_address_of(dev.host, dev.sysfsdev) for dev in loader.load(file).vfio)
+    return [a for a in addresses if a is not None]
 
 
 def cmd_bind(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ vmrun keeps for itself, and the small rules other stages ask about (is_q35).
 
 from __future__ import annotations
 
+import os
 import re
 
 # Every pattern is applied with fullmatch: `$` would let a trailing newline through.
@@ -55,6 +56,16 @@ NET_MODELS = ("virtio-net-pci", "e1000e", "e1000")  # QEMU's NIC devices a [[net
 # takes the last of two, so props.driver would make the device another one.
 PLANNED_PROPS = frozenset({"driver", "id", "host", "sysfsdev", "fd", "iommufd"})
 FIRST_FREE_FD = 3
+
+
+def pci_address_of(host: str | None, sysfsdev: str | None) -> str | None:
+    """The PCI address a [[vfio]] entry names: its host, or a sysfsdev path that ends in one
+    (a platform device's path does not); None for a device passed as an fd."""
+    if host is not None:
+        return host
+    if sysfsdev is not None and PCI_RE.fullmatch(name := os.path.basename(sysfsdev.rstrip("/"))):
+        return name
+    return None
 
 
 def is_q35(machine: str) -> bool:

@@ -24,8 +24,6 @@ from vmrun.host.qemu_caps import QemuCaps, probe
 from vmrun.kernel.opener import Opener
 from vmrun.kernel.users import User
 
-VFIO_OK_DRIVERS = ("vfio-pci", "pci-stub", "pcieport")
-
 
 class Host(reader.Host):
     """host/reader.py's view of the host, for the tools that work on it (devices, bind, init, import)."""
@@ -59,7 +57,7 @@ class DeviceFacts:
     sysfs: str | None  # the device's sysfs directory (host path), None when absent
     driver: str | None = None
     iommu_group: str | None = None
-    group_members: tuple[tuple[str, str | None], ...] = ()  # (address, driver)
+    group_members: tuple[tuple[str, str | None, str | None], ...] = ()  # (address, driver, class code)
     cdev: str | None = None  # /dev/vfio/devices/vfioN, from <dev>/vfio-dev/vfioN
     cdev_node: Node | None = None
     group_node: Node | None = None  # /dev/vfio/<group>, for the legacy backend
@@ -138,7 +136,7 @@ def device(record: dict[str, Any]) -> DeviceFacts:
     return DeviceFacts(
         **{
             **record,
-            "group_members": tuple((a, d) for a, d in record["group_members"]),
+            "group_members": tuple((a, d, c) for a, d, c in record["group_members"]),
             "cdev_node": node(record["cdev_node"]),
             "group_node": node(record["group_node"]),
         }

@@ -8,6 +8,7 @@ import pathlib
 import attrs
 
 from vmrun.base import tables
+from vmrun.host import sysfs
 from vmrun.host.facts import Host
 
 PCI_IDS = ("/usr/share/misc/pci.ids", "/usr/share/hwdata/pci.ids")
@@ -70,7 +71,7 @@ def hexid(text: str | None, width: int) -> str:
 
 
 def list_devices(host: Host) -> list[PciDevice]:
-    base = host.under("/sys/bus/pci/devices")
+    base = host.under(sysfs.PCI_DEVICES)
     try:
         addresses = sorted(os.listdir(base))
     except OSError:
@@ -78,19 +79,19 @@ def list_devices(host: Host) -> list[PciDevice]:
     ids = PciIds(host)
     out = []
     for address in addresses:
-        sysfs = f"/sys/bus/pci/devices/{address}"
-        vendor = hexid(host.read(f"{sysfs}/vendor"), 4)
-        device = hexid(host.read(f"{sysfs}/device"), 4)
-        class_code = hexid(host.read(f"{sysfs}/class"), 6)
+        path = sysfs.pci_device(address)
+        vendor = hexid(host.read(f"{path}/vendor"), 4)
+        device = hexid(host.read(f"{path}/device"), 4)
+        class_code = hexid(host.read(f"{path}/class"), 6)
         out.append(
             PciDevice(
                 address=address,
                 vendor=vendor,
                 device=device,
                 class_code=class_code,
-                driver=host.link_name(f"{sysfs}/driver"),
-                iommu_group=host.link_name(f"{sysfs}/iommu_group"),
-                cdev=host.cdev(sysfs),
+                driver=host.link_name(f"{path}/driver"),
+                iommu_group=host.link_name(f"{path}/iommu_group"),
+                cdev=host.cdev(path),
                 vendor_name=ids.vendors.get(vendor),
                 device_name=ids.devices.get((vendor, device)),
                 class_name=ids.class_name(class_code),

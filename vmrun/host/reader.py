@@ -17,6 +17,7 @@ import resource
 import stat
 
 from vmrun.base.cpulist import parse_cpulist
+from vmrun.host import sysfs
 from vmrun.kernel.opener import describe_type, not_an_image
 
 # typing.TYPE_CHECKING without importing typing, which costs a launch 15 ms; mypy takes any
@@ -100,35 +101,39 @@ class Host:
 
     def group_members(self, group: str) -> list[str]:
         """The addresses of the devices in IOMMU group `group`."""
-        return self.listdir(f"/sys/kernel/iommu_groups/{group}/devices") or []
+        return self.listdir(sysfs.group_devices(group)) or []
 
     def device(self, host: str | None, sysfsdev: str | None) -> Record:
         """A VFIO device named by PCI address or sysfs path: driver, group, cdev, NUMA node."""
         if host is not None:
-            sysfs = f"/sys/bus/pci/devices/{host}"
+            path = sysfs.pci_device(host)
         elif sysfsdev is not None:
-            sysfs = sysfsdev
+            path = sysfsdev
         else:
             return {"sysfs": None}  # passed by the caller as an fd: nothing to look up
-        if not self.exists(sysfs):
+        if not self.exists(path):
             return {"sysfs": None}
-        group = self.link_name(f"{sysfs}/iommu_group")
+        group = self.link_name(f"{path}/iommu_group")
         members = []
         if group is not None:
             members = [
-                [n, self.link_name(f"/sys/kernel/iommu_groups/{group}/devices/{n}/driver")]
+                [
+                    n,
+                    self.link_name(f"{sysfs.group_devices(group)}/{n}/driver"),
+                    self.read(f"{sysfs.pci_device(n)}/class"),
+                ]
                 for n in self.group_members(group)
             ]
-        cdev = self.cdev(sysfs)
+        cdev = self.cdev(path)
         return {
-            "sysfs": sysfs,
-            "driver": self.link_name(f"{sysfs}/driver"),
+            "sysfs": path,
+            "driver": self.link_name(f"{path}/driver"),
             "iommu_group": group,
             "group_members": members,
             "cdev": cdev,
             "cdev_node": self.node(cdev) if cdev else None,
             "group_node": self.node(f"/dev/vfio/{group}") if group else None,
-            "numa_node": device_node(self.read(f"{sysfs}/numa_node")),
+            "numa_node": device_node(self.read(f"{path}/numa_node")),
         }
 
     def uefi(self) -> Record | None:

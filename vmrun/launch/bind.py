@@ -19,13 +19,13 @@ import time
 import attrs
 
 from vmrun.base.errors import LaunchError
-from vmrun.host.facts import VFIO_OK_DRIVERS, Host
+from vmrun.host import sysfs
+from vmrun.host.facts import Host
 from vmrun.kernel import statedir
 
 STATE_DIR = "/run/vmrun-bind"
 DRIVER_RE = re.compile(r"[A-Za-z0-9_.-]+")
 # PCI class codes of bridges (host 0x0600, PCI-to-PCI 0x0604): the host's own plumbing.
-BRIDGE_CLASSES = ("0x0600", "0x0604")
 CDEV_WAIT = 5.0  # seconds for the vfio cdev and its /dev node to appear after binding
 
 
@@ -47,9 +47,6 @@ class Binder:
     def __init__(self, host: Host) -> None:
         self.host = host
 
-    def sysfs(self, address: str) -> str:
-        return f"/sys/bus/pci/devices/{address}"
-
     def write(self, path: str, value: str) -> None:
         try:
             with open(self.host.under(path), "w") as f:
@@ -58,10 +55,10 @@ class Binder:
             raise BindError(f"writing {value.strip() or 'an empty line'!r} to {path} failed: {e.strerror}") from None
 
     def driver(self, address: str) -> str | None:
-        return self.host.link_name(f"{self.sysfs(address)}/driver")
+        return self.host.link_name(f"{sysfs.pci_device(address)}/driver")
 
     def group_members(self, address: str) -> list[str]:
-        group = self.host.link_name(f"{self.sysfs(address)}/iommu_group")
+        group = self.host.link_name(f"{sysfs.pci_device(address)}/iommu_group")
         if group is None:
             raise BindError(
                 f"{address} has no IOMMU group",
@@ -123,7 +120,7 @@ class Binder:
             return True, None
         if not isinstance(driver, str) or not DRIVER_RE.fullmatch(driver):
             raise BindError(f"the bind record {record} names no driver: {driver!r}", f"remove it (rm {record})")
-        if not self.host.under(f"/sys/bus/pci/drivers/{driver}").is_dir():
+        if not self.host.under(sysfs.pci_driver(driver)).is_dir():
             raise BindError(
                 f"the bind record {record} names the driver {driver}, which this kernel does not have",
                 f"load it (modprobe {driver}) or remove the record (rm {record})",
@@ -140,7 +137,7 @@ class Binder:
             os.close(directory)
 
     def check_not_bridges(self, addresses: list[str]) -> None:
-        bridges = [a for a in addresses if (self.host.read(f"{self.sysfs(a)}/class") or "").startswith(BRIDGE_CLASSES)]
+        bridges = [a for a in addresses if sysfs.is_bridge(self.host.read(f"{sysfs.pci_device(a)}/class"))]
         if bridges:
             raise BindError(
                 f"{', '.join(bridges)} {'is a bridge' if len(bridges) == 1 else 'are bridges'}: the host's own PCI "
@@ -149,10 +146,10 @@ class Binder:
             )
 
     def check_present(self, addresses: list[str]) -> None:
-        missing = [a for a in addresses if not self.host.under(self.sysfs(a)).exists()]
+        missing = [a for a in addresses if not self.host.under(sysfs.pci_device(a)).exists()]
         if missing:
             raise BindError(f"no PCI device {', '.join(missing)} on this host", "`vmrun devices` lists them")
-        if not self.host.under("/sys/bus/pci/drivers/vfio-pci").exists():
+        if not self.host.under(sysfs.pci_driver("vfio-pci")).exists():
             raise BindError("the vfio-pci driver is not loaded", "modprobe vfio-pci")
 
     def check_groups(self, addresses: list[str]) -> None:
@@ -162,7 +159,8 @@ class Binder:
             offenders = [
                 f"{m} ({self.driver(m)})"
                 for m in self.group_members(address)
-                if m not in wanted and self.driver(m) not in (*VFIO_OK_DRIVERS, None)
+                if m not in wanted
+                and not sysfs.keeps_group_viable(self.driver(m), self.host.read(f"{sysfs.pci_device(m)}/class"))
             ]
             if offenders:
                 raise BindError(
@@ -173,7 +171,7 @@ class Binder:
     def wait_for_cdev(self, address: str) -> str:
         deadline = time.monotonic() + CDEV_WAIT
         while True:
-            cdev = self.host.cdev(self.sysfs(address))
+            cdev = self.host.cdev(sysfs.pci_device(address))
             if cdev is not None and self.host.under(cdev).exists():
                 return cdev
             if time.monotonic() > deadline:
@@ -186,13 +184,13 @@ class Binder:
     def bind_one(self, address: str) -> Change:
         current = self.driver(address)
         if current == "vfio-pci":
-            self.write(f"{self.sysfs(address)}/driver_override", "vfio-pci")
+            self.write(f"{sysfs.pci_device(address)}/driver_override", "vfio-pci")
             return Change(address, "already bound", self.cdev_of(address))
         self.remember(address, current)
-        self.write(f"{self.sysfs(address)}/driver_override", "vfio-pci")
+        self.write(f"{sysfs.pci_device(address)}/driver_override", "vfio-pci")
         if current is not None:
-            self.write(f"{self.sysfs(address)}/driver/unbind", address)
-        self.write("/sys/bus/pci/drivers_probe", address)
+            self.write(f"{sysfs.pci_device(address)}/driver/unbind", address)
+        self.write(sysfs.DRIVERS_PROBE, address)
         now = self.driver(address)
         if now != "vfio-pci":
             raise BindError(f"{address} did not bind to vfio-pci (driver now: {now or 'none'})", "see dmesg")
@@ -200,7 +198,7 @@ class Binder:
         return Change(address, "bound", f"was {current or 'unbound'}; {cdev}")
 
     def cdev_of(self, address: str) -> str:
-        return self.host.cdev(self.sysfs(address)) or "no cdev"
+        return self.host.cdev(sysfs.pci_device(address)) or "no cdev"
 
     def unbind_one(self, address: str) -> Change:
         known, original = self.recall(address)
@@ -208,15 +206,15 @@ class Binder:
         if current != "vfio-pci" and not known:
             return Change(address, "not bound", f"driver {current or 'none'}")
         if current == "vfio-pci":
-            self.write(f"{self.sysfs(address)}/driver/unbind", address)
+            self.write(f"{sysfs.pci_device(address)}/driver/unbind", address)
         # An empty override lets the kernel match drivers by id again.
-        self.write(f"{self.sysfs(address)}/driver_override", "\n")
+        self.write(f"{sysfs.pci_device(address)}/driver_override", "\n")
         if original and current == original:
             pass  # a bind that never took: the device is still where it was
         elif original:
-            self.write(f"/sys/bus/pci/drivers/{original}/bind", address)
+            self.write(f"{sysfs.pci_driver(original)}/bind", address)
         elif not known:
-            self.write("/sys/bus/pci/drivers_probe", address)
+            self.write(sysfs.DRIVERS_PROBE, address)
         self.forget(address)
         return Change(address, "restored", f"driver {self.driver(address) or 'none'}")
 
@@ -246,7 +244,7 @@ class Binder:
         return done
 
     def unbind(self, addresses: list[str]) -> list[Change]:
-        missing = [a for a in addresses if not self.host.under(self.sysfs(a)).exists()]
+        missing = [a for a in addresses if not self.host.under(sysfs.pci_device(a)).exists()]
         if missing:
             raise BindError(f"no PCI device {', '.join(missing)} on this host", "`vmrun devices` lists them")
         return [self.unbind_one(a) for a in addresses]

@@ -15,7 +15,8 @@ import attrs
 from vmrun.base.problems import Problem
 from vmrun.base.sizes import UNLIMITED, format_limit, format_size
 from vmrun.config.model import Config, Vfio
-from vmrun.host.facts import VFIO_OK_DRIVERS, DeviceFacts, HostFacts, Node
+from vmrun.host import sysfs
+from vmrun.host.facts import DeviceFacts, HostFacts, Node
 from vmrun.host.qemu_caps import IOMMUFD_SINCE
 from vmrun.plan.memlock import MemlockPlan
 
@@ -160,8 +161,7 @@ class Requirements:
             )
             self.problem(path, f"{dev.source} is {bound}, not {wanted}", fix)
             return
-        ok_drivers = (*VFIO_OK_DRIVERS, "vfio-platform", None)
-        offenders = [f"{a} ({d or 'no driver'})" for a, d in facts.group_members if d not in ok_drivers]
+        offenders = [f"{a} ({d})" for a, d, c in facts.group_members if not sysfs.keeps_group_viable(d, c)]
         if offenders:
             self.problem(
                 path,

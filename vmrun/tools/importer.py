@@ -23,7 +23,7 @@ from vmrun.base.text import printable
 from vmrun.config import keytable, parsers, rules
 from vmrun.config.model import DRIVERS
 from vmrun.host import facts as host
-from vmrun.host import reader
+from vmrun.host import reader, sysfs
 from vmrun.plan.planner import derived_mac, hotplug_port
 from vmrun.qemu import devices
 from vmrun.qemu.cmdline import FLAGS, FdInfo, Props, keyvals, options
@@ -426,7 +426,7 @@ class Importer:
     def cdev_address(self, cdev: str) -> str | None:
         """The PCI device whose VFIO cdev is `cdev` (/dev/vfio/devices/vfioN)."""
         name = os.path.basename(cdev)
-        base = self.host.under("/sys/bus/pci/devices")
+        base = self.host.under(sysfs.PCI_DEVICES)
         try:
             addresses = sorted(os.listdir(base))
         except OSError:

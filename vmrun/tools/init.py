@@ -17,8 +17,8 @@ from typing import Any
 import attrs
 
 from vmrun.config import dropins, loader
-from vmrun.host.facts import VFIO_OK_DRIVERS, Host
-from vmrun.launch.bind import BRIDGE_CLASSES
+from vmrun.host import sysfs
+from vmrun.host.facts import Host
 from vmrun.tools import show
 
 MEMORY = "4G"
@@ -42,7 +42,7 @@ class Member:
 
     @property
     def is_bridge(self) -> bool:
-        return self.class_code.startswith(BRIDGE_CLASSES)
+        return sysfs.is_bridge(self.class_code)
 
 
 @attrs.frozen
@@ -53,12 +53,12 @@ class Result:
 
 
 def member(host: Host, address: str) -> Member:
-    sysfs = f"/sys/bus/pci/devices/{address}"
+    path = sysfs.pci_device(address)
     return Member(
         address,
-        host.link_name(f"{sysfs}/driver"),
-        host.read(f"{sysfs}/class") or "",
-        host.link_name(f"{sysfs}/iommu_group"),
+        host.link_name(f"{path}/driver"),
+        host.read(f"{path}/class") or "",
+        host.link_name(f"{path}/iommu_group"),
     )
 
 
@@ -72,7 +72,7 @@ def device_id(m: Member, counts: dict[str, int]) -> str:
 
 def build(name: str, addresses: list[str], host: Host, legacy: bool = False) -> Result:
     """The config for `addresses` (normalised DDDD:BB:DD.F) and their groups on `host`."""
-    missing = [a for a in addresses if not host.under(f"/sys/bus/pci/devices/{a}").exists()]
+    missing = [a for a in addresses if not host.under(sysfs.pci_device(a)).exists()]
     if missing:
         raise InitError(f"no PCI device {', '.join(missing)} on this host (`vmrun devices` lists them)")
     named = [member(host, a) for a in addresses]
@@ -89,12 +89,7 @@ def build(name: str, addresses: list[str], host: Host, legacy: bool = False) -> 
         for address in host.group_members(m.group) or [m.address]:
             other = member(host, address)
             if other.is_bridge:
-                if other.driver not in (*VFIO_OK_DRIVERS, None):
-                    warnings.append(
-                        f"{address} (bridge, {other.driver}) in IOMMU group {m.group}: the group is not viable "
-                        "while it is on that driver"
-                    )
-                continue  # a bridge on pcieport stays with the host
+                continue  # the host's own plumbing, on whatever driver: it never makes a group unviable
             chosen.setdefault(address, other)
     elsewhere = [m for m in chosen.values() if m.driver not in ("vfio-pci", None)]
     for m in elsewhere:

@@ -8,7 +8,6 @@ as a worker is free and nothing it claims is held by a running job.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from typing import TypeVar
 from vmrun.base.errors import ConfigError
 from vmrun.config import loader, rules
 from vmrun.config.model import Config
+from vmrun.host import sysfs
 from vmrun.host.facts import Host
 
 R = TypeVar("R")
@@ -33,14 +33,12 @@ def claims(file: str, host_view: Host) -> frozenset[str]:
 
 def config_claims(cfg: Config, host_view: Host) -> Iterator[str]:
     for dev in cfg.vfio:
-        address = dev.host
+        address = rules.pci_address_of(dev.host, dev.sysfsdev)
         if dev.sysfsdev is not None:
-            name = os.path.basename(dev.sysfsdev)
-            address = name if rules.PCI_RE.fullmatch(name) else None
             yield f"sysfs:{dev.sysfsdev}"
         if address is not None:
             yield f"pci:{address}"
-            group = host_view.link_name(f"/sys/bus/pci/devices/{address}/iommu_group")
+            group = host_view.link_name(f"{sysfs.pci_device(address)}/iommu_group")
             if group is not None:
                 yield f"iommu-group:{group}"
     yield from (f"fd:{fd}" for fd in cfg.caller_fds())
