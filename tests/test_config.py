@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import REPO
 from vmrun import cli
-from vmrun.base.errors import ConfigError
+from vmrun.base.errors import ConfigError, UsageError
 from vmrun.base.sizes import MAX_DIGITS, GiB, KiB, MiB, SizeError, TiB, format_size, parse_size
 from vmrun.config import files as config_files
 from vmrun.config import keytable, loader, parsers, quoting, rules
@@ -471,10 +471,10 @@ def test_shown_is_short_and_total() -> None:
 
 
 def test_pci_addresses_on_the_command_line() -> None:
-    assert cli.addresses(["01:00.0", "0000:0A:1f.7"]) == ["0000:01:00.0", "0000:0a:1f.7"]
+    assert parsers.pci_addresses(["01:00.0", "0000:0A:1f.7"]) == ["0000:01:00.0", "0000:0a:1f.7"]
     for bad in ("01:00.0\n", "01:00.8", "\u0661:00.0"):
-        with pytest.raises(cli.UsageError):
-            cli.addresses([bad])
+        with pytest.raises(UsageError):
+            parsers.pci_addresses([bad])
 
 
 def test_config_file_size_cap(tmp_path: pathlib.Path) -> None:

@@ -16,22 +16,25 @@ import types
 from collections.abc import Callable, Sequence
 
 from vmrun import __version__
-from vmrun.base.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BadName, ConfigError, LaunchError, VmError
+from vmrun.base.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    BadName,
+    ConfigError,
+    LaunchError,
+    UsageError,
+    VmError,
+)
 
 TYPE_CHECKING = False  # as in host/reader.py: typing itself costs a launch 15 ms
 
 if TYPE_CHECKING:
     import argparse
 
-    from vmrun.plan.planner import Plan
-
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
     AddParser = Callable[[Subparsers, str], None]
     Handler = Callable[[argparse.Namespace], int]
-
-
-class UsageError(Exception):
-    pass
 
 
 def add_host_root(p: argparse.ArgumentParser) -> None:
@@ -360,15 +363,6 @@ def add_completion(sub: Subparsers, name: str) -> None:
     p.add_argument("shell", choices=("bash", "zsh"))
 
 
-def make_plan(file: str, host_root: str) -> Plan:
-    from vmrun.config import loader
-    from vmrun.host import facts as host
-    from vmrun.plan.planner import plan
-
-    cfg = loader.load(file)
-    return plan(cfg, host.gather(cfg, host_root))
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
     from vmrun.config import loader
 
@@ -387,8 +381,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from vmrun.plan import render
+    from vmrun.plan.planner import plan_file
 
-    p = make_plan(args.file, args.host_root)
+    p = plan_file(args.file, args.host_root)
     sys.stdout.write(render.json_text(p) if args.json else render.text(p))
     return EXIT_OK
 
@@ -400,11 +395,14 @@ def say_err(line: str) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from vmrun.config import parsers
     from vmrun.host import facts as host
     from vmrun.tools import init as config_init
 
     try:
-        result = config_init.build(args.name, addresses(args.devices), host.Host(args.host_root), args.legacy)
+        result = config_init.build(
+            args.name, parsers.pci_addresses(args.devices), host.Host(args.host_root), args.legacy
+        )
         config_init.output(args.output, result.text, args.force, say_err, "init")
     except config_init.InitError as e:
         raise UsageError(str(e)) from None
@@ -416,31 +414,11 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    import pathlib
-
-    from vmrun.config import loader
-    from vmrun.host import facts as host
-    from vmrun.host import process
     from vmrun.tools import importer
     from vmrun.tools import init as config_init
 
     argv = args.qemu_args[1:] if args.qemu_args[:1] == ["--"] else args.qemu_args
-    if bool(argv) == (args.pid is not None):
-        raise UsageError("give a QEMU command line after -- or --pid PID (one of the two)")
-    view = host.Host(args.host_root)
-    user = None
-    source = "the command line"
-    if args.pid is not None:
-        try:
-            argv, fds, user = process.from_pid(args.pid, view)
-        except OSError as e:
-            raise UsageError(f"cannot read process {args.pid}: {e.strerror}") from None
-        source = f"process {args.pid}"
-    imported = importer.import_argv(argv, fds if args.pid is not None else None, view, args.name)
-    if user is not None:
-        imported.doc["vm"]["user"] = user
-    text = imported.text(source)
-    loader.parse(text, pathlib.Path(args.output or "imported.toml"))  # the same checks as any config
+    text = importer.config_text(argv, args.pid, args.host_root, args.name, args.output)
     try:
         config_init.output(args.output, text, args.force, say_err, "import")
     except config_init.InitError as e:
@@ -467,9 +445,10 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     import json
 
+    from vmrun.plan.planner import plan_file
     from vmrun.tools import check
 
-    report = check.check(make_plan(args.file, args.host_root))
+    report = check.check(plan_file(args.file, args.host_root))
     if args.json:
         sys.stdout.write(json.dumps(check.to_json(report), indent=2) + "\n")
     else:
@@ -477,36 +456,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
-def addresses(values: list[str]) -> list[str]:
-    import pathlib
-
-    from vmrun.config import parsers
-
-    out, bad = [], []
-    for value in values:
-        try:
-            out.append(parsers.pci_address(value, parsers.Context(base=pathlib.Path("."))))
-        except parsers.Invalid:
-            bad.append(value)
-    if bad:
-        raise UsageError(f"not a PCI address: {', '.join(bad)} (write DDDD:BB:DD.F or BB:DD.F)")
-    return out
-
-
 def cmd_devices(args: argparse.Namespace) -> int:
     import json
 
     import attrs
 
+    from vmrun.config import parsers
     from vmrun.host import facts as host
     from vmrun.host import pci
 
-    wanted = set(addresses(args.addresses))
-    devices = [
-        d
-        for d in pci.list_devices(host.Host(args.host_root))
-        if (not wanted or d.address in wanted) and (args.group is None or d.iommu_group == args.group)
-    ]
+    devices = pci.list_devices(host.Host(args.host_root), set(parsers.pci_addresses(args.addresses)), args.group)
     if args.json:
         sys.stdout.write(json.dumps([attrs.asdict(d) for d in devices], indent=2) + "\n")
     else:
@@ -514,77 +473,27 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def config_addresses(file: str) -> list[str]:
-    from vmrun.config import loader, rules
-
-    addresses = (rules.pci_address_of(dev.host, dev.sysfsdev) for dev in loader.load(file).vfio)
-    return [a for a in addresses if a is not None]
-
-
 def cmd_bind(args: argparse.Namespace) -> int:
+    from vmrun.config import parsers
     from vmrun.host import facts as host
     from vmrun.launch.bind import Binder
 
     binder = Binder(host.Host(args.host_root))
     if args.command == "prepare":
-        changes = binder.bind(config_addresses(args.file))
+        changes = binder.prepare(args.file)
     elif args.command == "bind":
-        changes = binder.bind(addresses(args.addresses))
+        changes = binder.bind(parsers.pci_addresses(args.addresses))
     else:
-        changes = binder.unbind(addresses(args.addresses))
+        changes = binder.unbind(parsers.pci_addresses(args.addresses))
     for change in changes:
         print(change.render())
     return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from vmrun.launch import fd_open, plan_cache
-    from vmrun.launch.launcher import ensure_stdio, launch  # only `run` needs the module with side effects
+    from vmrun.launch import start
 
-    ensure_stdio()  # first: the opener's socket must not take the number of a closed stdio fd
-    passed = fd_open.open_fds()  # the caller's fds, before vmrun opens any of its own
-    key = None if args.dry_run else plan_cache.key_before_planning(args.file, args.host_root)
-    if key is not None:
-        # The last launch's plan, when nothing it came from has changed (see plan_cache):
-        # then no config, model or planner is imported at all.
-        kept = plan_cache.load(args.file, args.host_root, key)
-        if kept is not None:
-            p, opener = kept
-            if args.paused:
-                p.argv.append("-S")
-            sys.stdout.flush()
-            launch(p, opener=opener, passed=passed)
-    return plan_and_run(args, passed, key)
-
-
-def plan_and_run(args: argparse.Namespace, passed: frozenset[int], key: dict[str, object] | None) -> int:
-    import attrs
-
-    from vmrun.config import loader
-    from vmrun.host import facts as host
-    from vmrun.host import reader
-    from vmrun.kernel.opener import Opener
-    from vmrun.launch import plan_cache
-    from vmrun.launch.launcher import launch
-    from vmrun.plan.planner import plan
-
-    cfg = loader.load(args.file)
-    # One helper opens files as the VM user for the plan's facts and for the launch: one fork, not two.
-    with Opener(host.lookup_user(cfg.vm.user) if cfg.vm.user else None) as opener:
-        record, facts = host.gather_record(cfg, args.host_root, opener=opener)
-        p = plan(cfg, facts)
-        if key is not None:
-            plan_cache.store(key, args.file, args.host_root, reader.query(cfg), record, p)
-        if args.paused:
-            # Last, after vm.args: QEMU creates the whole machine, the CPUs wait for QMP `cont`.
-            p = attrs.evolve(p, options=(*p.options, ("-S",)))
-        if args.dry_run:
-            from vmrun.plan import render
-
-            sys.stdout.write(render.text(p))
-            return EXIT_FAILED if p.problems else EXIT_OK
-        sys.stdout.flush()
-        launch(p, opener=opener, passed=passed)
+    return start.run(args.file, args.host_root, args.paused, args.dry_run)
 
 
 def cmd_ps(args: argparse.Namespace) -> int:

@@ -48,5 +48,9 @@ class VmError(Failure):
     """A VM cannot be found, reached or stopped."""
 
 
+class UsageError(Exception):
+    """The command line asks for something that cannot be (exit status 2)."""
+
+
 class BadName(ValueError):
     """Not a VM name (the command line's fault: exit status 2)."""

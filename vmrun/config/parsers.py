@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from vmrun.base.errors import UsageError
 from vmrun.base.sizes import (
     SIZE_PATTERN,
     KiB,
@@ -254,6 +255,19 @@ def pci_address(value: object, ctx: Context) -> str:
         )
     domain = (m["domain"] or "0000").lower()
     return f"{domain}:{m['bus'].lower()}:{m['dev'].lower()}.{m['fn']}"
+
+
+def pci_addresses(values: list[str]) -> list[str]:
+    """PCI addresses from a command line, normalised; UsageError naming each one that is not."""
+    out, bad = [], []
+    for value in values:
+        try:
+            out.append(pci_address(value, Context(base=pathlib.Path("."))))
+        except Invalid:
+            bad.append(value)
+    if bad:
+        raise UsageError(f"not a PCI address: {', '.join(bad)} (write DDDD:BB:DD.F or BB:DD.F)")
+    return out
 
 
 @described({"type": "string", "pattern": json_pattern(MACHINE_RE)})

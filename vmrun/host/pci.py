@@ -70,7 +70,14 @@ def hexid(text: str | None, width: int) -> str:
     return (text or "").removeprefix("0x").lower().rjust(width, "0")
 
 
-def list_devices(host: Host) -> list[PciDevice]:
+def list_devices(
+    host: Host, only: set[str] | frozenset[str] = frozenset(), group: str | None = None
+) -> list[PciDevice]:
+    """The host's PCI devices by address; `only` these addresses and of IOMMU `group` when given."""
+    return [d for d in all_devices(host) if (not only or d.address in only) and group in (None, d.iommu_group)]
+
+
+def all_devices(host: Host) -> list[PciDevice]:
     base = host.under(sysfs.PCI_DEVICES)
     try:
         addresses = sorted(os.listdir(base))

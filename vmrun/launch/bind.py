@@ -218,6 +218,13 @@ class Binder:
         self.forget(address)
         return Change(address, "restored", f"driver {self.driver(address) or 'none'}")
 
+    def prepare(self, config: str) -> list[Change]:
+        """`vmrun prepare`: bind every PCI device the config names (by host or sysfsdev)."""
+        from vmrun.config import loader, rules
+
+        named = (rules.pci_address_of(dev.host, dev.sysfsdev) for dev in loader.load(config).vfio)
+        return self.bind([a for a in named if a is not None])
+
     def bind(self, addresses: list[str]) -> list[Change]:
         """Bind all or none: on a failure, every device this call touched is given back."""
         self.check_present(addresses)

@@ -607,6 +607,15 @@ def plan(config: Config, facts: HostFacts) -> Plan:
     return Planner(config, facts).build()
 
 
+def plan_file(file: str, host_root: str) -> Plan:
+    """The plan for the config in `file` (drop-ins merged) on the host under `host_root`."""
+    from vmrun.config import loader
+    from vmrun.host import facts
+
+    config = loader.load(file)
+    return plan(config, facts.gather(config, host_root))
+
+
 def derived_mac(vm_name: str, dev_id: str) -> str:
     """A stable, locally administered address: the same VM keeps its MAC across runs."""
     digest = sha256(f"{vm_name}/{dev_id}".encode())

@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 
+from vmrun.base.errors import UsageError
 from vmrun.base.sizes import SizeError, format_size, parse_size
 from vmrun.base.text import printable
 from vmrun.config import keytable, parsers, rules
@@ -554,3 +555,31 @@ def import_argv(
     importer = Importer(list(argv), fds or {}, host_view or host.Host("/"), name)
     doc = importer.run()
     return Imported(doc, tuple((why, tuple(tokens)) for why, tokens in importer.args))
+
+
+def config_text(argv: list[str], pid: int | None, host_root: str, name: str | None, output: str | None) -> str:
+    """`vmrun import`: the config, checked as any config, for a QEMU command line (`argv`) or
+    the running QEMU `pid` on the host under `host_root`."""
+    import pathlib
+
+    from vmrun.config import loader
+    from vmrun.host import process
+
+    if bool(argv) == (pid is not None):
+        raise UsageError("give a QEMU command line after -- or --pid PID (one of the two)")
+    view = host.Host(host_root)
+    fds = None
+    user = None
+    source = "the command line"
+    if pid is not None:
+        try:
+            argv, fds, user = process.from_pid(pid, view)
+        except OSError as e:
+            raise UsageError(f"cannot read process {pid}: {e.strerror}") from None
+        source = f"process {pid}"
+    imported = import_argv(argv, fds, view, name)
+    if user is not None:
+        imported.doc["vm"]["user"] = user
+    text = imported.text(source)
+    loader.parse(text, pathlib.Path(output or "imported.toml"))  # the same checks as any config
+    return text
