@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import shlex
+import shutil
 import subprocess
 import sys
 from typing import Any
@@ -305,3 +306,29 @@ def test_a_launch_from_a_removed_directory_plans_and_keeps_nothing(
     )
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert recorded(outdir)["argv"] and entries() == []
+
+
+def test_a_change_to_any_module_of_vmrun_plans_again(
+    outdir: pathlib.Path, host_tree: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """The key holds every module of every stage package: an edited submodule (here
+    host/numa.py, not on the kept-plan path at all) means the next launch plans afresh."""
+    code = tmp_path / "code"
+    shutil.copytree(REPO / "vmrun", code / "vmrun", ignore=shutil.ignore_patterns("__pycache__"))
+    cfg = config(outdir, {"memlock": "off"}, **TWO_DEVICES)
+    env = {**os.environ, "PYTHONPATH": str(code)}
+
+    def run() -> bool:
+        # -P: the copy is the vmrun imported, not the checkout in the working directory.
+        argv = [sys.executable, "-P", "-X", "importtime", "-m", "vmrun.cli", "run", str(cfg), "--host-root"]
+        proc = subprocess.run([*argv, str(host_tree)], capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "vmrun.launch.start" in modules_in(proc.stderr), "the run imported no vmrun"
+        return "vmrun.plan.planner" in modules_in(proc.stderr)
+
+    assert run(), "the first launch had no plan to reuse"
+    assert not run(), "an unchanged vmrun planned again"
+    numa = code / "vmrun" / "host" / "numa.py"
+    numa.write_text(numa.read_text() + "# edited\n")
+    assert run(), "a vmrun with an edited host/numa.py launched the plan the old one made"
+    assert not run()

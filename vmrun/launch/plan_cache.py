@@ -51,14 +51,16 @@ FORMAT = 1
 
 
 def code() -> list[Any]:
-    """vmrun's version and every module of it by size and mtime: a changed vmrun plans anew."""
-    package = os.path.dirname(os.path.abspath(__file__))
+    """vmrun's version and every module of it, in every stage package, by size and mtime: a
+    changed vmrun plans anew."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # vmrun/, above launch/
     modules = []
-    with os.scandir(package) as entries:
-        for e in entries:
-            if e.name.endswith(".py"):
-                st = e.stat()
-                modules.append([e.name, st.st_size, st.st_mtime_ns])
+    for directory, subdirs, names in os.walk(package):
+        subdirs[:] = sorted(d for d in subdirs if d != "__pycache__")
+        for name in names:
+            if name.endswith(".py"):
+                st = os.stat(os.path.join(directory, name))
+                modules.append([os.path.relpath(os.path.join(directory, name), package), st.st_size, st.st_mtime_ns])
     return [__version__, package, sorted(modules)]
 
 
