@@ -146,7 +146,7 @@ from vmrun.config import loader
 from vmrun.control import lifecycle, qmp, state
 from vmrun.host import facts, reader
 from vmrun.kernel import statedir
-from vmrun.launch import launcher, plan_cache
+from vmrun.launch import launcher, plan_cache, start
 from vmrun.plan import planner, render
 from vmrun.tools import check
 cli.parser()  # argparse imports more (shutil, locale) when it first builds a parser: as root, who can read them
