@@ -56,6 +56,16 @@ def standard_host(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def gpu_host(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return fakehost.build(tmp_path_factory.mktemp("gpu-host"), fakehost.GPU_SERVER)
+
+
+@pytest.fixture(scope="session")
+def narrow_host(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return fakehost.build(tmp_path_factory.mktemp("narrow-host"), fakehost.NARROW)
+
+
+@pytest.fixture(scope="session")
 def numa_host(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return fakehost.build(tmp_path_factory.mktemp("numa-host"), fakehost.TWO_NODES)
 

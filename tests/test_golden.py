@@ -24,11 +24,18 @@ def normalise(text: str) -> str:
 
 @pytest.mark.parametrize("config", CASES, ids=[c.stem for c in CASES])
 def test_golden_plan(
-    config: pathlib.Path, standard_host: pathlib.Path, numa_host: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+    config: pathlib.Path,
+    standard_host: pathlib.Path,
+    numa_host: pathlib.Path,
+    gpu_host: pathlib.Path,
+    narrow_host: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("VMRUN_STATE_DIR", "/run/vmrun")
-    # numa-*: on fakehost.TWO_NODES, a host with two NUMA nodes and huge pages.
-    host = numa_host if config.stem.startswith("numa-") else standard_host
+    # numa-*: fakehost.TWO_NODES, two NUMA nodes and huge pages; gpu-*: fakehost.GPU_SERVER,
+    # GPUs with big BARs on a 46-bit server; narrow-*: the same devices on a 39-bit client part.
+    hosts = {"numa": numa_host, "gpu": gpu_host, "narrow": narrow_host}
+    host = hosts.get(config.stem.split("-", 1)[0], standard_host)
     got = normalise(render.text(plan_for(config.relative_to(REPO), host)))
     expected_file = config.with_suffix(".args")
     if os.environ.get("VMRUN_REGEN_GOLDEN") == "1":

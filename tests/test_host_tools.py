@@ -39,7 +39,17 @@ C 02  Network controller
 def tree(tmp_path: pathlib.Path) -> pathlib.Path:
     spec = fakehost.FakeHost(
         devices=(
-            fakehost.FakePci("0000:01:00.0", group=1, cdev=0),
+            fakehost.FakePci(
+                "0000:01:00.0",
+                group=1,
+                cdev=0,
+                bars=(
+                    fakehost.FakeBar(0, 1 << 20, is64=False, prefetch=False),
+                    fakehost.FakeBar(1, 128 << 30),
+                    fakehost.FakeBar(3, 32 << 20),
+                ),
+                reset_method="flr bus",
+            ),
             fakehost.FakePci(
                 "0000:02:00.0",
                 driver="e1000e",
@@ -48,6 +58,7 @@ def tree(tmp_path: pathlib.Path) -> pathlib.Path:
                 vendor="0x8086",
                 device="0x10d3",
                 class_code="0x020000",
+                reset_method="",
             ),
             fakehost.FakePci("0000:03:00.0", driver=None, group=3, cdev=None),
             fakehost.FakePci("0000:05:00.0", driver=None, group=5, cdev=None),
@@ -65,10 +76,10 @@ def tree(tmp_path: pathlib.Path) -> pathlib.Path:
 def test_devices_table(tree: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["devices", "--host-root", str(tree), "01:00.0", "0000:02:00.0"]) == 0
     assert capsys.readouterr().out == (
-        "ADDRESS       ID         CLASS                DRIVER    GROUP  VFIO CDEV  NAME\n"
-        "0000:01:00.0  1234:11e8  Miscellaneous        vfio-pci  1      vfio0      "
+        "ADDRESS       ID         CLASS                DRIVER    GROUP  VFIO CDEV  BARS         RESET    NAME\n"
+        "0000:01:00.0  1234:11e8  Miscellaneous        vfio-pci  1      vfio0      128G+32M+1M  flr,bus  "
         "Technical Corp. QEMU PCI Test Device\n"
-        "0000:02:00.0  8086:10d3  Ethernet controller  e1000e    2      -          "
+        "0000:02:00.0  8086:10d3  Ethernet controller  e1000e    2      -          -            none     "
         "Intel Corporation 82574L Gigabit Network Connection\n"
     )
 

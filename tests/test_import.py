@@ -34,14 +34,21 @@ def fd_infos(p: Plan) -> dict[int, qemu_cmdline.FdInfo]:
 
 @pytest.mark.parametrize("golden", GOLDEN, ids=[g.stem for g in GOLDEN])
 def test_import_of_a_planned_command_line_plans_the_same(
-    golden: pathlib.Path, standard_host: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+    golden: pathlib.Path,
+    standard_host: pathlib.Path,
+    gpu_host: pathlib.Path,
+    narrow_host: pathlib.Path,
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("VMRUN_DATA_DIR", "/var/lib/vmrun")
-    before = plan_for(golden, standard_host)
-    imported = importer.import_argv(before.argv, fd_infos(before), host.Host(standard_host))
+    # The GPU goldens on the host they were made for: their BARs decide the window and phys-bits.
+    root = {"gpu": gpu_host, "narrow": narrow_host}.get(golden.stem.split("-", 1)[0], standard_host)
+    before = plan_for(golden, root)
+    imported = importer.import_argv(before.argv, fd_infos(before), host.Host(root))
     path = tmp_path / f"{golden.stem}.toml"
     path.write_text(imported.text(str(golden.name)))
-    after = plan_for(path, standard_host)
+    after = plan_for(path, root)
     assert without_fds(after.argv) == without_fds(before.argv), path.read_text()
     assert [f.path for f in after.fds if f.kind != "inherited"] == [f.path for f in before.fds if f.kind != "inherited"]
 
@@ -171,3 +178,13 @@ def test_what_a_process_shows_is_imported_as_data(tmp_path: pathlib.Path, capsys
     assert tomllib.loads(text)["vm"]["args"] == argv[3:]
     assert '    "-sandbox", "off",\n' not in text and "\x1b" not in text
     assert '    # -overcommit "mem-lock=off\\n    \\"-sandbox\\", \\"off\\",\\n    #": not modelled' in text
+
+
+def test_hotplug_reservations_import_to_the_key() -> None:
+    """vmrun's root ports with a prefetchable reservation import to hotplug_reserve."""
+    argv = ["qemu-system-x86_64", "-machine", "q35", "-m", "4G"]
+    for k in range(2):
+        argv += ["-device", f"pcie-root-port,id=hotplug{k},chassis={255 - k},pref64-reserve=64G"]
+    doc = tomllib.loads(importer.import_argv(argv).text("the command line"))
+    assert doc["vm"]["hotplug_slots"] == 2 and doc["vm"]["hotplug_reserve"] == "64G"
+    assert "args" not in doc["vm"]

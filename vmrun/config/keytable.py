@@ -31,6 +31,7 @@ from vmrun.config.parsers import (
     pci_address,
     props,
     qemu_binary,
+    reserve_size,
     string,
     string_list,
     sysfs_path,
@@ -140,9 +141,16 @@ VM_KEYS = documented(
             "empty PCIe root ports for `vmrun attach`, q35 only",
             default_text=f"{DEFAULT_HOTPLUG_SLOTS} on q35, 0 on other machines",
         ),
+        Key(
+            "hotplug_reserve",
+            reserve_size,
+            "64-bit prefetchable window each hot-plug slot reserves, for devices with big BARs",
+            default_text="the firmware's, 2 MiB in SeaBIOS",
+        ),
         Key("hugepages", choice("off", *HUGEPAGE_SIZES), "guest RAM on huge pages"),
         Key("prealloc", boolean, "fault in all guest RAM at start, one thread per vCPU (always with huge pages)"),
         Key("numa", numa, "host NUMA node of guest RAM and QEMU's CPUs: auto (the devices' node), off or N"),
+        Key("memlock_bars", boolean, "count the passed devices' BARs in memlock auto, for kernels that charge them"),
     ),
 )
 IOMMUFD_KEYS = documented(

@@ -20,7 +20,15 @@ from vmrun.config.keytable import DISK_KEYS, ENTRY_SECTIONS, IOMMUFD_KEYS, NET_K
 from vmrun.config.model import Config, Disk, Iommufd, Net, Vfio, Vm
 from vmrun.config.parsers import Context, Invalid, InvalidMany
 from vmrun.config.quoting import did_you_mean, key_part, shown
-from vmrun.config.rules import BACKING_NODE_RE, DISK_ID_MAX, HOTPLUG_PORT_RE, ID_MAX, RESERVED_IDS, is_q35
+from vmrun.config.rules import (
+    BACKING_NODE_RE,
+    DISK_ID_MAX,
+    HOTPLUG_PORT_RE,
+    ID_MAX,
+    RESERVED_IDS,
+    hotplug_slots,
+    is_q35,
+)
 
 
 class Reader:
@@ -283,6 +291,12 @@ def check_vm(r: Reader, vm: dict[str, Any]) -> None:
             "vm.hotplug_slots",
             f"hot-plug slots are PCIe root ports, which need a q35 machine, not {vm['machine']}",
             f"drop it: on {vm['machine']} `vmrun attach` plugs devices into the root bus",
+        )
+    if "hotplug_reserve" in vm and not hotplug_slots(vm.get("machine", "q35"), vm.get("hotplug_slots")):
+        r.problem(
+            "vm.hotplug_reserve",
+            "the VM has no hot-plug slots to reserve a window in",
+            "drop it, or give the VM hotplug_slots (q35)",
         )
     page = HUGEPAGE_SIZES.get(vm.get("hugepages", "off"))
     memory = vm.get("memory")

@@ -50,6 +50,8 @@ class Vm:
     hugepages: HugePages = "off"  # guest RAM on huge pages of this size
     prealloc: bool = False  # fault all guest RAM in at start (always with huge pages)
     numa: Numa = "auto"
+    hotplug_reserve: int | None = None  # bytes of 64-bit prefetchable window per hot-plug root port
+    memlock_bars: bool = False  # count the passed devices' BARs in the memlock limit
 
 
 @attrs.frozen

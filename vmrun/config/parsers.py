@@ -170,6 +170,8 @@ def size(unit: int, unit_name: str, low: int, high: int) -> Parser:
 memory_size = size(MiB, "MiB", MiB, 16 * TiB)
 # setrlimit counts bytes but the kernel pins pages: KiB is the finest grain worth writing.
 memlock_size = size(KiB, "KiB", KiB, 64 * TiB)
+# A root port's prefetchable window: bridge windows are whole MiB; 64 TiB passes any GPU.
+reserve_size = size(MiB, "MiB", MiB, 64 * TiB)
 
 
 @described(

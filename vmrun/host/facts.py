@@ -53,6 +53,20 @@ class Node:
 
 
 @attrs.frozen
+class Bar:
+    """A memory BAR of a device, as the host kernel sized it."""
+
+    index: int
+    size: int  # bytes, a power of two
+    is64: bool
+    prefetch: bool
+
+    @property
+    def kind(self) -> str:
+        return f"{'64' if self.is64 else '32'}-bit{' prefetchable' if self.prefetch else ''}"
+
+
+@attrs.frozen
 class DeviceFacts:
     sysfs: str | None  # the device's sysfs directory (host path), None when absent
     driver: str | None = None
@@ -62,6 +76,9 @@ class DeviceFacts:
     cdev_node: Node | None = None
     group_node: Node | None = None  # /dev/vfio/<group>, for the legacy backend
     numa_node: int | None = None  # the host NUMA node it sits on; None: unknown
+    bars: tuple[Bar, ...] | None = None  # None: the kernel does not say (no resource file)
+    reset_method: str | None = None  # the kernel's ways to reset it ("flr bus"); "": none; None: unknown
+    boot_vga: bool | None = None  # the VGA device the host's firmware and console use
 
 
 @attrs.frozen
@@ -120,6 +137,9 @@ class HostFacts:
     caller: User | None = None  # who runs vmrun: QEMU's identity when the config names no user
     locale: tuple[tuple[str, str], ...] = ()  # the caller's LANG and TZ, all QEMU keeps of its environment
     memory: MemoryFacts = attrs.field(factory=MemoryFacts)  # NUMA nodes, huge pages, CPUs vmrun may use
+    cpu_phys_bits: int | None = None  # the host CPU's physical address bits; None: unknown
+    iommus: tuple[tuple[str, int | None], ...] = ()  # each host IOMMU and its address width (None: unknown)
+    kernel: str | None = None  # the host kernel's release, e.g. "6.12.48"
 
 
 def node(record: dict[str, Any] | None) -> Node | None:
@@ -137,6 +157,7 @@ def device(record: dict[str, Any]) -> DeviceFacts:
         **{
             **record,
             "group_members": tuple((a, d, c) for a, d, c in record["group_members"]),
+            "bars": None if record["bars"] is None else tuple(Bar(*b) for b in record["bars"]),
             "cdev_node": node(record["cdev_node"]),
             "group_node": node(record["group_node"]),
         }
@@ -186,6 +207,9 @@ def facts(record: dict[str, Any], caps: QemuCaps | None, qemu_name: str) -> Host
         caller=user(record["caller"]),
         locale=tuple((k, v) for k, v in record["locale"]),
         memory=numa.from_record(record["memory"]),
+        cpu_phys_bits=record["cpu_phys_bits"],
+        iommus=tuple((name, bits) for name, bits in record["iommus"]),
+        kernel=record["kernel"],
     )
 
 

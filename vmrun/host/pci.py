@@ -8,6 +8,7 @@ import pathlib
 import attrs
 
 from vmrun.base import tables
+from vmrun.base.sizes import format_size
 from vmrun.host import sysfs
 from vmrun.host.facts import Host
 
@@ -26,6 +27,8 @@ class PciDevice:
     vendor_name: str | None = None
     device_name: str | None = None
     class_name: str | None = None
+    bars: tuple[tuple[int, int, bool, bool], ...] | None = None  # (number, size, 64-bit, prefetchable); None: unknown
+    reset_method: str | None = None  # "flr bus", "" for none; None: the kernel does not say
 
 
 class PciIds:
@@ -102,13 +105,30 @@ def all_devices(host: Host) -> list[PciDevice]:
                 vendor_name=ids.vendors.get(vendor),
                 device_name=ids.devices.get((vendor, device)),
                 class_name=ids.class_name(class_code),
+                bars=None
+                if (bars := host.bars(path)) is None
+                else tuple((int(i), int(s), bool(w), bool(p)) for i, s, w, p in bars),
+                reset_method=host.read(f"{path}/reset_method"),
             )
         )
     return out
 
 
+def bars_text(d: PciDevice) -> str:
+    """A device's memory BARs, largest first: "128G+32M+16M"."""
+    if not d.bars:
+        return "-"
+    return "+".join(format_size(size) for size in sorted((b[1] for b in d.bars), reverse=True))
+
+
+def reset_text(d: PciDevice) -> str:
+    if d.reset_method is None:
+        return "-"
+    return d.reset_method.replace(" ", ",") or "none"
+
+
 def table(devices: list[PciDevice]) -> str:
-    header = ("ADDRESS", "ID", "CLASS", "DRIVER", "GROUP", "VFIO CDEV", "NAME")
+    header = ("ADDRESS", "ID", "CLASS", "DRIVER", "GROUP", "VFIO CDEV", "BARS", "RESET", "NAME")
     rows = [header]
     for d in devices:
         name = " ".join(x for x in (d.vendor_name, d.device_name) if x) or "-"
@@ -120,6 +140,8 @@ def table(devices: list[PciDevice]) -> str:
                 d.driver or "-",
                 d.iommu_group or "-",
                 pathlib.PurePath(d.cdev).name if d.cdev else "-",
+                bars_text(d),
+                reset_text(d),
                 name,
             )
         )

@@ -13,6 +13,7 @@ import grp
 import json
 import os
 import pwd
+import re
 import resource
 import stat
 
@@ -40,6 +41,11 @@ QCOW2_BACKING_FORMAT_EXT = 0xE2792ACA
 QCOW2_DATA_FILE_EXT = 0x44415441
 QCOW2_INCOMPAT_DATA_FILE = 1 << 2
 MAX_BACKING_DEPTH = 16
+# Linux's IORESOURCE_* flags in a device's `resource` file; lines 0-5 are its BARs.
+IORESOURCE_MEM = 0x200
+IORESOURCE_PREFETCH = 0x2000
+IORESOURCE_MEM_64 = 0x100000
+BAR_COUNT = 6
 NODE_DIR = "/sys/devices/system/node"
 HUGEPAGES_DIR = "/sys/kernel/mm/hugepages"
 LOCALE_VARS = ("LANG", "TZ")
@@ -99,6 +105,51 @@ class Host:
         names = [n for n in self.listdir(f"{sysfs}/vfio-dev") or () if n.startswith("vfio")]
         return f"/dev/vfio/devices/{names[0]}" if names else None
 
+    def bars(self, sysfs_dir: str) -> list[list[int | bool]] | None:
+        """The device's memory BARs from its `resource` file: [number, size, 64-bit,
+        prefetchable] each; None when the kernel does not say (no file)."""
+        text = self.read(f"{sysfs_dir}/resource")
+        if text is None:
+            return None
+        bars: list[list[int | bool]] = []
+        for index, line in enumerate(text.splitlines()[:BAR_COUNT]):
+            try:
+                start, end, flags = (int(field, 16) for field in line.split())
+            except ValueError:
+                continue
+            if flags & IORESOURCE_MEM and end > start:
+                bars.append(
+                    [index, end - start + 1, bool(flags & IORESOURCE_MEM_64), bool(flags & IORESOURCE_PREFETCH)]
+                )
+        return bars
+
+    def cpu_phys_bits(self) -> int | None:
+        """How many physical address bits the host CPU has (/proc/cpuinfo's address sizes)."""
+        try:
+            with open(self.at("/proc/cpuinfo")) as f:
+                for line in f:
+                    if line.startswith("address sizes"):
+                        m = re.search(r"(\d+) bits physical", line)
+                        return int(m[1]) if m else None
+        except (OSError, UnicodeDecodeError):
+            return None
+        return None
+
+    def iommus(self) -> list[list[str | int | None]]:
+        """The host's IOMMUs and the widest address each can translate: [name, bits or None].
+        Intel's from the MGAW field of its capability register; others are not told here."""
+        out: list[list[str | int | None]] = []
+        for name in self.listdir("/sys/class/iommu") or ():
+            cap = self.read(f"/sys/class/iommu/{name}/intel-iommu/cap")
+            bits = None
+            if cap is not None:
+                try:
+                    bits = ((int(cap, 16) >> 16) & 0x3F) + 1
+                except ValueError:
+                    bits = None
+            out.append([name, bits])
+        return out
+
     def group_members(self, group: str) -> list[str]:
         """The addresses of the devices in IOMMU group `group`."""
         return self.listdir(sysfs.group_devices(group)) or []
@@ -134,6 +185,10 @@ class Host:
             "cdev_node": self.node(cdev) if cdev else None,
             "group_node": self.node(f"/dev/vfio/{group}") if group else None,
             "numa_node": device_node(self.read(f"{path}/numa_node")),
+            "bars": self.bars(path),
+            # "": the kernel knows no way to reset it; None: the kernel does not say.
+            "reset_method": self.read(f"{path}/reset_method"),
+            "boot_vga": None if (vga := self.read(f"{path}/boot_vga")) is None else vga == "1",
         }
 
     def uefi(self) -> Record | None:
@@ -514,4 +569,7 @@ def read(
         # A config's `~/disk.img` is the caller's home: the same config means another file under another HOME.
         "home": os.environ.get("HOME"),
         "memory": host.memory(frozenset(os.sched_getaffinity(0)) if allowed_cpus is None else allowed_cpus),
+        "cpu_phys_bits": host.cpu_phys_bits(),
+        "iommus": host.iommus(),
+        "kernel": host.read("/proc/sys/kernel/osrelease"),
     }

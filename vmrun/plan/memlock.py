@@ -42,7 +42,9 @@ def address_spaces(config: Config) -> list[str]:
     return spaces
 
 
-def memlock_plan(config: Config) -> MemlockPlan:
+def memlock_plan(config: Config, bars: int = 0) -> MemlockPlan:
+    """The limit `config` needs; `bars`: bytes of the passed devices' BARs, when the config says
+    the kernel charges them (vm.memlock_bars: some vendor kernels; Linux 6.12 charges none)."""
     setting = config.vm.memlock
     if setting.mode == "off":
         return MemlockPlan(None, 'memlock = "off"')
@@ -55,9 +57,11 @@ def memlock_plan(config: Config) -> MemlockPlan:
     if not spaces:
         return MemlockPlan(None, "no VFIO device: nothing is pinned")
     ram = config.vm.memory
-    limit = len(spaces) * ram + MARGIN
+    # QEMU maps the guest's whole memory map, RAM and every passed device's BARs, into each space.
+    limit = len(spaces) * (ram + bars) + MARGIN
+    what = f"{format_mib(ram)} RAM" + (f" + {format_mib(bars)} BARs" if bars else "")
     return MemlockPlan(
         limit,
         f"{len(spaces)} DMA address space{'s' if len(spaces) > 1 else ''} ({', '.join(spaces)})"
-        f" x {format_mib(ram)} RAM + {format_mib(MARGIN)} margin",
+        f" x {'(' + what + ')' if bars else what} + {format_mib(MARGIN)} margin",
     )

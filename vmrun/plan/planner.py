@@ -29,6 +29,8 @@ from vmrun.config.rules import (
 from vmrun.host.facts import DeviceFacts, HostFacts
 from vmrun.host.reader import MINIMAL_PATH
 from vmrun.kernel.users import User
+from vmrun.plan import address_space
+from vmrun.plan.address_space import AddressSpace
 from vmrun.plan.memlock import MemlockPlan, memlock_plan
 from vmrun.plan.placement import memory_plan
 from vmrun.plan.requirements import Finding, Requirements, Status
@@ -104,6 +106,7 @@ class Plan:
     # None: QEMU keeps vmrun's affinity.
     cpu_affinity: tuple[int, ...] | None = None
     numa_node: int | None = None  # the host node guest RAM is bound to
+    address_space: AddressSpace | None = None  # BARs, the 64-bit window, phys-bits
 
     def with_status(self, status: Status) -> tuple[Problem, ...]:
         return tuple(f.problem for f in self.findings if f.status == status)
@@ -165,11 +168,13 @@ class Planner:
 
     def build(self) -> Plan:
         vm = self.config.vm
-        memlock = memlock_plan(self.config)
+        space = address_space.plan(self.config, self.facts)
+        memlock = memlock_plan(self.config, space.bar_bytes if vm.memlock_bars else 0)
         self.checks.qemu()
         self.checks.identity()
         self.checks.memlock(memlock)
         ram = memory_plan(self.config, self.facts, self.checks)
+        address_space.check(space, self.config, self.facts, self.checks)
         for key, path in (("vm.kernel", vm.kernel), ("vm.initrd", vm.initrd)):
             if path is None:
                 continue
@@ -204,8 +209,8 @@ class Planner:
             ("-accel", vm.accel),
         ]
         # Under KVM the guest should see the host's CPU (QEMU's default is a 2007-era model);
-        # TCG cannot emulate "host", so there QEMU's default stays.
-        cpu = vm.cpu or ("host" if vm.accel == "kvm" else None)
+        # TCG cannot emulate "host", so there QEMU's default stays. Wide BARs widen it.
+        cpu = address_space.cpu_option(self.config, space)
         if cpu is not None:
             options.append(("-cpu", cpu))
         options += [
@@ -225,6 +230,7 @@ class Planner:
         if vm.append is not None:
             options.append(("-append", vm.append))
         options += firmware_opts
+        options += address_space.options(self.config, space)
         # The vIOMMU must exist before the devices behind it are created.
         if vm.viommu == "intel":
             options.append(("-device", f"{devices.VIOMMU_DEVICES['intel']},id={VIOMMU},intremap=on,caching-mode=on"))
@@ -248,6 +254,7 @@ class Planner:
             sources=self.config.sources,
             cpu_affinity=ram.cpu_affinity,
             numa_node=ram.node,
+            address_space=space,
         )
 
     def part(self, section: str, index: int, pieces: list[Piece]) -> list[tuple[str, ...]]:
@@ -263,7 +270,7 @@ class Planner:
         PCI address.
         """
         return [
-            ("-device", hotplug_port(k))
+            ("-device", hotplug_port(k, self.config.vm.hotplug_reserve))
             for k in range(hotplug_slots(self.config.vm.machine, self.config.vm.hotplug_slots))
         ]
 
@@ -595,11 +602,15 @@ class Planner:
         return Piece("device", dev.driver, tuple(props), fd=fd_prop if isinstance(fd_prop, int) else None)
 
 
-def hotplug_port(k: int) -> str:
+def hotplug_port(k: int, reserve: int | None = None) -> str:
+    """Root port k; `reserve`: bytes of 64-bit prefetchable window it asks the firmware for."""
     # Each root port needs its own (chassis, slot) pair. vmrun's take chassis numbers from
     # the top of the 8-bit range down (255, 254, ...; hotplug_slots is at most 32), so root
     # ports a config adds in `args`, which people number from 1, do not collide with them.
-    return qemu_args.option(devices.HOTPLUG_PORT, [("id", f"{HOTPLUG_PORT}{k}"), ("chassis", 255 - k)])
+    props: list[tuple[str, str | int | bool | None]] = [("id", f"{HOTPLUG_PORT}{k}"), ("chassis", 255 - k)]
+    if reserve:
+        props.append(("pref64-reserve", format_size(address_space.pow2_at_least(reserve))))
+    return qemu_args.option(devices.HOTPLUG_PORT, props)
 
 
 def plan(config: Config, facts: HostFacts) -> Plan:

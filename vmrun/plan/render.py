@@ -8,6 +8,8 @@ from typing import Any
 
 from vmrun.base.problems import Problem
 from vmrun.base.sizes import UNLIMITED
+from vmrun.plan import address_space
+from vmrun.plan.address_space import AddressSpace
 from vmrun.plan.placement import describe_affinity
 from vmrun.plan.planner import Plan
 
@@ -66,6 +68,8 @@ def text(plan: Plan, show_problems: bool = True) -> str:
     out.append("# env: " + " ".join(shlex.quote(f"{k}={v}") for k, v in plan.env))
     if plan.cpu_affinity is not None:
         out.append(f"# cpu affinity: {describe_affinity(plan.cpu_affinity, plan.numa_node)} (set by vmrun before exec)")
+    if plan.address_space is not None:
+        out += [f"# address space: {line}" for line in address_space.describe(plan.address_space)]
     out += [f"# note: {note(plan, n)}" for n in plan.notes]
     if show_problems:
         out += [f"# problem: {p.render(plan.file_of(p.path))}" for p in plan.problems]
@@ -107,8 +111,26 @@ def to_json(plan: Plan) -> dict[str, Any]:
         "env": dict(plan.env),
         "cpu_affinity": None if plan.cpu_affinity is None else list(plan.cpu_affinity),
         "numa_node": plan.numa_node,
+        "address_space": None if plan.address_space is None else space_json(plan.address_space),
         "notes": [note(plan, n) for n in plan.notes],
         "problems": [p.render(plan.file_of(p.path)) for p in plan.problems],
+    }
+
+
+def space_json(space: AddressSpace) -> dict[str, Any]:
+    return {
+        "bars": [
+            {"device": d.device, "bar": b.index, "size": b.size, "is64": b.is64, "prefetch": b.prefetch}
+            for d in space.devices
+            for b in d.bars
+        ],
+        "bars_64_bytes": space.bars_64,
+        "hotplug_reserved_bytes": space.reservations,
+        "window_bytes": space.aperture or None,
+        "phys_bits": space.phys_bits,
+        "phys_bits_set": space.set_phys_bits,
+        "ram_top": space.ram_top,
+        "p2p": space.p2p,
     }
 
 

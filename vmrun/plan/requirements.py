@@ -174,10 +174,37 @@ class Requirements:
                 path,
                 f"{dev.source} is bound to vfio-pci; IOMMU group {facts.iommu_group} ({members} devices) is viable",
             )
+        self.predictable(path, dev, facts)
         if dev.iommufd is not None:
             self.cdev(path, dev, facts)
         else:
             self.legacy(path, dev, facts)
+
+    def predictable(self, path: str, dev: Vfio, facts: DeviceFacts) -> None:
+        """The failures users meet with real devices, said before they are met."""
+        if facts.reset_method == "":
+            self.note(
+                path,
+                f"{dev.source} has no reset method (its reset_method is empty): what one VM leaves in the"
+                " device, the next one finds",
+                "give the device to one VM for good; a device with FLR resets between VMs",
+            )
+        if facts.boot_vga:
+            self.note(
+                path,
+                f"{dev.source} is the host's boot VGA device: the host's firmware framebuffer and console use it",
+                "give the host another GPU, or boot it with video=efifb:off and no console on this GPU",
+            )
+        passed = {d.host for d in self.config.vfio} | {os.path.basename(d.sysfsdev or "") for d in self.config.vfio}
+        for address, driver, class_code in facts.group_members:
+            if address in passed or sysfs.is_bridge(class_code) or driver not in sysfs.VIABLE_DRIVERS:
+                continue
+            self.note(
+                path,
+                f"{address} shares IOMMU group {facts.iommu_group} with {dev.source} and is bound to {driver} but not"
+                " passed: no other VM can have it while this one runs",
+                f'pass it too (a GPU\'s audio function goes with the GPU: host = "{address}"), or unbind it',
+            )
 
     def cdev(self, path: str, dev: Vfio, facts: DeviceFacts) -> None:
         if facts.cdev is None:

@@ -126,6 +126,8 @@ class Importer:
             "-m": self.memory,
             "-smp": self.smp,
             "-cpu": self.cpu,
+            "-global": self.global_opt,
+            "-fw_cfg": self.fw_cfg,
             "-object": self.object_opt,
             "-device": self.device,
             "-drive": self.drive,
@@ -276,11 +278,26 @@ class Importer:
         self.use(i)
 
     def cpu(self, i: int, value: str) -> None:
-        if rules.MACHINE_RE.fullmatch(value):
-            self.vm["cpu"] = value
+        # phys-bits is vmrun's to set, from the BARs the guest must hold (plan/address_space.py).
+        model = re.sub(r",phys-bits=[0-9]+$", "", value)
+        if rules.MACHINE_RE.fullmatch(model):
+            if model != "qemu64" or model == value:  # qemu64 with phys-bits: vmrun's way of saying TCG's default
+                self.vm["cpu"] = model
             self.use(i)
         else:
             self.keep(i, "CPU features vmrun does not model")
+
+    def global_opt(self, i: int, value: str) -> None:
+        if value.startswith("q35-pcihost.pci-hole64-size="):
+            self.use(i)  # vmrun sizes the 64-bit window from the devices' BARs and hotplug_reserve
+        else:
+            self.keep(i, UNMAPPED)
+
+    def fw_cfg(self, i: int, value: str) -> None:
+        if value.startswith("name=opt/ovmf/X-PciMmio64Mb,"):
+            self.use(i)  # as -global q35-pcihost.pci-hole64-size: vmrun sizes OVMF's aperture itself
+        else:
+            self.keep(i, UNMAPPED)
 
     def vm_path(self, i: int, key: str, value: str) -> None:
         self.vm[key] = value
@@ -386,8 +403,10 @@ class Importer:
         elif driver == devices.VIOMMU_DEVICES["virtio"] and set(rest) <= {"id"}:
             self.vm["viommu"] = "virtio"
             self.use(i)
-        elif value == hotplug_port(self.hotplug_ports):
+        elif value == hotplug_port(self.hotplug_ports, self.hotplug_reserve(rest)):
             self.hotplug_ports += 1
+            if rest.get("pref64-reserve"):
+                self.vm["hotplug_reserve"] = rest["pref64-reserve"]
             self.use(i)
         elif driver == devices.VIDEO and rest == {"id": rules.VIDEO}:
             self.use(i)  # vmrun adds it for a display
@@ -423,6 +442,17 @@ class Importer:
             entry["props"] = extra
         self.vfio.append(entry)
         self.use(i)
+
+    def hotplug_reserve(self, props: Mapping[str, str | None]) -> int | None:
+        """The window a root port reserves, when it is one vmrun would make: the first port's, which
+        every other must repeat."""
+        text = props.get("pref64-reserve")
+        if text is None or self.vm.get("hotplug_reserve", text) != text:
+            return None
+        try:
+            return parse_size(text)
+        except SizeError:
+            return None
 
     def cdev_address(self, cdev: str) -> str | None:
         """The PCI device whose VFIO cdev is `cdev` (/dev/vfio/devices/vfioN)."""
