@@ -867,3 +867,29 @@ def test_what_qemu_says_reaches_the_terminal_as_data(
     for out in (status.stdout, status.stderr, attach.stdout, attach.stderr):
         assert not any(c in out for c in "\x1b\x07\r\u202e"), out
     assert json.loads(vmrun("status", "t", "--json").stdout)["status"]["status"] == TERMINAL_TRICKS
+
+
+def test_a_device_whose_bars_do_not_fit_a_slot_is_refused(
+    world: pathlib.Path, fake_vm: Callable[..., FakeVm], tmp_path: pathlib.Path
+) -> None:
+    """A hot-plug root port holds what it reserved at the VM's start (2 MiB of prefetchable
+    window by the firmware's own measure): a GPU's 16 GiB BAR does not fit, and attach says
+    so with the figures before anything changes; with hotplug_reserve it attaches."""
+    from tests import fakehost
+
+    gpu = fakehost.gpu("0000:0a:00.0", 10, 0, 16 * fakehost.GiB)
+    root = fakehost.build(tmp_path / "host", fakehost.FakeHost(devices=(gpu,)))
+    frag = fragment(world, iommufd=[{"id": "io1"}], vfio=[{"id": "gpu1", "host": "0a:00.0", "iommufd": "io1"}])
+    vm = fake_vm("small", host_root=root)
+    proc = vmrun("attach", "small", str(frag), "--host-root", str(root))
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        f"{frag}: vfio[0]: host=0000:0a:00.0 does not fit a hot-plug slot of the VM: its 64-bit prefetchable BARs"
+        " take 16.03G, a slot's window is 2M; its other BARs take 16M, a slot's memory window is 2M" in proc.stderr
+    )
+    assert 'set [vm] hotplug_reserve = "32G"' in proc.stderr
+    assert vm.changes() == []
+    big = fake_vm("big", host_root=root, hotplug_reserve="32G")
+    proc = vmrun("attach", "big", str(frag), "--host-root", str(root))
+    assert proc.returncode == 0, proc.stderr
+    assert big.model()["devices"]["gpu1"]["bus"] == "hotplug0"

@@ -34,8 +34,11 @@ QEMU_PHYS_BITS = 40
 # What the firmware and machine give the 64-bit window by themselves: q35's pci-hole64-size
 # and older OVMF's fixed aperture are 32 GiB (newer OVMF's, an eighth of the space, is more).
 DEFAULT_WINDOW = 32 * GiB
-# A hot-plug root port's prefetchable window when vmrun asks for none (measured, SeaBIOS).
+# A hot-plug root port's prefetchable and memory windows when vmrun asks for none (measured,
+# SeaBIOS), and the memory window vmrun asks for beside hotplug_reserve: a GPU's registers
+# (16-32 MiB, below 4 GiB) must fit a slot too, and four slots of 64 MiB fit the 32-bit hole.
 FIRMWARE_RESERVE = 2 * MiB
+HOTPLUG_MEM_RESERVE = 64 * MiB
 # The narrowest address width of IOMMUs in common use (Intel client parts).
 NARROW_IOMMU_BITS = 39
 # Linux maps a passed device's BARs into an iommufd address space (peer-to-peer DMA) from
@@ -129,6 +132,21 @@ def plan(config: Config, facts: HostFacts) -> AddressSpace:
         ram_top=top,
         p2p=p2p,
     )
+
+
+def slot_fits(bars: tuple[Bar, ...], reserve: int | None) -> list[str]:
+    """Why a device with `bars` does not fit a hot-plug slot of a VM whose slots reserve
+    `reserve` (hotplug_reserve; None: the firmware's own windows); empty when it fits."""
+    pref = sum(b.size for b in bars if b.is64 and b.prefetch)
+    mem = sum(b.size for b in bars if not (b.is64 and b.prefetch))
+    pref_have = pow2_at_least(reserve) if reserve else FIRMWARE_RESERVE
+    mem_have = HOTPLUG_MEM_RESERVE if reserve else FIRMWARE_RESERVE
+    why = []
+    if pref > pref_have:
+        why.append(f"its 64-bit prefetchable BARs take {amount(pref)}, a slot's window is {amount(pref_have)}")
+    if mem > mem_have:
+        why.append(f"its other BARs take {amount(mem)}, a slot's memory window is {amount(mem_have)}")
+    return why
 
 
 def cpu_model(config: Config) -> str | None:

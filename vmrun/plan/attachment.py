@@ -19,8 +19,10 @@ from vmrun.base.errors import ConfigError
 from vmrun.base.problems import Problem
 from vmrun.config import keytable, loader
 from vmrun.config.model import Config, Disk, Iommufd, Net, Vfio
+from vmrun.config.rules import is_q35
 from vmrun.host.facts import HostFacts
 from vmrun.kernel.users import User
+from vmrun.plan import address_space
 from vmrun.plan.memlock import MemlockPlan, memlock_plan
 from vmrun.plan.planner import FdSpec, Planner
 from vmrun.qemu.parts import Part
@@ -153,6 +155,21 @@ def plan_attach(running: Config, fragment: Config, facts: HostFacts) -> AttachPl
             continue
         located = attrs.evolve(finding.problem, path=where)
         (problems if finding.status == "fail" else notes).append(located)
+    for i, dev in enumerate(fragment.vfio):
+        found = facts.devices.get(dev.id)
+        bars = found.bars if found is not None and found.bars else ()
+        why = address_space.slot_fits(bars, running.vm.hotplug_reserve)
+        if why and is_q35(running.vm.machine):
+            wanted = address_space.pow2_at_least(sum(b.size for b in bars if b.is64 and b.prefetch))
+            problems.append(
+                Problem(
+                    f"vfio[{i}]",
+                    f"{dev.source} does not fit a hot-plug slot of the VM: {'; '.join(why)}, and the guest"
+                    " could not give it addresses",
+                    f'set [vm] hotplug_reserve = "{address_space.amount(wanted)}" (the VM\'s next start has it), or'
+                    " pass the device in the config",
+                )
+            )
     for i, disk in enumerate(fragment.disk):
         if disk.interface == "scsi" and not has_scsi:
             problems.append(

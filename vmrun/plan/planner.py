@@ -610,6 +610,7 @@ def hotplug_port(k: int, reserve: int | None = None) -> str:
     props: list[tuple[str, str | int | bool | None]] = [("id", f"{HOTPLUG_PORT}{k}"), ("chassis", 255 - k)]
     if reserve:
         props.append(("pref64-reserve", format_size(address_space.pow2_at_least(reserve))))
+        props.append(("mem-reserve", format_size(address_space.HOTPLUG_MEM_RESERVE)))
     return qemu_args.option(devices.HOTPLUG_PORT, props)
 
 
