@@ -184,7 +184,7 @@ def test_hotplug_reservations_import_to_the_key() -> None:
     """vmrun's root ports with a prefetchable reservation import to hotplug_reserve."""
     argv = ["qemu-system-x86_64", "-machine", "q35", "-m", "4G"]
     for k in range(2):
-        argv += ["-device", f"pcie-root-port,id=hotplug{k},chassis={255 - k},pref64-reserve=64G"]
+        argv += ["-device", f"pcie-root-port,id=hotplug{k},chassis={255 - k},pref64-reserve=64G,mem-reserve=64M"]
     doc = tomllib.loads(importer.import_argv(argv).text("the command line"))
     assert doc["vm"]["hotplug_slots"] == 2 and doc["vm"]["hotplug_reserve"] == "64G"
     assert "args" not in doc["vm"]

@@ -409,3 +409,23 @@ def test_sandbox_needs_a_qemu_and_kernel_that_can(tmp_path: pathlib.Path, standa
 def test_real_qemu_probe_finds_the_sandbox() -> None:
     caps = qemu_caps.probe("qemu-system-x86_64", as_user=host.lookup_user("nobody"))
     assert caps is not None and caps.has_iommufd and caps.has_sandbox
+
+
+def test_an_intel_viommu_is_no_wider_than_the_hosts_iommu(tmp_path: pathlib.Path) -> None:
+    """QEMU refuses a passed device behind an intel-iommu wider than the host's ("aw-bits 48 >
+    host aw-bits 39"): on a 39-bit VT-d the plan gives the vIOMMU 39 bits; on a 48-bit one
+    QEMU's default stays; below 39 bits there is no width QEMU takes."""
+    from tests import fakehost
+
+    cfg = tmp_path / "vm.toml"
+    cfg.write_text('[vm]\nname = "v"\nmemory = "1G"\nviommu = "intel"\n[[vfio]]\nid = "d"\nhost = "06:00.0"\n')
+    for width, expected in ((39, "aw-bits=39"), (48, None), (36, None)):
+        root = fakehost.build(
+            tmp_path / f"host{width}",
+            fakehost.FakeHost(devices=fakehost.GPU_DEVICES[-1:], iommus=(("dmar0", width),), kernel="6.12.48"),
+        )
+        p = plan_for(cfg, root)
+        viommu = next(a for a in p.argv if a.startswith("intel-iommu"))
+        assert (expected in viommu) if expected else "aw-bits" not in viommu, viommu
+        refused = [x.message for x in p.problems if x.path == "vm.viommu"]
+        assert bool(refused) == (width == 36), refused

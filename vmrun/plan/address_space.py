@@ -41,6 +41,10 @@ FIRMWARE_RESERVE = 2 * MiB
 HOTPLUG_MEM_RESERVE = 64 * MiB
 # The narrowest address width of IOMMUs in common use (Intel client parts).
 NARROW_IOMMU_BITS = 39
+# The widths QEMU's intel-iommu takes (aw-bits), widest (its default since 9.2) first. QEMU
+# refuses a passed device when the vIOMMU is wider than the host's IOMMU ("aw-bits 48 > host
+# aw-bits 39", hw/i386/intel_iommu.c vtd_check_hiod).
+VIOMMU_WIDTHS = (48, 39)
 # Linux maps a passed device's BARs into an iommufd address space (peer-to-peer DMA) from
 # 6.19 on, through dma-buf; before, only the legacy VFIO container maps them.
 IOMMUFD_MAPS_BARS_SINCE = (6, 19)
@@ -149,6 +153,21 @@ def slot_fits(bars: tuple[Bar, ...], reserve: int | None) -> list[str]:
     return why
 
 
+def narrowest_iommu(facts: HostFacts) -> tuple[str, int] | None:
+    widths = [(name, bits) for name, bits in facts.iommus if bits is not None]
+    return min(widths, key=lambda w: w[1]) if widths else None
+
+
+def viommu_width(config: Config, facts: HostFacts) -> int | None:
+    """The aw-bits to give the guest's intel-iommu: the widest QEMU takes that the host's
+    IOMMU can back; None to leave QEMU's default (no intel vIOMMU, or an unknown host width)."""
+    narrowest = narrowest_iommu(facts)
+    if config.vm.viommu != "intel" or not config.vfio or narrowest is None:
+        return None
+    fits = [w for w in VIOMMU_WIDTHS if w <= narrowest[1]]
+    return None if not fits or fits[0] == VIOMMU_WIDTHS[0] else fits[0]
+
+
 def cpu_model(config: Config) -> str | None:
     """The -cpu the plan writes: the config's, else `host` under KVM; None for QEMU's default."""
     return config.vm.cpu or ("host" if config.vm.accel == "kvm" else None)
@@ -210,6 +229,14 @@ def check(space: AddressSpace, config: Config, facts: HostFacts, checks: Require
     """What the host's widths allow: a guest wider than the host CPU (under KVM) or than an
     IOMMU must translate is a problem naming the widths and the devices; peer-to-peer DMA
     the kernel cannot give is a note."""
+    host_iommu = narrowest_iommu(facts)
+    if config.vm.viommu == "intel" and config.vfio and host_iommu is not None and host_iommu[1] < VIOMMU_WIDTHS[-1]:
+        checks.problem(
+            "vm.viommu",
+            f"the host IOMMU {host_iommu[0]} translates {host_iommu[1]}-bit addresses; QEMU's intel-iommu needs a"
+            f" host of at least {VIOMMU_WIDTHS[-1]} bits for a passed device",
+            'use viommu = "virtio", or no vIOMMU',
+        )
     if not space.devices and not space.reservations:
         return
     what = why_wide(space)

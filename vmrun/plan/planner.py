@@ -233,7 +233,11 @@ class Planner:
         options += address_space.options(self.config, space)
         # The vIOMMU must exist before the devices behind it are created.
         if vm.viommu == "intel":
-            options.append(("-device", f"{devices.VIOMMU_DEVICES['intel']},id={VIOMMU},intremap=on,caching-mode=on"))
+            width = address_space.viommu_width(self.config, self.facts)
+            aw = f",aw-bits={width}" if width is not None else ""
+            options.append(
+                ("-device", f"{devices.VIOMMU_DEVICES['intel']},id={VIOMMU},intremap=on,caching-mode=on{aw}")
+            )
         elif vm.viommu == "virtio":
             options.append(("-device", f"{devices.VIOMMU_DEVICES['virtio']},id={VIOMMU}"))
         options += [*iommufd_opts, *vfio_opts, *disk_opts, *net_opts, *self.hotplug_ports(), *state_opts]

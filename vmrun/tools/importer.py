@@ -397,7 +397,7 @@ class Importer:
         rest = dict(props[1:])
         if driver in DRIVERS:
             self.vfio_device(i, driver, props[1:])
-        elif driver == devices.VIOMMU_DEVICES["intel"] and set(rest) <= {"id", "intremap", "caching-mode"}:
+        elif driver == devices.VIOMMU_DEVICES["intel"] and set(rest) <= {"id", "intremap", "caching-mode", "aw-bits"}:
             self.vm["viommu"] = "intel"
             self.use(i)
         elif driver == devices.VIOMMU_DEVICES["virtio"] and set(rest) <= {"id"}:
