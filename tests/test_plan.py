@@ -429,3 +429,26 @@ def test_an_intel_viommu_is_no_wider_than_the_hosts_iommu(tmp_path: pathlib.Path
         assert (expected in viommu) if expected else "aw-bits" not in viommu, viommu
         refused = [x.message for x in p.problems if x.path == "vm.viommu"]
         assert bool(refused) == (width == 36), refused
+
+
+def test_bars_the_kernel_maps_stay_within_a_narrow_iommu(tmp_path: pathlib.Path) -> None:
+    """Firmware puts the 64-bit window at the top of the guest's addresses (QEMU's 40 bits by
+    default under TCG). The legacy container maps BARs into the IOMMU for peer-to-peer DMA: on
+    a 39-bit VT-d the guest gets 39 bits, so the BAR stays where the IOMMU reaches. iommufd on
+    Linux 6.12 maps no BARs: QEMU's default stays."""
+    from tests import fakehost
+
+    dev = fakehost.FakePci("0000:07:00.0", group=7, cdev=0, bars=(fakehost.FakeBar(2, fakehost.GiB),))
+    root = fakehost.build(
+        tmp_path / "host", fakehost.FakeHost(devices=(dev,), iommus=(("dmar0", 39),), kernel="6.12.48")
+    )
+    cfg = tmp_path / "vm.toml"
+    base = '[vm]\nname = "b"\nmemory = "256M"\naccel = "tcg"\n'
+    cfg.write_text(base + '[[vfio]]\nid = "bar"\nhost = "07:00.0"\n')
+    legacy = plan_for(cfg, root)
+    assert legacy.address_space is not None and legacy.address_space.phys_bits == 39
+    assert ("-cpu", "qemu64,phys-bits=39") in legacy.options
+    cfg.write_text(base + '[[iommufd]]\nid = "io"\n[[vfio]]\nid = "bar"\nhost = "07:00.0"\niommufd = "io"\n')
+    modern = plan_for(cfg, root)
+    assert modern.address_space is not None and not modern.address_space.set_phys_bits
+    assert not [o for o in modern.options if o[0] == "-cpu"]

@@ -105,6 +105,12 @@ def iommufd_maps_bars(facts: HostFacts) -> bool | None:
     return None if version is None else version >= IOMMUFD_MAPS_BARS_SINCE
 
 
+def maps_bars(config: Config, facts: HostFacts) -> bool:
+    """Whether the host maps a passed device's BARs into an IOMMU: the legacy container does,
+    iommufd from Linux 6.19 on."""
+    return any(d.iommufd is None for d in config.vfio) or bool(iommufd_maps_bars(facts))
+
+
 def plan(config: Config, facts: HostFacts) -> AddressSpace:
     vm = config.vm
     devices = []
@@ -121,6 +127,12 @@ def plan(config: Config, facts: HostFacts) -> AddressSpace:
     needed = max(pow2_at_least(window), pow2_at_least(top)).bit_length()  # one bit above the larger
     default = guest_default_bits(config, facts)
     phys_bits = max(default, needed) if window else default
+    # The firmware puts the 64-bit window at the top of the address space. Where the kernel
+    # maps BARs into the IOMMU (peer-to-peer DMA), a narrower space keeps them within the
+    # IOMMU's reach, when RAM and the window still fit.
+    narrow = narrowest_iommu(facts)
+    if window and maps_bars(config, facts) and narrow is not None and needed <= narrow[1] < phys_bits:
+        phys_bits = narrow[1]
     pci = [d for d in config.vfio if d.driver == "vfio-pci"]
     p2p = None  # unknown, or no pair of devices to talk
     if len(pci) > 1:
@@ -132,7 +144,7 @@ def plan(config: Config, facts: HostFacts) -> AddressSpace:
         reservations=reservations,
         aperture=aperture,
         phys_bits=phys_bits,
-        set_phys_bits=phys_bits > default,
+        set_phys_bits=phys_bits != default,
         ram_top=top,
         p2p=p2p,
     )
@@ -251,7 +263,7 @@ def check(space: AddressSpace, config: Config, facts: HostFacts, checks: Require
     # devices); the BARs where the kernel maps them (QEMU only warns when it cannot: P2P to
     # them is lost).
     ram_bits = pow2_at_least(space.ram_top).bit_length() - 1
-    maps_bars = any(d.iommufd is None for d in config.vfio) or bool(iommufd_maps_bars(facts))
+    mapped = maps_bars(config, facts)
     widths = [(name, bits) for name, bits in facts.iommus if bits is not None]
     if config.vfio and widths:
         name, narrowest = min(widths, key=lambda w: w[1])
@@ -262,7 +274,7 @@ def check(space: AddressSpace, config: Config, facts: HostFacts, checks: Require
                 f" {format_size(space.ram_top)}, {ram_bits} bits",
                 f"give the guest less than {format_size((1 << narrowest) - 4 * GiB)} of memory",
             )
-        elif maps_bars and space.bars_64 and space.phys_bits > narrowest:
+        elif mapped and space.bars_64 and space.phys_bits > narrowest:
             checks.note(
                 "vfio",
                 f"the host IOMMU {name} translates {narrowest}-bit addresses, the guest places BARs up to"
@@ -271,7 +283,7 @@ def check(space: AddressSpace, config: Config, facts: HostFacts, checks: Require
             )
         else:
             checks.ok("vm", f"the host IOMMU {name} translates {narrowest}-bit addresses; the guest needs {ram_bits}")
-    elif config.vfio and (ram_bits > NARROW_IOMMU_BITS or (maps_bars and space.phys_bits > NARROW_IOMMU_BITS)):
+    elif config.vfio and (ram_bits > NARROW_IOMMU_BITS or (mapped and space.phys_bits > NARROW_IOMMU_BITS)):
         checks.note(
             "vm",
             f"the host IOMMU's address width is unknown (only Intel VT-d's is read), and the guest's DMA may reach"
