@@ -139,12 +139,22 @@ def l1_argv(kernel: Path, results: Path, n_edu: int, memory: str) -> list[str]:
         "-m", memory,
         "-smp", "2",
         "-machine", "q35",
+        # 44 address bits: room for the 1 TiB BAR below (QEMU's 40 would not place it).
+        "-cpu", "qemu64,phys-bits=44",
         "-nic", "none",
-        # The vIOMMU must come before the devices it translates for.
-        "-device", "intel-iommu",
+        # The vIOMMU must come before the devices it translates for. 39 bits, as VT-d on
+        # client parts: vmrun reads the width (cap MGAW) and keeps within it.
+        "-device", "intel-iommu,aw-bits=39",
     ]  # fmt: skip
     for _ in range(n_edu):
         argv += ["-device", "edu"]
+    # Devices with big BARs for vmrun's address-space planning: ivshmem-plain's BAR2 is as large
+    # as its memory backend, 64-bit prefetchable, and a memfd costs only the pages touched.
+    for name, size in BIG_BAR_DEVICES:
+        argv += [
+            "-object", f"memory-backend-memfd,id={name},size={size},share=on",
+            "-device", f"ivshmem-plain,id={name},memdev={name}",
+        ]  # fmt: skip
     argv += [
         "-kernel", str(kernel),
         "-append", append,
@@ -159,6 +169,10 @@ def l1_argv(kernel: Path, results: Path, n_edu: int, memory: str) -> list[str]:
     argv += numa_topology(memory)
     return argv
 
+
+# ivshmem-plain devices of L1 (1af4:1110): (id, size of BAR2), bound to vfio-pci by l1-init
+# after the edu devices (so these keep their cdev numbers).
+BIG_BAR_DEVICES = (("bar1g", "1G"), ("bar1t", "1T"))
 
 # The edu device on L1's NUMA node 1 (see numa_topology): behind its own host bridge and
 # root port, so its bus number (0x81) sorts after the edu devices on pcie.0, which keep

@@ -46,8 +46,10 @@ CHECKOUT = HERE.parent.parent
 VMRUN = CHECKOUT / ".venv" / "bin" / "vmrun"
 QEMU = "qemu-system-x86_64"
 EDU_VENDOR, EDU_DEVICE = "0x1234", "0x11e8"
+IVSHMEM_IDS = ("0x1af4", "0x1110")  # ivshmem-plain: the bed's big-BAR devices
 USER = "nobody"
 MIB = 1024 * 1024
+GIB = 1024 * MIB
 L2_RAM_MIB = 256
 # vmrun.memlock.MARGIN: how far above the need vmrun's memlock=auto may lie (its README).
 VMRUN_MEMLOCK_MARGIN_MIB = 64
@@ -108,12 +110,12 @@ class EduDevice:
     cdev: str | None  # /dev/vfio/devices/vfioN
 
 
-def find_edu_devices() -> list[EduDevice]:
+def find_edu_devices(ids: tuple[str, str] = (EDU_VENDOR, EDU_DEVICE)) -> list[EduDevice]:
     found = []
     for dev in sorted(Path("/sys/bus/pci/devices").iterdir()):
         vendor = (dev / "vendor").read_text().strip()
         device = (dev / "device").read_text().strip()
-        if (vendor, device) != (EDU_VENDOR, EDU_DEVICE):
+        if (vendor, device) != ids:
             continue
         driver = os.readlink(dev / "driver") if (dev / "driver").exists() else None
         group = os.readlink(dev / "iommu_group") if (dev / "iommu_group").exists() else None
@@ -130,10 +132,24 @@ def find_edu_devices() -> list[EduDevice]:
     return found
 
 
+def bar2_size(bdf: str) -> int:
+    """The size of a device's BAR2 (ivshmem-plain's shared memory), from sysfs resource."""
+    start, end, _ = (
+        int(f, 16) for f in Path(f"/sys/bus/pci/devices/{bdf}/resource").read_text().splitlines()[2].split()
+    )
+    return end - start + 1 if end > start else 0
+
+
 @dataclasses.dataclass
 class Bed:
     edu: list[EduDevice]
     log: list[str] = dataclasses.field(default_factory=list)
+    # L1's ivshmem-plain devices (bed.BIG_BAR_DEVICES) by the size of their BAR2: 1 GiB, 1 TiB.
+    big: dict[int, EduDevice] = dataclasses.field(default_factory=dict)
+
+    def big_bar(self, size: int) -> EduDevice:
+        check(size in self.big, f"L1 has no device with a BAR2 of {size} bytes: {self.big}")
+        return self.big[size]
 
     def say(self, line: str) -> None:
         self.log.append(line)
@@ -614,9 +630,13 @@ class MemlockSetup:
     launch: Callable[[Bed], Launch]
     # The same setup as a vmrun config: each device's [[iommufd]] object, None for legacy.
     device_objects: tuple[str | None, ...]
+    # dev1 is the device with a 1 GiB BAR (ivshmem-plain) instead of the second edu device.
+    big_bar: bool = False
 
     def vmrun_config(self, bed: Bed, name: str) -> str:
         bdfs = bed.bdfs(len(self.device_objects))
+        if self.big_bar:
+            bdfs = [bdfs[0], bed.big_bar(GIB).bdf]
         objects = dict.fromkeys(o for o in self.device_objects if o is not None)
         vfio: list[Mapping[str, object]] = []
         for i, (bdf, obj) in enumerate(zip(bdfs, self.device_objects, strict=True)):
@@ -628,10 +648,10 @@ MEMLOCK_SETUPS: dict[str, MemlockSetup] = {}
 
 
 def memlock_setup(
-    name: str, address_spaces: int, device_objects: tuple[str | None, ...]
+    name: str, address_spaces: int, device_objects: tuple[str | None, ...], big_bar: bool = False
 ) -> Callable[[Callable[[Bed], Launch]], Callable[[Bed], Launch]]:
     def register(make: Callable[[Bed], Launch]) -> Callable[[Bed], Launch]:
-        MEMLOCK_SETUPS[name] = MemlockSetup(address_spaces, make, device_objects)
+        MEMLOCK_SETUPS[name] = MemlockSetup(address_spaces, make, device_objects, big_bar)
         return make
 
     return register
@@ -677,6 +697,35 @@ def _legacy(bed: Bed) -> Launch:
     )
 
 
+@memlock_setup("iommufd, one shared object, an edu and a 1 GiB-BAR device", 1, ("iommufd0", "iommufd0"), True)
+def _shared_iommufd_big_bar(bed: Bed) -> Launch:
+    cdev = bed.big_bar(GIB).cdev
+    check(cdev is not None, f"the 1 GiB-BAR device has no vfio cdev: {bed.big}")
+    return Launch(
+        argv=[
+            QEMU,
+            *iommufd_args(1),
+            *device("vfio-pci,id=dev0,fd=4,iommufd=iommufd0"),
+            *device("vfio-pci,id=dev1,fd=5,iommufd=iommufd0"),
+        ],
+        fds=["/dev/iommu", bed.cdevs(1)[0], str(cdev)],
+    )
+
+
+@memlock_setup("legacy type1, an edu and a 1 GiB-BAR device", 1, (None, None), True)
+def _legacy_big_bar(bed: Bed) -> Launch:
+    return Launch(
+        argv=[
+            QEMU,
+            # As vmrun plans it on L1's 39-bit vIOMMU: the firmware then puts the BAR where the
+            # IOMMU reaches, and type1 maps it (peer-to-peer DMA) as it would on a host.
+            "-cpu", "qemu64,phys-bits=39",
+            *device(f"vfio-pci,id=dev0,host={bed.bdfs(1)[0]}"),
+            *device(f"vfio-pci,id=dev1,host={bed.big_bar(GIB).bdf}"),
+        ],
+    )  # fmt: skip
+
+
 @contextlib.contextmanager
 def groups_owned_by(bed: Bed, user: str) -> Iterator[None]:
     """Legacy VFIO needs the group nodes; hand them to `user` (L1's /dev is ours to change).
@@ -684,7 +733,7 @@ def groups_owned_by(bed: Bed, user: str) -> Iterator[None]:
     Running legacy as root instead would measure nothing: CAP_IPC_LOCK skips accounting.
     """
     pw = pwd.getpwnam(user)
-    nodes = [Path(f"/dev/vfio/{d.group}") for d in bed.edu if d.group]
+    nodes = [Path(f"/dev/vfio/{d.group}") for d in [*bed.edu, *bed.big.values()] if d.group]
     saved = {n: n.stat() for n in nodes}
     try:
         for n in nodes:
@@ -769,6 +818,7 @@ def memlock_bisect(bed: Bed) -> dict[str, Any]:
             # End to end: vmrun computes the limit for the same devices and backend, sets it,
             # runs QEMU as nobody, and QEMU must realize both devices with it.
             vm_name = "e2e-memlock-" + ("legacy" if None in setup.device_objects else f"{spaces}obj")
+            vm_name += "-bar" if setup.big_bar else ""
             with vmrun_vm(vm_name, setup.vmrun_config(bed, vm_name)) as vm:
                 auto = vm.plan["memlock_bytes"]
                 check(auto is not None, f"{name}: vmrun plans no memlock limit: {vm.plan['memlock']}")
@@ -1922,6 +1972,164 @@ def vm_pin_kib(pid: int) -> int:
     raise AssertionError(f"/proc/{pid}/status has no VmPin")
 
 
+def bar_region(query_pci: list[dict[str, Any]], qdev_id: str, size: int) -> dict[str, Any]:
+    """The BAR of `size` bytes of device `qdev_id`, as the guest's firmware assigned it."""
+    dev = pci_qdev_ids(query_pci).get(qdev_id)
+    check(dev is not None, f"query-pci has no {qdev_id}")
+    assert dev is not None
+    regions = [r for r in dev.get("regions", []) if r.get("type") == "memory" and r.get("size") == size]
+    check(len(regions) == 1, f"{qdev_id} has no BAR of {size} bytes: {dev.get('regions')}")
+    return dict(regions[0])
+
+
+def assigned(region: dict[str, Any], top: int) -> bool:
+    """A BAR the firmware placed: QEMU shows an unassigned BAR at all ones (or beyond the space)."""
+    address, size = int(region["address"]), int(region["size"])
+    return address > 0 and address + size <= top
+
+
+def firmware_ran(qmp: Qmp, qdev_id: str, size: int, timeout: float = 120.0) -> dict[str, Any]:
+    """The BAR of `size` once SeaBIOS has enumerated the bus: ivshmem's 256-byte register BAR
+    below 4 GiB has an address first; the 64-bit ones follow in the same pass, which under
+    nested TCG takes seconds. A BAR still unplaced SETTLE seconds later found no room."""
+    deadline = time.monotonic() + timeout
+    while True:
+        dev = pci_qdev_ids(qmp.execute("query-pci")).get(qdev_id, {})
+        small = [r for r in dev.get("regions", []) if r.get("type") == "memory" and r.get("size") == 256]
+        if small and 0 < int(small[0]["address"]) < 1 << 32:
+            break
+        check(time.monotonic() < deadline, f"the guest's firmware assigned nothing in {timeout:g} s: {dev}")
+        time.sleep(0.5)
+    settled = time.monotonic() + FIRMWARE_SETTLE
+    region = bar_region(qmp.execute("query-pci"), qdev_id, size)
+    while not assigned(region, 1 << 52) and time.monotonic() < settled:
+        time.sleep(1.0)
+        region = bar_region(qmp.execute("query-pci"), qdev_id, size)
+    return region
+
+
+# How long after the first BAR the firmware gets to place the others (nested TCG is slow).
+FIRMWARE_SETTLE = 30.0
+
+
+@scenario
+def vmrun_big_bars(bed: Bed) -> dict[str, Any]:
+    """Big BARs in the guest's address space, on L1's 44-bit CPU and 39-bit vIOMMU:
+    - a 1 TiB BAR (iommufd): vmrun's plan gives the guest 41 address bits and SeaBIOS places
+      the BAR inside them; the same device with QEMU's 40 bits is left unassigned;
+    - a 1 GiB BAR on the legacy container, which maps BARs into the IOMMU: vmrun gives the
+      guest 39 bits so the BAR lands where the 39-bit IOMMU reaches (QEMU maps it, P2P on);
+      with QEMU's 40 the map fails;
+    - an intel vIOMMU in the guest: vmrun gives it aw-bits=39; QEMU's default 48 is refused;
+    - attach of the 1 GiB device: refused into a slot without a reservation, with the figures;
+      into a slot with hotplug_reserve the firmware gave the port a window that holds it."""
+    out: dict[str, Any] = {}
+    big, one = bed.big_bar(1 << 40), bed.big_bar(GIB)
+    root = {"user": None}  # QEMU as root: the raw comparisons open host= themselves
+    # 1. The 1 TiB BAR.
+    config = vmrun_config("e2e-1t", vfio=[{"id": "big", "host": big.bdf, "iommufd": "iommufd0"}])
+    with vmrun_vm("e2e-1t", config) as vm:
+        space = vm.plan["address_space"]
+        # 1 TiB plus four empty slots' windows: a 2 TiB window, 42 bits.
+        check(space["phys_bits"] == 42 and space["phys_bits_set"], f"the plan's address space: {space}")
+        check("qemu64,phys-bits=42" in vm.plan["argv"], f"no phys-bits in {vm.plan['argv']}")
+        check(vm.wait_qmp(), f"{vm.name} did not start\n{vm.describe()}")
+        assert vm.qmp is not None
+        vm.qmp.execute("cont")
+        region = firmware_ran(vm.qmp, "big", 1 << 40)
+        check(assigned(region, 1 << 42), f"vmrun's guest left the 1 TiB BAR at {region['address']:#x}")
+        check(region["address"] >= space["ram_top"], f"the BAR at {region['address']:#x} overlaps RAM")
+        out["bar_1t_at"] = f"{region['address']:#x} (42 bits, plan: {space['window_bytes']} byte window)"
+        bed.say(f"1 TiB BAR assigned at {region['address']:#x} inside the 42-bit space vmrun planned")
+    with l2(Launch(argv=[QEMU, *device(f"vfio-pci,id=big,host={big.bdf}")], **root)) as raw:  # type: ignore[arg-type]
+        check(raw.wait_qmp(), f"raw L2 did not start\n{raw.describe()}")
+        assert raw.qmp is not None
+        raw.qmp.execute("cont")
+        region = firmware_ran(raw.qmp, "big", 1 << 40)
+        check(not assigned(region, 1 << 40), f"with QEMU's 40 bits the 1 TiB BAR got {region['address']:#x}")
+        out["bar_1t_without_vmrun"] = f"{region['address']:#x} (unassigned)"
+    # 2. The 1 GiB BAR on the legacy container: within the IOMMU's 39 bits.
+    config = vmrun_config("e2e-1g", vfio=[{"id": "one", "host": one.bdf}], iommufd=[], user=None)
+    with vmrun_vm("e2e-1g", config) as vm:
+        check(vm.plan["address_space"]["phys_bits"] == 39, f"the plan: {vm.plan['address_space']}")
+        check(vm.wait_qmp(), f"{vm.name} did not start\n{vm.describe()}")
+        assert vm.qmp is not None
+        locked_before = vm_lck_kib(vm.pid)
+        vm.qmp.execute("cont")
+        region = firmware_ran(vm.qmp, "one", GIB)
+        check(assigned(region, 1 << 39), f"vmrun's guest put the 1 GiB BAR at {region['address']:#x}")
+        out["bar_1g_legacy_at"] = f"{region['address']:#x}"
+        # Once placed, the BAR is mapped into the container (type1 maps BARs): P2P works, and
+        # what it costs in locked memory shows in VmLck.
+        out["bar_1g_legacy_vmlck_kib"] = [locked_before, vm_lck_kib(vm.pid)]
+        bad = [x for x in vm.stderr().splitlines() if "dma_map" in x or "peer-to-peer" in x]
+        check(not bad, f"QEMU could not map the BAR: {bad}\n{vm.stderr()}")
+    with l2(Launch(argv=[QEMU, *device(f"vfio-pci,id=one,host={one.bdf}")], **root)) as raw:  # type: ignore[arg-type]
+        check(raw.wait_qmp(), f"raw L2 did not start\n{raw.describe()}")
+        assert raw.qmp is not None
+        raw.qmp.execute("cont")
+        region = firmware_ran(raw.qmp, "one", GIB)
+        raw.qmp.execute("quit")
+        raw.wait(10)
+        warned = [line for line in raw.stderr().splitlines() if "dma_map" in line or "peer-to-peer" in line]
+        out["bar_1g_legacy_without_vmrun"] = f"{region['address']:#x}: {warned[:1]}"
+        check(region["address"] >= 1 << 39 and bool(warned), f"QEMU's 40 bits: BAR at {region['address']:#x}, {warned}")
+    # 3. An intel vIOMMU no wider than L1's.
+    config = vmrun_config(
+        "e2e-viommu", vfio=[{"id": "dev0", "host": bed.bdfs(1)[0], "iommufd": "iommufd0"}], viommu="intel"
+    )
+    with vmrun_vm("e2e-viommu", config) as vm:
+        check(any("aw-bits=39" in a for a in vm.plan["argv"]), f"no aw-bits=39 in {vm.plan['argv']}")
+        require_started(vm, ["dev0"])
+    spec = Launch(
+        argv=[
+            QEMU,
+            *device("intel-iommu,intremap=on,caching-mode=on"),
+            *device(f"vfio-pci,id=dev0,host={bed.bdfs(1)[0]}"),
+        ],
+        **root,  # type: ignore[arg-type]
+    )
+    with l2(spec) as raw:
+        check(not raw.wait_qmp(), f"QEMU's default intel-iommu started against a 39-bit host IOMMU\n{raw.describe()}")
+        out["viommu_48_refused"] = next((x for x in raw.stderr().splitlines() if "aw-bits" in x), raw.stderr()[-300:])
+        check("aw-bits 48 > host aw-bits 39" in raw.stderr(), raw.describe())
+    # 4. Attach: refused without a reservation, into a reserved window with one.
+    frag_text = f'[[iommufd]]\nid = "io1"\n\n[[vfio]]\nid = "one"\nhost = "{one.bdf}"\niommufd = "io1"\n'
+    with vmrun_vm("e2e-slot", vmrun_config("e2e-slot", vfio=[], iommufd=[], hotplug_slots=1)) as vm:
+        check(vm.wait_qmp(), f"{vm.name} did not start\n{vm.describe()}")
+        vm.release_qmp()
+        frag = vm.config_path.parent / "frag.toml"
+        frag.write_text(frag_text)
+        proc, _ = timed_vmrun(vm, "attach", vm.name, str(frag))
+        check(proc.returncode == 2 and "does not fit a hot-plug slot" in proc.stderr, proc.stderr)
+        out["attach_refused"] = proc.stderr.strip()
+    config = vmrun_config("e2e-slot", vfio=[], iommufd=[], hotplug_slots=1, hotplug_reserve="1G")
+    with vmrun_vm("e2e-slot", config) as vm:
+        check(vm.wait_qmp(), f"{vm.name} did not start\n{vm.describe()}")
+        assert vm.qmp is not None
+        vm.qmp.execute("cont")
+        time.sleep(8.0)  # SeaBIOS sizes the port's windows at boot
+        ports = pci_qdev_ids(vm.qmp.execute("query-pci"))
+        pref = ports["hotplug0"]["pci_bridge"]["bus"]["prefetchable_range"]
+        window = pref["limit"] - pref["base"] + 1
+        check(window >= GIB, f"the port reserved {window} bytes of prefetchable window, not 1 GiB: {pref}")
+        vm.release_qmp()
+        frag = vm.config_path.parent / "frag.toml"
+        frag.write_text(frag_text)
+        proc, attach_s = timed_vmrun(vm, "attach", vm.name, str(frag))
+        check(proc.returncode == 0, f"attach into the reserved slot: {proc.returncode}\n{proc.stdout}{proc.stderr}")
+        out["reserved_window"] = f"{pref['base']:#x}-{pref['limit']:#x}"
+        out["attach_seconds"] = round(attach_s, 2)
+    return out
+
+
+def vm_lck_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmLck:"):
+            return int(line.split()[1])
+    return -1
+
+
 # --------------------------------------------------------------------------- guest memory placement
 
 # bed.numa_topology: L1 has two NUMA nodes (CPU 0 and CPU 1) and one edu device on node 1.
@@ -2236,7 +2444,7 @@ def run_scenarios(selected: Sequence[Scenario], out: Path) -> list[Outcome]:
     outcomes: list[Outcome] = []
     for sc in selected:
         # Read afresh: a scenario that unbinds and binds a device may renumber its cdev.
-        bed = Bed(edu=find_edu_devices())
+        bed = Bed(edu=find_edu_devices(), big={bar2_size(d.bdf): d for d in find_edu_devices(IVSHMEM_IDS)})
         before = host_state()
         print(f"== {sc.name}", flush=True)
         t = time.monotonic()

@@ -120,7 +120,12 @@ def plan(config: Config, facts: HostFacts) -> AddressSpace:
             devices.append(DeviceBars(dev.id, found.bars))
     bars_64 = sum(b.size for d in devices for b in d.bars if b.is64)
     slots = hotplug_slots(vm.machine, vm.hotplug_slots)
-    reservations = slots * pow2_at_least(vm.hotplug_reserve) if vm.hotplug_reserve else 0
+    # Every empty slot takes a window too, its firmware's own when hotplug_reserve is unset:
+    # next to a BAR of 2^k, a few MiB more make the window 2^(k+1) (measured: a 1 TiB BAR with
+    # four slots is left unassigned at 41 bits, the window must then be 2 TiB).
+    reservations = slots * pow2_at_least(vm.hotplug_reserve or FIRMWARE_RESERVE)
+    if not bars_64 and not vm.hotplug_reserve:
+        reservations = 0  # no big BAR, no reservation: the firmware's defaults hold everything
     top = ram_top(config)
     window = bars_64 + reservations
     aperture = pow2_at_least(window) if window > DEFAULT_WINDOW else 0
@@ -249,7 +254,7 @@ def check(space: AddressSpace, config: Config, facts: HostFacts, checks: Require
             f" host of at least {VIOMMU_WIDTHS[-1]} bits for a passed device",
             'use viommu = "virtio", or no vIOMMU',
         )
-    if not space.devices and not space.reservations:
+    if not space.devices and not space.bars_64:
         return
     what = why_wide(space)
     if config.vm.accel == "kvm" and facts.cpu_phys_bits is not None and space.phys_bits > facts.cpu_phys_bits:
