@@ -15,7 +15,7 @@ import pytest
 import tomli_w
 
 from tests import fakehost
-from tests.conftest import ROOT, plan_for
+from tests.conftest import REPO, ROOT, plan_for
 from vmrun import cli
 from vmrun.host import pci
 from vmrun.host.facts import Host
@@ -374,3 +374,20 @@ def test_one_viability_rule_for_requirements_bind_and_init(tmp_path: pathlib.Pat
     Binder(Host(root)).check_groups(["0000:03:00.0"])  # no BindError
     result = init.build("g", ["0000:03:00.0"], Host(root))
     assert result.warnings == () and "00:1c.0" not in result.text
+
+
+def test_check_and_devices_say_what_real_devices_break(
+    gpu_host: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On the GPU host: `check` warns about the boot VGA device, the audio function left
+    behind and a NIC without reset; `devices` shows BARs and reset methods."""
+    golden = REPO / "tests" / "golden"
+    cli.main(["check", str(golden / "gpu-audio-group.toml"), "--host-root", str(gpu_host)])  # other checks fail here
+    out = capsys.readouterr().out
+    assert "warn  vfio[0]     host=0000:0a:00.0 is the host's boot VGA device" in out
+    assert "0000:0a:00.1 shares IOMMU group 10 with host=0000:0a:00.0 and is bound to vfio-pci but not passed" in out
+    cli.main(["check", str(golden / "gpu-nic-no-reset.toml"), "--host-root", str(gpu_host)])
+    assert "host=0000:06:00.0 has no reset method" in capsys.readouterr().out
+    assert cli.main(["devices", "--host-root", str(gpu_host), "41:00.0", "06:00.0"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[1].split()[6:8] == ["128K", "none"] and rows[2].split()[6:8] == ["128G+32M+16M", "flr,bus"]

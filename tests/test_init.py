@@ -117,3 +117,18 @@ def test_never_overwrites_without_force(
     assert init(capsys, root, "w", "-d", "01:00.0", "-o", str(target), "--force")[0] == 0
     assert tomllib.loads(target.read_text())["vm"]["name"] == "w"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "link.toml", "vm.toml"]
+
+
+def test_a_gpu_brings_its_audio_function_and_a_slot_reservation(
+    gpu_host: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A workstation GPU: its HDMI audio function (same group) comes along, and the hot-plug
+    slots reserve room for one more device like it (16 GiB + 32 MiB of 64-bit prefetchable
+    BARs: 32 GiB); the plan sizes the window for the GPU itself."""
+    status, out, err = init(capsys, gpu_host, "ws", "--device", "0a:00.0")
+    assert status == 0, err
+    doc = tomllib.loads(out)
+    assert [d["host"] for d in doc["vfio"]] == ["0000:0a:00.0", "0000:0a:00.1"]
+    assert doc["vm"]["hotplug_reserve"] == "32G"
+    status, out, err = init(capsys, gpu_host, "nic", "--device", "06:00.0")
+    assert "hotplug_reserve" not in tomllib.loads(out)["vm"]  # a 128 KiB BAR fits any slot

@@ -16,9 +16,11 @@ from typing import Any
 
 import attrs
 
+from vmrun.base.sizes import format_size
 from vmrun.config import dropins, loader
 from vmrun.host import sysfs
 from vmrun.host.facts import Host
+from vmrun.plan import address_space
 from vmrun.tools import show
 
 MEMORY = "4G"
@@ -103,6 +105,11 @@ def build(name: str, addresses: list[str], host: Host, legacy: bool = False) -> 
             entry["iommufd"] = "iommufd0"
         vfio.append(entry)
     doc: dict[str, Any] = {"vm": {"name": name, "memory": MEMORY, "cpus": CPUS, "user": USER}}
+    # The plan sizes the window for these devices by itself; a hot-plug slot holds only what
+    # it reserved at start: room for one more device like the biggest of these.
+    reserve = max((big_bars(host, m.address) for m in chosen.values()), default=0)
+    if reserve > address_space.FIRMWARE_RESERVE:
+        doc["vm"]["hotplug_reserve"] = format_size(address_space.pow2_at_least(reserve))
     if not legacy:
         doc["iommufd"] = [{"id": "iommufd0"}]
     doc["vfio"] = vfio
@@ -116,6 +123,11 @@ HEADER = """\
 # IOMMU group. Check it with `vmrun check FILE`; put local changes in FILE.d/*.toml.
 
 """
+
+
+def big_bars(host: Host, address: str) -> int:
+    """Bytes of a device's 64-bit prefetchable BARs (what a hot-plug slot must reserve for it)."""
+    return sum(int(size) for _, size, is64, pref in host.bars(sysfs.pci_device(address)) or () if is64 and pref)
 
 
 def group_of(m: Member, named: list[Member]) -> str:
