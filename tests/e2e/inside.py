@@ -555,14 +555,17 @@ def errno_in_child(user: str, action: Callable[[], object]) -> int:
 
 @scenario
 def bed_sanity(bed: Bed) -> dict[str, Any]:
-    """/dev/iommu and three vfio cdevs exist; every edu device (two on pcie.0, one on NUMA
-    node 1) is bound to vfio-pci."""
+    """/dev/iommu and five vfio cdevs exist; every edu device (two on pcie.0, one on NUMA
+    node 1) and both big-BAR devices (1 GiB and 1 TiB) are bound to vfio-pci, the edu devices
+    first (vfio0-2: they keep the numbers scenarios had before the big-BAR devices came)."""
     check(Path("/dev/iommu").is_char_device(), "/dev/iommu is missing or not a char device")
     cdevs = sorted(str(p) for p in Path("/dev/vfio/devices").glob("vfio*"))
-    check(len(cdevs) == 3, f"expected 3 vfio cdevs in /dev/vfio/devices, found {cdevs}")
+    check(len(cdevs) == 5, f"expected 5 vfio cdevs in /dev/vfio/devices, found {cdevs}")
     check(len(bed.edu) == 3, f"expected 3 edu devices, found {bed.edu}")
+    check(sorted(bed.big) == [GIB, 1 << 40], f"expected BARs of 1 GiB and 1 TiB, found {bed.big}")
     check(numa_edu(bed) == bed.edu[2], f"the edu device on node {NUMA_NODE} must sort last: {bed.edu}")
-    for d in bed.edu:
+    check({d.cdev for d in bed.edu} == set(cdevs[:3]), f"the edu devices' cdevs are not vfio0-2: {bed.edu}")
+    for d in [*bed.edu, *bed.big.values()]:
         check(d.driver == "vfio-pci", f"edu {d.bdf} is bound to {d.driver}, not vfio-pci")
         check(d.group is not None, f"edu {d.bdf} has no iommu_group (is the vIOMMU on?)")
         check(d.cdev in cdevs, f"edu {d.bdf}: cdev {d.cdev} not among {cdevs}")
@@ -571,7 +574,10 @@ def bed_sanity(bed: Bed) -> dict[str, Any]:
             f"group node /dev/vfio/{d.group} of {d.bdf} is missing",
         )
     check(Path("/dev/vfio/vfio").is_char_device(), "legacy container /dev/vfio/vfio is missing")
-    return {"edu": [dataclasses.asdict(d) for d in bed.edu]}
+    return {
+        "edu": [dataclasses.asdict(d) for d in bed.edu],
+        "big": {n: dataclasses.asdict(d) for n, d in bed.big.items()},
+    }
 
 
 @scenario
@@ -2093,6 +2099,17 @@ def vmrun_big_bars(bed: Bed) -> dict[str, Any]:
         check(not raw.wait_qmp(), f"QEMU's default intel-iommu started against a 39-bit host IOMMU\n{raw.describe()}")
         out["viommu_48_refused"] = next((x for x in raw.stderr().splitlines() if "aw-bits" in x), raw.stderr()[-300:])
         check("aw-bits 48 > host aw-bits 39" in raw.stderr(), raw.describe())
+    # 3b. A guest L1's 39-bit VT-d cannot translate: its RAM alone reaches 40 bits. The plan
+    # reads the width from L1's sysfs and refuses, naming both (no RAM is needed to plan).
+    with workdir("narrow-") as work:
+        path = work.config(
+            "e2e-wide", vmrun_config("e2e-wide", vfio=[{"id": "dev0", "host": bed.bdfs(1)[0]}], memory="600G")
+        )
+        proc = work.vmrun("run", "--dry-run", str(path))
+        check(proc.returncode == 1, f"vmrun run --dry-run of a 600 GiB guest exited {proc.returncode}\n{proc.stdout}")
+        refusal = next((x for x in proc.stdout.splitlines() if "translates 39-bit addresses" in x), "")
+        check("guest RAM reaches 602G, 40 bits" in refusal, f"no refusal naming the widths:\n{proc.stdout}")
+        out["plan_refusal"] = refusal.removeprefix("# problem: ")
     # 4. Attach: refused without a reservation, into a reserved window with one.
     frag_text = f'[[iommufd]]\nid = "io1"\n\n[[vfio]]\nid = "one"\nhost = "{one.bdf}"\niommufd = "io1"\n'
     with vmrun_vm("e2e-slot", vmrun_config("e2e-slot", vfio=[], iommufd=[], hotplug_slots=1)) as vm:
