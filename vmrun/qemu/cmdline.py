@@ -7,6 +7,8 @@ from /proc by host/process.py.
 
 from __future__ import annotations
 
+import json
+
 import attrs
 
 # QEMU options that take no value; every other option takes one.
@@ -61,6 +63,66 @@ def keyvals(text: str) -> Props:
         i += 1
     parts.append(current)
     return [(k, v) if sep else (k, None) for k, sep, v in (p.partition("=") for p in parts)]
+
+
+# The key QEMU's JSON syntax (libvirt's) names what key=value writes first and bare:
+# `-device '{"driver":"vfio-pci",...}'` is `-device vfio-pci,...`.
+IMPLIED_KEY = {
+    "-device": "driver",
+    "-object": "qom-type",
+    "-netdev": "type",
+    "-chardev": "backend",
+    "-audiodev": "driver",
+}
+
+
+def option_props(option: str, value: str) -> Props:
+    """The value of `option` as key=value props, whichever syntax it was written in: QEMU's
+    key=value, or the JSON that libvirt writes for -device, -object, -blockdev, -netdev,
+    -chardev and -audiodev. JSON's nested objects become dotted keys (`cache.direct`), its
+    lists repeated keys (`hostfwd`) or QEMU's list syntax (`host-nodes=0-1`), its booleans
+    on/off; a value that is not a JSON object stays key=value."""
+    text = value.strip()
+    if not text.startswith("{"):
+        return keyvals(value)
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return keyvals(value)
+    if not isinstance(data, dict):
+        return keyvals(value)
+    implied = IMPLIED_KEY.get(option)
+    props: Props = []
+    if implied is not None and isinstance(data.get(implied), str):
+        props.append((data.pop(implied), None))
+    flatten(data, "", props)
+    return props
+
+
+def flatten(data: dict[str, object], prefix: str, props: Props) -> None:
+    for key, item in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(item, dict):
+            if list(item) == ["str"]:  # QAPI's string wrapper, e.g. hostfwd entries
+                props.append((name, scalar(item["str"])))
+            else:
+                flatten(item, f"{name}.", props)
+        elif isinstance(item, list):
+            if all(isinstance(x, int) and not isinstance(x, bool) for x in item):
+                props.append((name, ",".join(str(x) for x in item)))  # host-nodes: [0, 1]
+            else:
+                for x in item:
+                    props.append((name, scalar(x["str"] if isinstance(x, dict) and "str" in x else x)))
+        else:
+            props.append((name, scalar(item)))
+
+
+def scalar(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return ""
+    return str(value)
 
 
 def options(argv: list[str]) -> tuple[str | None, list[tuple[str, ...]]]:

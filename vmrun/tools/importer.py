@@ -27,13 +27,16 @@ from vmrun.host import facts as host
 from vmrun.host import reader, sysfs
 from vmrun.plan.planner import derived_mac, hotplug_port
 from vmrun.qemu import devices
-from vmrun.qemu.cmdline import FLAGS, FdInfo, Props, keyvals, options
+from vmrun.qemu.cmdline import FLAGS, FdInfo, Props, keyvals, option_props, options
 from vmrun.tools import show
 
 # The QEMU disk device -> the [[disk]] interface vmrun would write it for.
 DISK_INTERFACES = {driver: interface for interface, driver in devices.DISK_DEVICES.items()}
 HOSTFWD_RE = re.compile(r"(tcp|udp)?:([0-9.]*):([0-9]+)-:([0-9]+)")
 UNMAPPED = "not modelled by vmrun: kept as is"
+RAM_KINDS = ("memory-backend-file", "memory-backend-ram", "memory-backend-memfd")
+# -smp's topology keys: one socket of N cores is what the guest gets from `cpus = N` too.
+TOPOLOGY = ("sockets", "dies", "clusters", "cores", "threads", "maxcpus", "books", "drawers", "modules")
 # An argument shown bare in a comment: printable ASCII with nothing TOML or a reader could
 # take for the comment's end or for another argument.
 PLAIN_TOKEN_RE = re.compile(r"[!$-~]+")
@@ -75,10 +78,26 @@ class Importer:
         self.hotplug_ports = 0
         self.console_mapped = False
         self.args: list[tuple[str, list[str]]] = []
+        # What libvirt leaves on every command line it writes: its monitor's chardev, its master
+        # key, its thread names. Only there are -S, -no-shutdown and root ports libvirt's own.
+        self.libvirt = any(
+            ("charmonitor" in opt[1] or "masterKey0" in opt[1] or "debug-threads=on" in opt[1])
+            for opt in self.opts
+            if len(opt) == 2
+        )
+        # Options left out because vmrun supplies its own (libvirt's monitor, its RAM object):
+        # (why, option) each, said in comments.
+        self.dropped: list[tuple[str, list[str]]] = []
+        # libvirt's root ports (one per device): gone, with every bus= naming them.
+        self.foreign_ports: set[str] = set()
+        self.monitor_chardevs: set[str] = set()
+        # The RAM object -machine memory-backend= names, when it is not vmrun's own (libvirt's pc.ram).
+        self.ram_object: str | None = None
+        self.ram_object_mapped = False
         for i, opt in enumerate(self.opts):
             if len(opt) < 2:
                 continue
-            props = keyvals(opt[1])
+            props = option_props(opt[0], opt[1])
             if opt[0] == "-blockdev" and (node := dict(props).get("node-name")):
                 self.blockdevs[node] = (i, dict(props))
             elif opt[0] == "-drive" and (drive := dict(props).get("id")):
@@ -86,6 +105,14 @@ class Importer:
             elif opt[0] == "-add-fd" and (s := dict(props).get("set")) and (fd := dict(props).get("fd", "")):
                 if fd and fd.isdigit():
                     self.fdsets[s] = (i, int(fd))
+            elif self.libvirt and opt[0] == "-device" and props[0] == ("pcie-root-port", None):
+                port = dict(props).get("id") or ""
+                if not rules.HOTPLUG_PORT_RE.fullmatch(port):
+                    self.foreign_ports.add(port)
+            elif opt[0] in ("-machine", "-M") and (ram := dict(props).get("memory-backend")) != rules.GUEST_RAM:
+                self.ram_object = ram
+            elif opt[0] == "-mon" and (chardev := dict(props).get("chardev")) and chardev != rules.QMP_CHARDEV:
+                self.monitor_chardevs.add(chardev)
             elif opt[0] == "-chardev" and (cid := dict(props).get("id")):
                 self.chardevs[cid] = (i, props)
             elif opt[0] == "-netdev" and (nid := dict(props).get("id")):
@@ -93,6 +120,26 @@ class Importer:
 
     def use(self, *indices: int) -> None:
         self.used.update(indices)
+
+    def fd_note(self, what: str, fd: str, kind: str) -> None:
+        """An fd the command line names that no /proc entry resolved: the config keeps it as the
+        caller's, and a comment says so."""
+        self.dropped.append(
+            (
+                f"note: {what} takes fd {fd}, {kind} of the process that ran this command line: run vmrun with"
+                " that fd open, or import with --pid PID (which resolves it), or write the device by host=",
+                [],
+            )
+        )
+
+    def libvirt_drop(self, i: int, why: str) -> None:
+        if self.libvirt:
+            self.drop(i, why)
+
+    def drop(self, i: int, why: str) -> None:
+        """Option `i` is left out, with `why` in a comment: vmrun supplies its own."""
+        self.dropped.append((why, list(self.opts[i])))
+        self.use(i)
 
     def keep(self, i: int, why: str) -> None:
         """Option `i` goes to vm.args with `why` as its comment."""
@@ -144,6 +191,10 @@ class Importer:
             "-nodefaults": lambda i, v: self.use(i),
             "-no-user-config": lambda i, v: self.use(i),
             "-mon": self.monitor,
+            "-S": lambda i, v: self.libvirt_drop(i, "QEMU starts paused for libvirt; `vmrun run --paused` does that"),
+            "-no-shutdown": lambda i, v: self.libvirt_drop(i, "keeps QEMU after the guest powers off, for libvirt"),
+            "-msg": lambda i, v: self.libvirt_drop(i, "the format of QEMU's messages in libvirt's log"),
+            "-overcommit": self.overcommit,
         }
         for i, opt in enumerate(self.opts):
             if i in self.used:
@@ -174,7 +225,8 @@ class Importer:
     # -- the VM ------------------------------------------------------------------------
 
     def name_opt(self, i: int, value: str) -> None:
-        props = keyvals(value)
+        # libvirt's debug-threads=on names QEMU's threads, for its own debugging.
+        props = [kv for kv in keyvals(value) if kv != ("debug-threads", "on")]
         names = [v if k == "guest" else k for k, v in props if k == "guest" or v is None]
         if names and names[0] and len(props) == 1:
             self.vm["name"] = names[0]
@@ -195,6 +247,8 @@ class Importer:
         extra = self.machine_extra
         if self.ram_imported:
             extra = [kv for kv in extra if kv != ("memory-backend", rules.GUEST_RAM)]  # vmrun adds it
+        if self.ram_object_mapped:
+            extra = [kv for kv in extra if kv != ("memory-backend", self.ram_object)]  # dropped with it
         if self.vm.get("viommu") == "intel" and self.vm.get("accel", "kvm") == "kvm":
             extra = [(k, v) for k, v in extra if (k, v) != ("kernel-irqchip", "split")]  # vmrun adds it
         if self.pflash_nodes(extra):
@@ -258,10 +312,16 @@ class Importer:
     def memory(self, i: int, value: str) -> None:
         props = keyvals(value)
         size = next((v if k == "size" else k for k, v in props if k == "size" or v is None), None)
-        if size is None or len(props) != 1:
-            self.keep(i, "memory options beyond the size (slots, maxmem) vmrun does not model")
+        hotplug = [f"{k}={v}" for k, v in props if k in ("slots", "maxmem")]
+        if size is None or len(props) != 1 + len(hotplug):
+            self.keep(i, "memory options beyond the size vmrun does not model")
             return
-        text = size + "M" if size.isdigit() else size  # QEMU's unit is MiB
+        if hotplug:
+            self.dropped.append(
+                (f"memory hot-plug ({', '.join(hotplug)}): vmrun has none; the guest gets its memory at start", [])
+            )
+        text = size.upper() if size[-1:] in "kmgt" else size  # libvirt writes size=8388608k
+        text = text + "M" if text.isdigit() else text  # QEMU's unit is MiB
         try:
             self.vm["memory"] = format_size(parse_size(text))
         except SizeError:
@@ -271,15 +331,24 @@ class Importer:
     def smp(self, i: int, value: str) -> None:
         props = keyvals(value)
         cpus = next((v if k == "cpus" else k for k, v in props if k == "cpus" or v is None), None)
-        if cpus is None or not cpus.isdigit() or len(props) != 1:
+        topology = {k: v for k, v in props[1:] if k in TOPOLOGY and v and v.isdigit()}
+        if cpus is None or not cpus.isdigit() or len(props) != 1 + len(topology):
+            self.keep(i, "a CPU topology vmrun does not model")
+            return
+        product = 1
+        for v in topology.values():
+            product *= int(v)
+        if topology and (product != int(cpus) or int(topology.get("sockets", "1")) != 1):
+            # Several sockets or a topology with room for more CPUs: what the guest sees.
             self.keep(i, "a CPU topology vmrun does not model")
             return
         self.vm["cpus"] = int(cpus)
         self.use(i)
 
     def cpu(self, i: int, value: str) -> None:
-        # phys-bits is vmrun's to set, from the BARs the guest must hold (plan/address_space.py).
-        model = re.sub(r",phys-bits=[0-9]+$", "", value)
+        # phys-bits is vmrun's to set, from the BARs the guest must hold (plan/address_space.py);
+        # migratable=on is QEMU's default for -cpu host, which libvirt writes out.
+        model = re.sub(r",phys-bits=[0-9]+$", "", value).removesuffix(",migratable=on")
         if rules.MACHINE_RE.fullmatch(model):
             if model != "qemu64" or model == value:  # qemu64 with phys-bits: vmrun's way of saying TCG's default
                 self.vm["cpu"] = model
@@ -349,10 +418,55 @@ class Importer:
 
     def monitor(self, i: int, value: str) -> None:
         props = dict(keyvals(value))
-        if props.get("chardev") == rules.QMP_CHARDEV and rules.QMP_CHARDEV in self.chardevs:
+        chardev = props.get("chardev") or ""
+        if chardev == rules.QMP_CHARDEV and rules.QMP_CHARDEV in self.chardevs:
             self.use(i, self.chardevs[rules.QMP_CHARDEV][0])
+        elif chardev in self.chardevs and props.get("mode") == "control":
+            self.drop(i, "libvirt's monitor: vmrun has its own QMP socket")
+            self.drop(self.chardevs[chardev][0], "the socket of libvirt's monitor")
+
+    def overcommit(self, i: int, value: str) -> None:
+        props = keyvals(value)
+        if not self.libvirt:
+            self.keep(i, UNMAPPED)
+        elif props == [("mem-lock", "off")]:
+            self.drop(i, "vmrun sets the memlock limit itself (vm.memlock)")
+        elif props == [("mem-lock", "on")]:
+            self.drop(
+                i,
+                "libvirt's <locked/>: QEMU would lock all its memory; vmrun sets the limit VFIO needs"
+                ' (memlock = "auto"), or write memlock = "unlimited"',
+            )
+        else:
+            self.keep(i, UNMAPPED)
 
     # -- objects and devices --------------------------------------------------------------
+
+    def libvirt_ram(self, i: int, kind: str, rest: dict[str, str | None]) -> bool:
+        """libvirt's guest RAM object (-machine memory-backend=pc.ram): huge pages from hugetlbfs
+        or a memfd, prealloc and a NUMA binding become the keys; the object goes, as vmrun
+        makes its own."""
+        if rest.get("id") != self.ram_object or self.ram_object is None:
+            return False
+        known = {"id", "size", "prealloc", "host-nodes", "policy", "share", "discard-data", "dump"}
+        known |= {"x-use-canonical-path-for-ramblock-id", "mem-path", "hugetlb", "hugetlbsize", "merge"}
+        if set(rest) - known or kind not in (*RAM_KINDS, devices.RAM_HUGE, devices.RAM_PLAIN):
+            return False
+        node = rest.get("host-nodes")
+        if node is not None and (not node.isdigit() or rest.get("policy") != "bind"):
+            return False  # several nodes, or a policy other than bind: kept as it is
+        if kind == "memory-backend-file":
+            path = rest.get("mem-path") or ""
+            self.vm["hugepages"] = "1G" if re.search(r"1G|1048576", path) else "2M"
+        elif rest.get("hugetlb") == "on":
+            self.vm["hugepages"] = rest.get("hugetlbsize") or "2M"
+        if rest.get("prealloc") == "on" and "hugepages" not in self.vm:
+            self.vm["prealloc"] = True
+        if node is not None:
+            self.vm["numa"] = int(node)
+        self.ram_object_mapped = True
+        self.drop(i, "libvirt's guest RAM object: vmrun makes its own (from hugepages, prealloc, numa)")
+        return True
 
     def ram_backend(self, i: int, driver: str, rest: dict[str, str | None]) -> bool:
         """vmrun's own guest RAM backend (rules.GUEST_RAM) back to hugepages, prealloc, numa."""
@@ -376,9 +490,14 @@ class Importer:
         return True
 
     def object_opt(self, i: int, value: str) -> None:
-        props = keyvals(value)
+        props = option_props("-object", value)
         rest = dict(props[1:])
         if props[0][0] in (devices.RAM_HUGE, devices.RAM_PLAIN) and self.ram_backend(i, props[0][0], rest):
+            return
+        if props[0] == ("secret", None) and rest.get("id") == "masterKey0":
+            self.drop(i, "libvirt's master key for the secrets it passes")
+            return
+        if self.libvirt_ram(i, props[0][0], rest):
             return
         if props[0] != ("iommufd", None) or "id" not in rest or set(rest) - {"id", "fd"}:
             return
@@ -388,12 +507,23 @@ class Importer:
             if not fd.isdigit():
                 return
             entry["fd"] = int(fd)  # the caller's: vmrun passes it on
+            self.fd_note(f"iommufd {entry['id']}", fd, "/dev/iommu")
         self.iommufd.append(entry)
         self.use(i)
 
     def device(self, i: int, value: str) -> None:
-        props = keyvals(value)
+        props = option_props("-device", value)
         driver = props[0][0]
+        if driver == "pcie-root-port" and dict(props[1:]).get("id") in self.foreign_ports:
+            self.drop(
+                i, "libvirt's root port for a device: vmrun puts devices on the root bus (hotplug_slots: empty ones)"
+            )
+            return
+        if dict(props[1:]).get("bus") in self.foreign_ports:
+            # On one of libvirt's root ports, which are gone: on the root bus, where vmrun puts it.
+            props = [(k, v) for k, v in props if k not in ("bus", "addr", "multifunction")]
+        if driver == "vfio-pci-nohotplug":  # libvirt's for a device that must not be unplugged
+            driver, props = "vfio-pci", [("vfio-pci", None), *props[1:]]
         rest = dict(props[1:])
         if driver in DRIVERS:
             self.vfio_device(i, driver, props[1:])
@@ -434,6 +564,7 @@ class Importer:
                     entry["host"] = address
                 elif v.isdigit():
                     entry["fd"] = int(v)
+                    self.fd_note(f"vfio {entry['id']}", v, "a VFIO cdev")
                 else:
                     return
             else:
@@ -482,7 +613,7 @@ class Importer:
             )
         else:
             return
-        extra = set(props) - {"id", "drive", "serial", "bus"}
+        extra = set(props) - {"id", "drive", "serial", "bus", "bootindex"}
         if path is None or fmt not in ("raw", "qcow2") or extra:
             return
         entry["path"] = path
@@ -514,7 +645,7 @@ class Importer:
 
     def net_device(self, i: int, model: str, props: dict[str, str | None]) -> None:
         netdev = props["netdev"] or ""
-        if netdev not in self.netdevs or set(props) - {"id", "netdev", "mac"}:
+        if netdev not in self.netdevs or set(props) - {"id", "netdev", "mac", "bootindex"}:
             return
         j, nprops = self.netdevs[netdev]
         kind, rest = nprops[0][0], nprops[1:]
@@ -557,12 +688,20 @@ class Importer:
 class Imported:
     doc: dict[str, Any]
     args: tuple[tuple[str, tuple[str, ...]], ...]  # the options kept in vm.args, each with why
+    dropped: tuple[tuple[str, tuple[str, ...]], ...] = ()  # the options left out, each with why
 
     def text(self, source: str) -> str:
         vm = {k: v for k, v in self.doc["vm"].items() if k != "args"}
         body = show.config_text({**self.doc, "vm": vm})
         lines = [f"# Imported by `vmrun import` from {source}.", ""]
         head, _, tail = body.partition("\n\n")
+        for why, tokens in self.dropped:
+            # Out of the config: vmrun supplies its own (or has none), as each line says.
+            shown = " ".join(t if PLAIN_TOKEN_RE.fullmatch(t) else show.value_text(t) for t in tokens)
+            text = f"dropped {shown}: {why}" if tokens else why if why.startswith("note: ") else f"dropped {why}"
+            lines.append(f"# {printable(text)}")
+        if self.dropped:
+            lines.append("")
         lines.append(head.rstrip("\n"))
         if self.args:
             lines.append("args = [")
@@ -584,7 +723,11 @@ def import_argv(
 ) -> Imported:
     importer = Importer(list(argv), fds or {}, host_view or host.Host("/"), name)
     doc = importer.run()
-    return Imported(doc, tuple((why, tuple(tokens)) for why, tokens in importer.args))
+    return Imported(
+        doc,
+        tuple((why, tuple(tokens)) for why, tokens in importer.args),
+        tuple((why, tuple(tokens)) for why, tokens in importer.dropped),
+    )
 
 
 def config_text(argv: list[str], pid: int | None, host_root: str, name: str | None, output: str | None) -> str:
