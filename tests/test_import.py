@@ -32,25 +32,80 @@ def fd_infos(p: Plan) -> dict[int, qemu_cmdline.FdInfo]:
     return {f.fd: qemu_cmdline.FdInfo(f.path if f.kind != "inherited" else None, f.ifname) for f in p.fds}
 
 
-@pytest.mark.parametrize("golden", GOLDEN, ids=[g.stem for g in GOLDEN])
-def test_import_of_a_planned_command_line_plans_the_same(
-    golden: pathlib.Path,
+@pytest.fixture(params=GOLDEN, ids=[g.stem for g in GOLDEN])
+def golden_plan(
+    request: pytest.FixtureRequest,
     standard_host: pathlib.Path,
     gpu_host: pathlib.Path,
     narrow_host: pathlib.Path,
-    tmp_path: pathlib.Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
+) -> tuple[pathlib.Path, pathlib.Path, Plan]:
+    """A golden config, the fake host it was made for, and its plan there."""
+    golden: pathlib.Path = request.param
     monkeypatch.setenv("VMRUN_DATA_DIR", "/var/lib/vmrun")
     # The GPU goldens on the host they were made for: their BARs decide the window and phys-bits.
     root = {"gpu": gpu_host, "narrow": narrow_host}.get(golden.stem.split("-", 1)[0], standard_host)
-    before = plan_for(golden, root)
+    return golden, root, plan_for(golden, root)
+
+
+def test_import_of_a_planned_command_line_plans_the_same(
+    golden_plan: tuple[pathlib.Path, pathlib.Path, Plan], tmp_path: pathlib.Path
+) -> None:
+    golden, root, before = golden_plan
     imported = importer.import_argv(before.argv, fd_infos(before), host.Host(root))
     path = tmp_path / f"{golden.stem}.toml"
     path.write_text(imported.text(str(golden.name)))
     after = plan_for(path, root)
     assert without_fds(after.argv) == without_fds(before.argv), path.read_text()
     assert [f.path for f in after.fds if f.kind != "inherited"] == [f.path for f in before.fds if f.kind != "inherited"]
+
+
+def json_value(value: str) -> object:
+    """A key=value property as libvirt's JSON writes it: numbers and booleans typed."""
+    if value in ("on", "off"):
+        return value == "on"
+    return int(value) if re.fullmatch(r"-?[1-9][0-9]*|0", value) else value
+
+
+def in_json_syntax(argv: list[str]) -> list[str]:
+    """`argv` with every -device/-object/-blockdev/-netdev/-chardev value in QEMU's JSON
+    syntax, as libvirt writes them: the bare first key under its name, dotted keys nested,
+    a repeated key (hostfwd) as a list of QAPI strings."""
+    out = list(argv)
+    for i, arg in enumerate(argv[:-1]):
+        if arg not in ("-device", "-object", "-blockdev", "-netdev", "-chardev"):
+            continue
+        props = qemu_cmdline.keyvals(argv[i + 1])
+        data: dict[str, object] = {}
+        implied = qemu_cmdline.IMPLIED_KEY.get(arg)
+        if implied is not None and props and props[0][1] is None:
+            data[implied] = props.pop(0)[0]
+        for key, value in props:
+            assert value is not None, (arg, argv[i + 1])
+            *parents, leaf = key.split(".")
+            table = data
+            for parent in parents:
+                table = table.setdefault(parent, {})  # type: ignore[assignment]
+            if leaf in table:
+                previous = table[leaf]
+                table[leaf] = [*(previous if isinstance(previous, list) else [previous]), {"str": value}]
+                if not isinstance(previous, list):
+                    table[leaf][0] = {"str": previous}  # type: ignore[index]
+            else:
+                table[leaf] = value if leaf == "id" else json_value(value)
+        out[i + 1] = json.dumps(data, separators=(",", ":"))
+    return out
+
+
+def test_both_option_syntaxes_import_to_the_same_config(golden_plan: tuple[pathlib.Path, pathlib.Path, Plan]) -> None:
+    """Every mapping of a golden's command line holds for libvirt's JSON syntax too."""
+    _, root, planned = golden_plan
+    json_argv = in_json_syntax(planned.argv)
+    assert json_argv != planned.argv
+    keyval = importer.import_argv(planned.argv, fd_infos(planned), host.Host(root))
+    json_form = importer.import_argv(json_argv, fd_infos(planned), host.Host(root))
+    assert json_form.doc["vm"].pop("args", []) == in_json_syntax(keyval.doc["vm"].pop("args", []))
+    assert json_form.doc == keyval.doc
 
 
 def test_a_hand_written_command_line(tmp_path: pathlib.Path, standard_host: pathlib.Path) -> None:
@@ -138,7 +193,7 @@ def test_cli_reads_a_running_qemu_by_pid(tmp_path: pathlib.Path, capsys: pytest.
 
 def test_cli_wants_a_command_line_or_a_pid(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["import"]) == 2
-    assert "give a QEMU command line after -- or --pid PID" in capsys.readouterr().err
+    assert "give a QEMU command line after --, --pid PID or --from-libvirt" in capsys.readouterr().err
 
 
 @pytest.mark.qemu

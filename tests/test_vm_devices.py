@@ -181,6 +181,39 @@ def test_backing_chain_passed_as_fds_to_a_deprivileged_qemu(
         assert psutil.Process(proc.pid).uids().real == 65534
 
 
+@pytest.mark.skipif(not is_root(), reason="needs root to run QEMU as nobody")
+@pytest.mark.parametrize("cache", ["none", "unsafe", "writeback"])
+def test_every_cache_mode_starts_on_a_backing_chain(
+    tmp_path: pathlib.Path, state: pathlib.Path, root_only_image: pathlib.Path, cache: str
+) -> None:
+    """cache = "none" is O_DIRECT: QEMU takes from an fd set only an fd opened that way, for
+    the image and each layer under it, read-write and read-only."""
+    d = root_only_image.parent
+    subprocess.run(
+        ["qemu-img", "create", "-f", "qcow2", "-b", "secret.raw", "-F", "raw", "top.qcow2"],
+        cwd=d,
+        check=True,
+        capture_output=True,
+    )
+    disks = [
+        {"id": "root", "path": str(d / "top.qcow2"), "format": "qcow2", "cache": cache, "trusted": True},
+        {"id": "ro", "path": str(d / "other.raw"), "readonly": True, "cache": cache, "trusted": True},
+    ]
+    cfg = write(tmp_path, {"user": "nobody", "args": ["-S"]}, disk=disks)
+    with running(cfg, state, "dev") as (proc, qmp):
+        nodes = {n["node-name"]: n for n in qmp.run("query-named-block-nodes")}
+        for node in ("root-file", "root-b1-file", "ro-file"):
+            assert nodes[node]["cache"]["direct"] is (cache == "none"), (node, nodes[node]["cache"])
+            assert nodes[node]["cache"]["no-flush"] is (cache == "unsafe"), (node, nodes[node]["cache"])
+        flags = []
+        for fd in os.listdir(f"/proc/{proc.pid}/fd"):
+            target = os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+            if target.startswith(str(d)):
+                info = pathlib.Path(f"/proc/{proc.pid}/fdinfo/{fd}").read_text()
+                flags.append(int(info.split("flags:")[1].split()[0], 8))
+        assert len(flags) >= 3 and all(bool(f & os.O_DIRECT) is (cache == "none") for f in flags), flags
+
+
 def test_user_network_forwards_a_port(tmp_path: pathlib.Path, state: pathlib.Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

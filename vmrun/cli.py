@@ -113,13 +113,19 @@ def add_import(sub: Subparsers, name: str) -> None:
 
     p = sub.add_parser(
         name,
-        help="write a config from a QEMU command line or a running QEMU",
-        description="Write a config from a QEMU command line (after --) or from the command line and fds of a "
-        "running QEMU (--pid). What vmrun models is mapped to its keys; every other option is kept in "
-        "vm.args with a comment.",
+        help="write a config from a QEMU command line, a running QEMU or a libvirt domain",
+        description="Write a config from a QEMU command line (after --), from the command line and fds of a "
+        "running QEMU (--pid), or from a libvirt domain's XML (--from-libvirt). What vmrun models is mapped to "
+        "its keys; every other option is kept in vm.args with a comment, and what vmrun supplies itself is "
+        "dropped with one.",
     )
     p.add_argument("--name", metavar="VMNAME", help="the VM's name (default: from -name)")
     p.add_argument("--pid", type=int, metavar="PID", help="read /proc/PID/cmdline and /proc/PID/fd of a running QEMU")
+    p.add_argument(
+        "--from-libvirt",
+        metavar="DOMAIN.xml",
+        help="read a libvirt domain's XML (- for stdin: virsh dumpxml NAME | vmrun import --from-libvirt -)",
+    )
     add_output(p)
     add_host_root(p)
     p.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU ARGS")
@@ -418,7 +424,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from vmrun.tools import init as config_init
 
     argv = args.qemu_args[1:] if args.qemu_args[:1] == ["--"] else args.qemu_args
-    text = importer.config_text(argv, args.pid, args.host_root, args.name, args.output)
+    text = importer.config_text(argv, args.pid, args.host_root, args.name, args.output, args.from_libvirt)
     try:
         config_init.output(args.output, text, args.force, say_err, "import")
     except config_init.InitError as e:

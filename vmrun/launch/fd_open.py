@@ -7,6 +7,7 @@ Every failure is a LaunchError that names the file, what it was for and what to 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 
 from vmrun.base.errors import LaunchError
@@ -47,7 +48,7 @@ def open_file(spec: FdSpec, as_user: Opener) -> int:
     """
     assert spec.path is not None
     opener = as_user if spec.as_user else Opener(None)
-    flags = os.O_RDONLY if spec.flags == "O_RDONLY" else os.O_RDWR
+    flags = os.O_RDONLY if spec.flags.startswith("O_RDONLY") else os.O_RDWR
     try:
         if spec.template is not None:
             try:
@@ -71,6 +72,17 @@ def open_file(spec: FdSpec, as_user: Opener) -> int:
     if why is not None:
         os.close(fd)
         raise LaunchError(f"{spec.path} ({spec.purpose}): {why}")
+    if "O_DIRECT" in spec.flags.split("|"):
+        # Set after the header was read: O_DIRECT reads need aligned buffers.
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+        except OSError as e:
+            os.close(fd)
+            raise LaunchError(
+                f'{spec.path} ({spec.purpose}): cache = "none" opens it with O_DIRECT, which its file system refuses:'
+                f" {e.strerror}",
+                'set cache = "writeback" (the default) for this disk, or move the image',
+            ) from None
     return fd
 
 

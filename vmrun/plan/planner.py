@@ -448,9 +448,9 @@ class Planner:
         for k, (name, file, fmt, readonly) in enumerate(layers):
             fd = self.numbers.allocate()
             purpose = f"disk {disk.id}" if k == 0 else f"disk {disk.id} backing layer {k}"
-            self.fds.append(
-                FdSpec(fd, file, purpose, "O_RDONLY" if readonly else "O_RDWR", kind="file", as_user=not disk.trusted)
-            )
+            # cache.direct=on: QEMU takes from the fd set only an fd opened with O_DIRECT.
+            flags = ("O_RDONLY" if readonly else "O_RDWR") + ("|O_DIRECT" if disk.cache == "none" else "")
+            self.fds.append(FdSpec(fd, file, purpose, flags, kind="file", as_user=not disk.trusted))
             add, fdset = self.fdset(fd, name)
             common = [("read-only", readonly), *cache]
             below = f"{layers[k + 1][0]}-fmt" if k + 1 < len(layers) else None
