@@ -157,7 +157,8 @@ def test_ps_status_and_qmp_of_a_paused_vm(launch: Callable[..., Running]) -> Non
     assert text.returncode == 0 and re.search(r"^  state +paused$", text.stdout, re.M), text.stdout
     assert re.search(rf"^  pid +{r.pid}$", text.stdout, re.M)
     objects = json.loads(vmrun("qmp", "alpha", "qom-list", '{"path": "/objects"}').stdout)
-    assert {"name": "pc.ram", "type": "child<memory-backend-ram>"} in objects
+    # Guest RAM is vmrun's shared memfd (vm.shared_ram, on where QEMU has CPR transfer).
+    assert {"name": "guest-ram", "type": "child<memory-backend-memfd>"} in objects
 
 
 @QEMU_MARK

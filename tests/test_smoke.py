@@ -232,10 +232,10 @@ def test_verify_finds_devices_behind_a_bridge_and_reports_what_is_missing(tmp_pa
             assert "rp0" in smoke.pci_ids(m.execute("query-pci"))
             deadline = time.monotonic() + 30
             smoke.verify(m, smoke.Expected(devices=(("rng9", "virtio-rng-pci"), ("rp0", "pcie-root-port"))), deadline)
-            smoke.verify(m, smoke.Expected(objects=(("pc.ram", "memory-backend-ram"),)), deadline)
+            smoke.verify(m, smoke.Expected(objects=(("guest-ram", "memory-backend-memfd"),)), deadline)
             wrong = smoke.Expected(
                 devices=(("rng9", "vfio-pci"), ("gpu0", "vfio-pci"), ("plat0", "vfio-platform")),
-                objects=(("iommufd0", "iommufd"), ("pc.ram", "iommufd")),
+                objects=(("iommufd0", "iommufd"), ("guest-ram", "iommufd")),
             )
             with pytest.raises(smoke.Failed) as e:
                 smoke.verify(m, wrong, deadline)
@@ -244,7 +244,7 @@ def test_verify_finds_devices_behind_a_bridge_and_reports_what_is_missing(tmp_pa
                 "vfio-pci gpu0 does not exist (Device '/machine/peripheral/gpu0' not found)",
                 "vfio-platform plat0 does not exist (Device '/machine/peripheral/plat0' not found)",
                 "iommufd object iommufd0 does not exist",
-                "object pc.ram is a child<memory-backend-ram>, not a child<iommufd>",
+                "object guest-ram is a child<memory-backend-memfd>, not a child<iommufd>",
             ]
             # Once the firmware has numbered the buses, the walk finds the device behind the port.
             m.execute("cont")

@@ -240,6 +240,7 @@ def seconds(text: str) -> float:
 
 
 STOP_TIMEOUT = 30.0
+UPGRADE_TIMEOUT = 60.0
 DETACH_TIMEOUT = 30.0  # hotplug.DETACH_TIMEOUT: not imported, `run` must start fast
 SMOKE_TIMEOUT = 60.0  # a TCG boot to a console line fits; KVM needs far less
 
@@ -330,6 +331,27 @@ def add_detach(sub: Subparsers, name: str) -> None:
         metavar="S",
         help=f"seconds to wait for the guest to release the device (default {DETACH_TIMEOUT:g})",
     )
+
+
+def add_upgrade(sub: Subparsers, name: str) -> None:
+    p = sub.add_parser(
+        name,
+        help="replace a running VM's QEMU with a new process (CPR transfer), the guest keeps running",
+        description="Start a new QEMU (--qemu PATH, or the same binary) from the plan the VM runs with, as the "
+        "same user with the same fds and limits, and hand it the running guest by CPR transfer: guest RAM "
+        "(shared memory), VFIO devices and their DMA mappings move over while the guest pauses briefly. "
+        "Until the hand-over completes, any failure leaves the old QEMU running the guest as before.",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--qemu", metavar="PATH", help="the new QEMU binary (default: the one the VM runs)")
+    p.add_argument(
+        "--timeout",
+        type=seconds,
+        default=UPGRADE_TIMEOUT,
+        metavar="S",
+        help=f"seconds the new QEMU has to take the guest over (default {UPGRADE_TIMEOUT:g})",
+    )
+    add_host_root(p)
 
 
 def add_smoke(sub: Subparsers, name: str) -> None:
@@ -574,6 +596,18 @@ def cmd_detach(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from vmrun.control import upgrade
+
+    done = upgrade.upgrade(args.name, args.qemu, args.timeout, args.host_root, say)
+    pause = f"the guest paused {done.pause * 1000:.0f} ms" if done.pause is not None else "pause not measured"
+    say(
+        f"upgraded VM {args.name}: QEMU {done.old_version} (pid {done.old_pid}) -> {done.new_version}"
+        f" (pid {done.new_pid}) in {done.total:.1f} s; {pause}"
+    )
+    return EXIT_OK
+
+
 def cmd_smoke(args: argparse.Namespace) -> int:
     import os
     import re
@@ -618,6 +652,7 @@ COMMANDS: dict[str, tuple[AddParser, Handler]] = {
     "qmp": (add_qmp, cmd_qmp),
     "attach": (add_attach, cmd_attach),
     "detach": (add_detach, cmd_detach),
+    "upgrade": (add_upgrade, cmd_upgrade),
     "smoke": (add_smoke, cmd_smoke),
     "completion": (add_completion, cmd_completion),
 }

@@ -5,7 +5,7 @@
 #    source ~/.local/share/bash_completion/vmrun
 # See also: https://github.com/scop/bash-completion/blob/main/doc/configuration.md
 
-_shtab_vmrun_subparsers=(validate plan init import show schema check devices bind unbind prepare run ps status stop qmp attach detach smoke completion)
+_shtab_vmrun_subparsers=(validate plan init import show schema check devices bind unbind prepare run ps status stop qmp attach detach upgrade smoke completion)
 
 _shtab_vmrun_validate_option_strings=(-h --help)
 _shtab_vmrun_plan_option_strings=(-h --help --json --host-root)
@@ -25,6 +25,7 @@ _shtab_vmrun_stop_option_strings=(-h --help --timeout)
 _shtab_vmrun_qmp_option_strings=(-h --help)
 _shtab_vmrun_attach_option_strings=(-h --help --host-root)
 _shtab_vmrun_detach_option_strings=(-h --help --timeout)
+_shtab_vmrun_upgrade_option_strings=(-h --help --qemu --timeout --host-root)
 _shtab_vmrun_smoke_option_strings=(-h --help --junit --timeout --boot -j --jobs)
 _shtab_vmrun_completion_option_strings=(-h --help)
 _shtab_vmrun_option_strings=(-h --help --version)
@@ -59,11 +60,14 @@ _shtab_vmrun_qmp_pos_0_COMPGEN=_vmrun_vm_names
 _shtab_vmrun_attach_pos_0_COMPGEN=_vmrun_vm_names
 _shtab_vmrun_attach___host_root_COMPGEN=_shtab_compgen_dirs
 _shtab_vmrun_detach_pos_0_COMPGEN=_vmrun_vm_names
+_shtab_vmrun_upgrade_pos_0_COMPGEN=_vmrun_vm_names
+_shtab_vmrun_upgrade___qemu_COMPGEN=_shtab_compgen_files
+_shtab_vmrun_upgrade___host_root_COMPGEN=_shtab_compgen_dirs
 _shtab_vmrun_smoke_pos_0_COMPGEN=_shtab_compgen_files
 _shtab_vmrun_smoke___junit_COMPGEN=_shtab_compgen_files
 
 _shtab_vmrun_completion_pos_0_choices=(bash zsh)
-_shtab_vmrun_pos_0_choices=(validate plan init import show schema check devices bind unbind prepare run ps status stop qmp attach detach smoke completion)
+_shtab_vmrun_pos_0_choices=(validate plan init import show schema check devices bind unbind prepare run ps status stop qmp attach detach upgrade smoke completion)
 
 _shtab_vmrun_validate_pos_0_nargs=+
 _shtab_vmrun_validate__h_nargs=0
@@ -125,6 +129,8 @@ _shtab_vmrun_attach__h_nargs=0
 _shtab_vmrun_attach___help_nargs=0
 _shtab_vmrun_detach__h_nargs=0
 _shtab_vmrun_detach___help_nargs=0
+_shtab_vmrun_upgrade__h_nargs=0
+_shtab_vmrun_upgrade___help_nargs=0
 _shtab_vmrun_smoke_pos_0_nargs=+
 _shtab_vmrun_smoke__h_nargs=0
 _shtab_vmrun_smoke___help_nargs=0

@@ -151,6 +151,12 @@ VM_KEYS = documented(
         Key("prealloc", boolean, "fault in all guest RAM at start, one thread per vCPU (always with huge pages)"),
         Key("numa", numa, "host NUMA node of guest RAM and QEMU's CPUs: auto (the devices' node), off or N"),
         Key("memlock_bars", boolean, "count the passed devices' BARs in memlock auto, for kernels that charge them"),
+        Key(
+            "shared_ram",
+            boolean,
+            "guest RAM on a shared memfd, which `vmrun upgrade` hands to a new QEMU",
+            default_text="true where QEMU has cpr-transfer (10.0 and later)",
+        ),
     ),
 )
 IOMMUFD_KEYS = documented(

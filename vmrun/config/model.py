@@ -52,6 +52,7 @@ class Vm:
     numa: Numa = "auto"
     hotplug_reserve: int | None = None  # bytes of 64-bit prefetchable window per hot-plug root port
     memlock_bars: bool = False  # count the passed devices' BARs in the memlock limit
+    shared_ram: bool | None = None  # guest RAM on a shared memfd; None: where QEMU has cpr-transfer
 
 
 @attrs.frozen

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 PROBED_DEVICES = DRIVERS
 IOMMUFD_SINCE = (9, 0)
-CACHE_VERSION = 4
+CACHE_VERSION = 5
+VFIO_CPR_SINCE = (10, 1, 0)
 
 
 @attrs.frozen
@@ -44,10 +45,24 @@ class QemuCaps:
     # -sandbox works: QEMU registers the option only when built with seccomp AND the
     # kernel has SECCOMP_FILTER (with TSYNC); its -help lists it either way.
     has_sandbox: bool = True
+    # CPR transfer (QEMU 10.0): a new QEMU process takes over guest RAM that is shared
+    # memory; its sign is the machine property aux-ram-share that the mode came with.
+    has_cpr_transfer: bool = False
 
     @property
     def version_text(self) -> str:
         return ".".join(map(str, self.version))
+
+    @property
+    def has_vfio_cpr(self) -> bool:
+        """VFIO devices survive CPR transfer from QEMU 10.1 (hw/vfio/cpr-*.c): they have no
+        property or schema entry of their own to probe, so the version says it."""
+        return self.has_cpr_transfer and self.version >= VFIO_CPR_SINCE
+
+    def cpr_text(self) -> str:
+        if not self.has_cpr_transfer:
+            return "no cpr-transfer"
+        return "cpr-transfer, VFIO CPR" if self.has_vfio_cpr else "cpr-transfer, no VFIO CPR (QEMU 10.1+)"
 
 
 CACHE_FILE = "qemu-caps.json"
@@ -130,10 +145,12 @@ def probe_uncached(path: str, as_user: User | None = None) -> QemuCaps:
     # Options are taken in order: -version exits 0 only after -sandbox was accepted.
     sandbox = run_help(path, "-sandbox", "on", "-version", as_user=as_user)
     iommufd = run_help(path, "-machine", "none", "-object", "iommufd,help", as_user=as_user)
+    machine = run_help(path, "-machine", "none,help", as_user=as_user)
     devices = {d: run_help(path, "-machine", "none", "-device", f"{d},help", as_user=as_user) for d in PROBED_DEVICES}
     version_out = version.communicate()[0]
     sandbox.communicate()
     iommufd.communicate()
+    machine_props = parse_props(machine.communicate()[0])
     props: dict[str, tuple[str, ...]] = {}
     for name, proc in devices.items():
         found = parse_props(proc.communicate()[0])
@@ -146,6 +163,7 @@ def probe_uncached(path: str, as_user: User | None = None) -> QemuCaps:
         has_iommufd=iommufd.returncode == 0,
         device_props=props,
         has_sandbox=sandbox.returncode == 0,
+        has_cpr_transfer="aux-ram-share" in machine_props,
     )
 
 
@@ -156,6 +174,7 @@ def to_json(caps: QemuCaps) -> dict[str, Any]:
         "has_iommufd": caps.has_iommufd,
         "device_props": {k: list(v) for k, v in caps.device_props.items()},
         "has_sandbox": caps.has_sandbox,
+        "has_cpr_transfer": caps.has_cpr_transfer,
     }
 
 
@@ -167,6 +186,7 @@ def from_json(data: dict[str, Any]) -> QemuCaps:
         has_iommufd=bool(data["has_iommufd"]),
         device_props={k: tuple(p) for k, p in data["device_props"].items()},
         has_sandbox=bool(data["has_sandbox"]),
+        has_cpr_transfer=bool(data["has_cpr_transfer"]),
     )
 
 

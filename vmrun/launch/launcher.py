@@ -8,7 +8,6 @@ every other fd is closed, and QEMU replaces this process.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -144,18 +143,10 @@ class StateDir:
         through /proc/self/fd/N. The state directory stays root's alone, so only root can
         reach the socket by its path."""
         assert spec.path is not None
-        name = os.path.basename(spec.path)
         try:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(name, 0o700, dir_fd=self.fd)
-            fd = os.open(name, statedir.DIR_FLAGS, dir_fd=self.fd)
+            return statedir.user_dir(self.fd, os.path.basename(spec.path), self.plan.run_as)
         except OSError as e:
             raise LaunchError(f"cannot make the directory {spec.path} ({spec.purpose}): {e.strerror}") from None
-        owner = self.plan.run_as
-        if owner is not None:
-            os.fchown(fd, owner.uid, owner.gid)
-        os.fchmod(fd, 0o700)
-        return fd
 
     def write_state(self, phase: str) -> None:
         """What `vmrun ps` and `vmrun stop` read. The pid is QEMU's, as exec keeps it, and so is

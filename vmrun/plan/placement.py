@@ -28,6 +28,7 @@ class MemoryPlan:
     machine: tuple[str, ...] = ()  # -machine properties (memory-backend=)
     node: int | None = None  # host node guest RAM is bound to
     cpu_affinity: tuple[int, ...] | None = None  # host CPUs QEMU runs on (the node's)
+    shared: bool = False  # on a shared memfd: `vmrun upgrade` can hand it to a new QEMU
 
 
 class Placement:
@@ -44,7 +45,8 @@ class Placement:
         if page is not None:
             self.check_pages(page, node)
         prealloc = vm.prealloc or page is not None
-        if page is None and not prealloc and node is None:
+        shared = self.shared()
+        if page is None and not prealloc and node is None and not shared:
             return MemoryPlan()  # QEMU's own RAM: nothing to say about it
         props: list[tuple[str, str | int | bool | None]] = [("id", GUEST_RAM), ("size", format_size(vm.memory))]
         if page is not None:
@@ -53,17 +55,46 @@ class Placement:
             backend = devices.RAM_HUGE
             props += [("hugetlb", True), ("hugetlbsize", format_size(page))]
         else:
-            backend = devices.RAM_PLAIN
+            backend = devices.RAM_SHARED if shared else devices.RAM_PLAIN
+        if shared:
+            props += [("share", True)]
         if prealloc:
             props += [("prealloc", True), ("prealloc-threads", self.prealloc_threads(affinity))]
         if node is not None:
             props += [("host-nodes", node), ("policy", "bind")]
+        # aux-ram-share: the RAM QEMU allocates beside the guest's (ROMs, video memory) is
+        # shared too, or CPR transfer refuses the VM.
+        machine = (f"memory-backend={GUEST_RAM}", *(("aux-ram-share=on",) if shared else ()))
         return MemoryPlan(
             options=(("-object", qemu_args.option(backend, props)),),
-            machine=(f"memory-backend={GUEST_RAM}",),
+            machine=machine,
             node=node,
             cpu_affinity=affinity,
+            shared=shared,
         )
+
+    def shared(self) -> bool:
+        """Guest RAM on a shared memfd, which a new QEMU can take over (CPR transfer)."""
+        setting = self.config.vm.shared_ram
+        qemu = self.facts.qemu
+        if setting is False:
+            return False
+        if qemu is None:
+            return bool(setting)  # the missing binary is a problem of its own
+        if not qemu.has_cpr_transfer:
+            if setting:
+                self.checks.problem(
+                    "vm.shared_ram",
+                    f"QEMU {qemu.version_text} has no CPR transfer (machine property aux-ram-share): shared RAM"
+                    " would buy nothing",
+                    "use QEMU 10.0 or later (10.1 for VFIO devices), or drop shared_ram",
+                )
+            return False
+        upgrade = "`vmrun upgrade` can replace QEMU under the running guest"
+        if self.config.vfio and not qemu.has_vfio_cpr:
+            upgrade = f"but QEMU {qemu.version_text} cannot hand VFIO devices over (10.1+): no `vmrun upgrade`"
+        self.checks.ok("vm.shared_ram", f"guest RAM on a shared memfd: {upgrade}")
+        return True
 
     def device_nodes(self) -> list[tuple[str, int | None]]:
         """(id, host node) of each passed-through PCI device."""

@@ -13,7 +13,8 @@ VIOMMU_DEVICES = {"intel": "intel-iommu", "virtio": "virtio-iommu-pci"}
 VIDEO = "VGA"  # the video card of a display
 HOTPLUG_PORT = "pcie-root-port"  # an empty slot for `vmrun attach`
 # Guest RAM: huge pages from a memfd (no path QEMU must open), else plain anonymous memory.
-RAM_HUGE = "memory-backend-memfd"
+RAM_HUGE = "memory-backend-memfd"  # huge pages, and shared RAM a new QEMU can take over
+RAM_SHARED = RAM_HUGE
 RAM_PLAIN = "memory-backend-ram"
 # [[net]] model: the config names the QEMU device itself.
 NICS = NET_MODELS

@@ -225,7 +225,9 @@ class Importer:
         if any(self.opts[i][0] == "-numa" for i in kept) and not {"numa", "hugepages", "prealloc"} & set(self.vm):
             # Guest NUMA nodes bring their own RAM objects; vmrun's own backend would be a second.
             self.vm["numa"] = "off"
-            self.dropped.append(('note: guest NUMA nodes (-numa) keep their RAM objects: numa = "off"', []))
+            self.vm["shared_ram"] = False
+            note = 'note: guest NUMA nodes (-numa) keep their RAM objects: numa = "off", shared_ram = false'
+            self.dropped.append((note, []))
         order = [k.name for k in keytable.VM_KEYS]
         vm = dict(sorted(self.vm.items(), key=lambda kv: order.index(kv[0])))
         self.args = [(self.kept_why(i), list(self.opts[i])) for i in kept]
@@ -286,7 +288,8 @@ class Importer:
     def finish_machine(self) -> None:
         extra = self.machine_extra
         if self.ram_imported:
-            extra = [kv for kv in extra if kv != ("memory-backend", rules.GUEST_RAM)]  # vmrun adds it
+            # vmrun adds both: the backend, and aux-ram-share with shared RAM.
+            extra = [kv for kv in extra if kv not in (("memory-backend", rules.GUEST_RAM), ("aux-ram-share", "on"))]
         if self.ram_object_mapped:
             extra = [kv for kv in extra if kv != ("memory-backend", self.ram_object)]  # dropped with it
         if self.vm.get("viommu") == "intel" and self.vm.get("accel", "kvm") == "kvm":
@@ -512,7 +515,9 @@ class Importer:
 
     def ram_backend(self, i: int, driver: str, rest: dict[str, str | None]) -> bool:
         """vmrun's own guest RAM backend (rules.GUEST_RAM) back to hugepages, prealloc, numa."""
+        # share=on: vm.shared_ram, which is on by default where QEMU can take it over (CPR).
         known = {"id", "size", "hugetlb", "hugetlbsize", "prealloc", "prealloc-threads", "host-nodes", "policy"}
+        known.add("share")
         if rest.get("id") != rules.GUEST_RAM or set(rest) - known:
             return False
         huge = rest.get("hugetlbsize") if driver == devices.RAM_HUGE and rest.get("hugetlb") == "on" else None
