@@ -5,10 +5,11 @@ The test suite runs the bed and asserts what each scenario proves, never how lon
 (a busy machine must not fail a correct change); its terminal summary prints the same
 figures. This runs the bed on its own, all scenarios or the ones named, and prints them:
 
-    benchmarks/bed.py [--only SCENARIO]... [--timeout S]
+    benchmarks/bed.py [--stack base|cpr] [--only SCENARIO]... [--timeout S]
 
-It builds (or takes from ~/.cache/vmrun) the bed's kernel as the tests do. Run as root,
-from the checkout, after scripts/install.
+It builds (or takes from ~/.cache/vmrun) the bed's kernel as the tests do; --stack cpr runs
+the newer stack (L1 on Linux 7.2, QEMU 10.2 in it, built and cached the same way) with its
+scenarios, `vmrun upgrade` among them. Run as root, from the checkout, after scripts/install.
 """
 
 from __future__ import annotations
@@ -29,19 +30,24 @@ from tests.e2e.conftest import compile_checkout  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", action="append", default=[], choices=inside.scenario_names(), metavar="SCENARIO")
+    parser.add_argument("--stack", choices=("base", "cpr"), default="base")
+    parser.add_argument(
+        "--only", action="append", default=[], choices=[s.name for s in inside.SCENARIOS], metavar="SCENARIO"
+    )
     parser.add_argument("--timeout", type=float, default=1500.0, help="seconds before the bed counts as hung")
     args = parser.parse_args()
-    kernel = bed.kernel_path()
+    kernel = bed.kernel_path(bed.CPR_KERNEL_SOURCE if args.stack == "cpr" else None)
+    env = {"VMRUN_E2E_QEMU": str(bed.cpr_qemu_path())} if args.stack == "cpr" else {}
     compile_checkout()
     results = pathlib.Path(tempfile.mkdtemp(prefix="vmrun-bed-"))
     only = [arg for name in args.only for arg in ("--only", name)]
     start = time.monotonic()
     result = bed.run_in_bed(
-        [sys.executable, str(CHECKOUT / "tests" / "e2e" / "inside.py"), *only],
+        [sys.executable, str(CHECKOUT / "tests" / "e2e" / "inside.py"), "--stack", args.stack, *only],
         timeout=args.timeout,
         results_dir=results,
         kernel=kernel,
+        env=env,
     )
     wall = time.monotonic() - start
     data_file = results / "scenarios.json"

@@ -122,7 +122,7 @@ def test_check_report_names_each_problem_and_fix(tree: pathlib.Path, tmp_path: p
     assert not report.ok
     assert check.text(report).splitlines() == [
         f"# vmrun check for {cfg}",
-        "ok    vm.qemu     QEMU 10.0.2 at qemu-system-x86_64, with the iommufd backend",
+        "ok    vm.qemu     QEMU 10.0.2 at qemu-system-x86_64, with the iommufd backend; no cpr-transfer",
         "ok    vm.user     QEMU will run as nobody (uid 65534, gid 65534)",
         "ok    vm.memlock  vmrun may set RLIMIT_MEMLOCK to 1088 MiB (1 DMA address space (iommufd i0) x 1024 MiB RAM"
         " + 64 MiB margin) (CAP_SYS_RESOURCE)",

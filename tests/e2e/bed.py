@@ -90,18 +90,35 @@ def _tail(text: str, limit: int = 6000) -> str:
     return text if len(text) <= limit else "[...]\n" + text[-limit:]
 
 
-def kernel_path() -> Path:
-    """Build (or find in the cache) the L1 kernel; raises BedError with the build log."""
-    proc = subprocess.run([str(BUILD_KERNEL)], capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
+def built(command: Sequence[str]) -> Path:
+    """What a build script (cached builds: the kernel, QEMU) printed last: the file it made."""
+    proc = subprocess.run(list(command), capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         raise BedError(
-            f"{BUILD_KERNEL} failed with exit code {proc.returncode}:\n{_tail(proc.stdout)}\n{_tail(proc.stderr)}"
+            f"{command[0]} failed with exit code {proc.returncode}:\n{_tail(proc.stdout)}\n{_tail(proc.stderr)}"
         )
-    image = Path(lines[-1])
-    if not image.is_file():
-        raise BedError(f"{BUILD_KERNEL} printed {image}, which is not a file")
-    return image
+    path = Path(lines[-1])
+    if not path.is_file():
+        raise BedError(f"{command[0]} printed {path}, which is not a file")
+    return path
+
+
+def kernel_path(source: str | None = None) -> Path:
+    """Build (or find in the cache) the L1 kernel (Debian's linux-source-6.12, or `source`,
+    e.g. linux-source-7.2 for the newer stack); raises BedError with the build log."""
+    return built([str(BUILD_KERNEL), *(["--source", source] if source else [])])
+
+
+# The newer stack: QEMU 10.2 (VFIO CPR, with vmrun's patch for TCG) as L2's QEMU on Linux 7.2
+# (IOMMU_IOAS_CHANGE_PROCESS) as L1's kernel, for `vmrun upgrade`.
+CPR_KERNEL_SOURCE = "linux-source-7.2"
+BUILD_QEMU = CHECKOUT / "scripts" / "build-qemu"
+
+
+def cpr_qemu_path() -> Path:
+    """Build (or find in the cache) the newer stack's QEMU, where nobody may run it."""
+    return built([str(BUILD_QEMU)])
 
 
 def _read(path: Path) -> str:

@@ -82,13 +82,43 @@ def e2e_run(e2e_kernel: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     yield run
 
 
+@pytest.fixture(scope="session")
+def e2e_run_cpr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[bed.E2ERun]:
+    """The newer stack: L1 on Linux 7.2, L2's QEMU 10.2 (both built once, then cached), with
+    the scenarios `vmrun upgrade` needs and those that must hold on any stack."""
+    missing = bed.qemu_available()
+    if missing:
+        _unusable(missing)
+    try:
+        kernel = bed.kernel_path(bed.CPR_KERNEL_SOURCE)
+        qemu = bed.cpr_qemu_path()
+    except bed.BedError as e:
+        _unusable(str(e))
+        raise AssertionError("unreachable") from None
+    compile_checkout()
+    results = tmp_path_factory.mktemp("e2e-cpr-results")
+    result = bed.run_in_bed(
+        [sys.executable, str(HERE / "inside.py"), "--stack", "cpr"],
+        timeout=BED_TIMEOUT,
+        results_dir=results,
+        kernel=kernel,
+        env={"VMRUN_E2E_QEMU": str(qemu)},
+    )
+    json_path = results / "scenarios.json"
+    data = json.loads(json_path.read_text()) if json_path.exists() else None
+    run = bed.E2ERun(result=result, kernel=kernel, data=data)
+    _RUN.append(run)
+    yield run
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not _RUN:
-        return
-    run = _RUN[0]
+    for run in _RUN:
+        summary(terminalreporter, run)
+
+
+def summary(tr: Any, run: bed.E2ERun) -> None:
     r = run.result
-    tr = terminalreporter
-    tr.section("e2e bed")
+    tr.section(f"e2e bed, L1 on {run.kernel.parent.name}")
     tr.write_line(f"kernel: {run.kernel}")
     tr.write_line(
         f"L1 wall time: {r.wall_seconds:.1f}s (kernel up at init: {r.boot_seconds}s), "
@@ -104,6 +134,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         for setup, (need, auto) in memlock.get("need_vs_vmrun_auto_mib", {}).items():
             tr.write_line(f"  memlock, {setup}: need {need} MiB, vmrun auto {auto:g} MiB")
         placement_summary(tr, run.data["scenarios"].get("vmrun_numa_hugepages", {}).get("details", {}))
+        for name in ("vmrun_upgrade_iommufd", "vmrun_upgrade_legacy"):
+            upgraded = run.data["scenarios"].get(name, {}).get("details", {})
+            if upgraded:
+                tr.write_line(f"  {name}: {upgraded.get('upgrade')}")
 
 
 def placement_summary(tr: Any, details: dict[str, Any]) -> None:

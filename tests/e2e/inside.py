@@ -22,6 +22,7 @@ import fcntl
 import json
 import os
 import pwd
+import re
 import resource
 import shutil
 import signal
@@ -44,7 +45,8 @@ import tomli_w
 HERE = Path(__file__).resolve().parent
 CHECKOUT = HERE.parent.parent
 VMRUN = CHECKOUT / ".venv" / "bin" / "vmrun"
-QEMU = "qemu-system-x86_64"
+# L2's QEMU: L0's (bookworm-backports), or the newer stack's (bed.cpr_qemu_path) when set.
+QEMU = os.environ.get("VMRUN_E2E_QEMU", "qemu-system-x86_64")
 EDU_VENDOR, EDU_DEVICE = "0x1234", "0x11e8"
 IVSHMEM_IDS = ("0x1af4", "0x1110")  # ivshmem-plain: the bed's big-BAR devices
 USER = "nobody"
@@ -95,8 +97,8 @@ def scenario(func: Callable[[Bed], dict[str, Any]]) -> Callable[[Bed], dict[str,
     return func
 
 
-def scenario_names() -> list[str]:
-    return [s.name for s in SCENARIOS]
+def scenario_names(stack: str = "base") -> list[str]:
+    return [s.name for s in stack_scenarios(stack)]
 
 
 # --------------------------------------------------------------------------- the bed
@@ -2410,6 +2412,196 @@ def vmrun_kept_plan(bed: Bed) -> dict[str, Any]:
     return runs
 
 
+# --------------------------------------------------------------------------- vmrun upgrade (CPR)
+
+EDU_IDENT = 0x010000ED  # edu's register 0: its version and id, read through the passed BAR
+BDA_TICKS = 0x46C  # the BIOS data area's timer tick count, which SeaBIOS's IRQ0 handler increments
+RAM_MARK = 200 << 20  # a guest-physical address in the 256 MiB guest that SeaBIOS leaves alone
+
+
+def hmp(qmp: Qmp, command: str) -> str:
+    return str(qmp.execute("human-monitor-command", {"command-line": command}))
+
+
+def guest_words(qmp: Qmp, address: int, count: int) -> list[int]:
+    """`count` 32-bit words of guest-physical memory (a BAR's included), as QEMU reads them."""
+    text = hmp(qmp, f"xp /{count}wx {address:#x}")
+    return [int(w, 16) for line in text.splitlines() for w in line.split(":", 1)[1].split()]
+
+
+def exited(pid: int) -> bool:
+    """No such process, or a zombie nobody reaped (the new QEMU's parent, vmrun upgrade, is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def guest_ram_memfd(pid: int) -> Path:
+    """The guest-RAM memfd of QEMU `pid` (vm.shared_ram), as root can open it through /proc."""
+    for fd, target in proc_fd_targets(pid).items():
+        if target.startswith("/memfd:memory-backend-memfd"):
+            return Path(f"/proc/{pid}/fd/{fd}")
+    raise Failed(f"QEMU {pid} holds no memory-backend-memfd: {proc_fd_targets(pid)}")
+
+
+def edu_bar0(qmp: Qmp, device_id: str, timeout: float = 60.0) -> int:
+    """Where the running guest's firmware put the passed edu's BAR0 (it runs, so SeaBIOS does)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        bars = pci_qdev_ids(qmp.execute("query-pci")).get(device_id, {}).get("regions", [])
+        address = next((b.get("address") for b in bars if b.get("bar") == 0), None)
+        if isinstance(address, int) and 0 < address < 0xFFFFFFFF:
+            return address
+        check(time.monotonic() < deadline, f"the guest's firmware gave {device_id} no BAR0 in {timeout:g}s: {bars}")
+        time.sleep(0.5)
+
+
+def guest_facts(qmp: Qmp, bar0: int) -> dict[str, Any]:
+    """What must hold on either side of the switch: the device answers, the guest runs."""
+    first = guest_words(qmp, BDA_TICKS, 1)[0]
+    wait_until(lambda: guest_words(qmp, BDA_TICKS, 1)[0] > first, 30.0)
+    return {
+        "status": qmp.execute("query-status")["status"],
+        "edu_ident": guest_words(qmp, bar0, 1)[0],
+        "ticks": (first, guest_words(qmp, BDA_TICKS, 1)[0]),
+        "mark": guest_words(qmp, RAM_MARK, 4),
+    }
+
+
+def upgrade_scenario(bed: Bed, name: str, backend: str) -> dict[str, Any]:
+    """A running guest with a passed edu device moves to a new QEMU process (vmrun upgrade):
+    RAM (a mark written into the guest-RAM memfd), the device (its ident read through the
+    BAR), the guest (the firmware's timer ticks go on) and vmrun's hold (status, stop) all
+    carry over; a QEMU that cannot take VFIO devices over is refused, a new QEMU that dies
+    at start leaves the old one running the guest."""
+    edu = bed.edu[0]
+    vfio = {"id": "hostdev0", "host": edu.bdf}
+    if backend == "iommufd":
+        config = vmrun_config(name, vfio=[{**vfio, "iommufd": "iommufd0"}])
+    else:
+        config = vmrun_config(name, vfio=[vfio], iommufd=[], user=None)  # legacy: QEMU as root
+    with vmrun_vm(name, config) as vm:
+        vm.dir.chmod(0o755)  # both QEMUs reach the hand-over sockets by path, as under /run/vmrun
+        require_started(vm, ["hostdev0"])
+        assert vm.qmp is not None
+        check("aux-ram-share=on" in " ".join(vm.plan["argv"]), f"no shared RAM in {vm.plan['argv']}")
+        checked = vm.vmrun("check", str(vm.config_path), check_rc=False).stdout
+        check(
+            f"the kernel can move {backend} DMA mappings" in checked and "VFIO CPR" in checked,
+            f"vmrun check does not say the VM can be upgraded:\n{checked}",
+        )
+        vm.qmp.execute("cont")
+        bar0 = edu_bar0(vm.qmp, "hostdev0")
+        mark = [int.from_bytes(os.urandom(4), "little") for _ in range(4)]
+        with guest_ram_memfd(vm.pid).open("r+b") as ram:
+            ram.seek(RAM_MARK)
+            ram.write(b"".join(w.to_bytes(4, "little") for w in mark))
+        before = guest_facts(vm.qmp, bar0)
+        check(before["edu_ident"] == EDU_IDENT, f"edu answers {before['edu_ident']:#x} before the upgrade")
+        check(before["mark"] == mark, f"the guest reads {before['mark']} where the memfd has {mark}")
+        vm.release_qmp()  # vmrun upgrade needs QEMU's one QMP session
+        old_pid = vm.pid
+        old_pin = proc_status(old_pid).get("VmPin")
+
+        refused = vm.vmrun("upgrade", name, "--qemu", "/usr/bin/qemu-system-x86_64", check_rc=False)
+        check(
+            refused.returncode == 1 and "cannot hand VFIO devices over" in refused.stderr,
+            f"an upgrade to QEMU 10.0 (no VFIO CPR) was not refused: {refused.returncode} {refused.stderr}",
+        )
+        broken = vm.dir / "broken-qemu"
+        broken.write_text(f'#!/bin/bash\nfor a; do [ "$a" = -incoming ] && exit 1; done\nexec -a "$0" {QEMU} "$@"\n')
+        broken.chmod(0o755)
+        failed = vm.vmrun("upgrade", name, "--qemu", str(broken), check_rc=False)
+        check(
+            failed.returncode == 1 and "the new QEMU exited" in failed.stderr,
+            f"a new QEMU that dies at start: {failed.returncode} {failed.stderr}",
+        )
+        check(vm.poll() is None, "the old QEMU did not survive a failed upgrade")
+
+        other = vm.dir / "qemu-system-x86_64"  # another binary, as a package update puts in place
+        other.write_text(f'#!/bin/bash\nexec -a "$0" {QEMU} "$@"\n')
+        other.chmod(0o755)
+        done = vm.vmrun("upgrade", name, "--qemu", str(other), check_rc=False)
+        check(done.returncode == 0, f"vmrun upgrade failed: {done.stdout}{done.stderr}\n{vm.stderr()}")
+        paused = re.search(r"the guest paused (\d+) ms", done.stdout)
+        check(vm.wait(15.0) is not None, "the old QEMU is still there after the upgrade")
+        status = vm.vmrun("status", name, "--json")
+        new_pid = int(status["pid"])
+        check(new_pid != old_pid and status["state"] == "running", f"status after the upgrade: {status}")
+        qmp = Qmp(vm.qmp_path)
+        try:
+            after = guest_facts(qmp, bar0)
+        except (OSError, Failed) as e:
+            raise Failed(
+                f"the new QEMU (pid {new_pid}) after the upgrade: {e}\nits stderr:\n{vm.stderr()[-3000:]}"
+            ) from e
+        finally:
+            qmp.close()
+        check(after["status"] == "running", f"the guest is {after['status']} on the new QEMU")
+        check(after["edu_ident"] == EDU_IDENT, f"edu answers {after['edu_ident']:#x} after the upgrade")
+        check(after["mark"] == mark, f"the guest's RAM lost the mark: {after['mark']} != {mark}")
+        check(after["ticks"][0] >= before["ticks"][1], f"the firmware's ticks went back: {before} -> {after}")
+        new_status = proc_status(new_pid)
+        check(
+            new_status.get("Uid", "").split()[0] == str(0 if backend == "legacy" else pwd.getpwnam(USER).pw_uid),
+            f"the new QEMU runs as {new_status.get('Uid')}",
+        )
+        check(new_status.get("NoNewPrivs") == "1", f"the new QEMU may gain privileges: {new_status}")
+        fds = proc_fd_targets(new_pid)
+        if backend == "iommufd":
+            iommu = next((fd for fd, t in fds.items() if t == "/dev/iommu"), None)
+            check(
+                iommu is not None and accounting_mode_of(new_pid, iommu) == 1,
+                f"the new QEMU's iommufd is not per-process accounted: {fds}",
+            )
+        stopped = vm.vmrun("stop", name, "--timeout", "5", check_rc=False)
+        check(stopped.returncode == 0, f"vmrun stop after the upgrade: {stopped.stdout}{stopped.stderr}")
+        check(wait_until(lambda: exited(new_pid), 15.0), "the new QEMU survived vmrun stop")
+    details = {
+        "pause_ms": int(paused[1]) if paused else None,
+        "upgrade": done.stdout.strip(),
+        "VmPin_old": old_pin,
+        "VmPin_new": new_status.get("VmPin"),
+        "before": {**before, "edu_ident": hex(before["edu_ident"])},
+        "after": {**after, "edu_ident": hex(after["edu_ident"])},
+    }
+    bed.say(f"{backend}: {details['upgrade']}; VmPin {old_pin} -> {details['VmPin_new']}")
+    return details
+
+
+@scenario
+def vmrun_upgrade_iommufd(bed: Bed) -> dict[str, Any]:
+    """vmrun upgrade of a running guest with an edu device on iommufd (CPR, QEMU 10.1+, Linux 6.13+)."""
+    return upgrade_scenario(bed, "e2e-up-iommufd", "iommufd")
+
+
+@scenario
+def vmrun_upgrade_legacy(bed: Bed) -> dict[str, Any]:
+    """vmrun upgrade of a running guest with an edu device on the legacy container (type1 VADDR)."""
+    return upgrade_scenario(bed, "e2e-up-legacy", "legacy")
+
+
+# Scenarios of the newer stack (QEMU 10.2 as L2's QEMU, Linux 7.2 as L1's kernel): the upgrade
+# ones, which need it, and those that must hold on any stack vmrun supports.
+CPR_ONLY = {"vmrun_upgrade_iommufd", "vmrun_upgrade_legacy"}
+CPR_STACK = CPR_ONLY | {
+    "bed_sanity",
+    "vmrun_run_deprivileged",
+    "vmrun_caller_fds",
+    "vmrun_two_vms_one_uid",
+    "memlock_bisect",
+    "vmrun_attach_detach_vfio",
+    "vmrun_legacy_as_root",
+}
+
+
+def stack_scenarios(stack: str) -> list[Scenario]:
+    if stack == "cpr":
+        return [s for s in SCENARIOS if s.name in CPR_STACK]
+    return [s for s in SCENARIOS if s.name not in CPR_ONLY]
+
+
 def host_state() -> dict[str, Any]:
     """What a scenario may change in L1 and must put back: the edu devices' binding, the
     device nodes with their owners, vmrun's bind records, QEMU processes."""
@@ -2508,7 +2700,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     default_out = Path(os.environ.get("VMRUN_E2E_RESULTS", ".")) / "scenarios.json"
     parser.add_argument("--out", type=Path, default=default_out)
-    parser.add_argument("--only", action="append", choices=scenario_names())
+    parser.add_argument("--only", action="append", choices=[s.name for s in SCENARIOS])
+    parser.add_argument("--stack", choices=("base", "cpr"), default="base")
     args = parser.parse_args(argv)
     if os.geteuid() != 0 or not os.environ.get("VMRUN_E2E_IN_BED"):
         print("inside.py runs inside the e2e bed's L1 VM as root (see bed.py)", file=sys.stderr)
@@ -2518,7 +2711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache = Path("/run/vmrun-e2e-cache")
     cache.mkdir(mode=0o700, exist_ok=True)
     os.environ["VMRUN_CACHE_DIR"] = str(cache)
-    selected = [s for s in SCENARIOS if not args.only or s.name in args.only]
+    selected = [s for s in stack_scenarios(args.stack) if not args.only or s.name in args.only]
     outcomes = run_scenarios(selected, args.out)
     return 0 if all(o.ok for o in outcomes) else 1
 

@@ -37,6 +37,16 @@ def test_scenario(e2e_run: E2ERun, name: str) -> None:
     )
 
 
+def test_cpr_bed_run_completed(e2e_run_cpr: E2ERun) -> None:
+    test_bed_run_completed(e2e_run_cpr)
+
+
+@pytest.mark.parametrize("name", inside.scenario_names("cpr"))
+def test_cpr_scenario(e2e_run_cpr: E2ERun, name: str) -> None:
+    """The newer stack (QEMU 10.2 in L1 on Linux 7.2): vmrun upgrade, and what holds anywhere."""
+    test_scenario(e2e_run_cpr, name)
+
+
 def test_stall_watchdog_kills_and_retries(e2e_kernel: Path) -> None:
     # A real stall cannot be produced on demand; the kernel's message on the console can.
     marker = bed.STALL_MARKER.decode()

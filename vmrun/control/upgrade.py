@@ -77,11 +77,14 @@ def machine_type(qom_type: str) -> str:
 
 
 def comparable(argv: list[str]) -> list[str]:
-    """A command line as its plan says it: without the -incoming of an upgrade, and with the
-    machine type an upgrade pinned (pc-q35-10.0) back to the config's (q35)."""
+    """A command line as its plan says it: without the -incoming of an upgrade or the -S of
+    a paused launch, and with the machine type an upgrade pinned (pc-q35-10.0) back to the
+    config's (q35)."""
     out: list[str] = []
     words = iter(argv)
     for arg in words:
+        if arg == "-S":
+            continue  # `vmrun run --paused`: the new QEMU takes the old one's run state instead
         if arg == "-incoming":
             next(words, None)
             continue

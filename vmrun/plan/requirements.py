@@ -55,7 +55,7 @@ class Requirements:
             )
             return
         backend = "with" if caps.has_iommufd else "without"
-        self.ok("vm.qemu", f"QEMU {caps.version_text} at {caps.path}, {backend} the iommufd backend")
+        self.ok("vm.qemu", f"QEMU {caps.version_text} at {caps.path}, {backend} the iommufd backend; {caps.cpr_text()}")
         no_backend = bool(self.config.iommufd) and not caps.has_iommufd
         if no_backend:
             need = ".".join(map(str, IOMMUFD_SINCE))

@@ -8,7 +8,7 @@ import attrs
 
 from vmrun.base.errors import VmError
 from vmrun.base.problems import Problem
-from vmrun.kernel.ioctls import trial_per_process_accounting
+from vmrun.kernel.ioctls import trial_cpr, trial_per_process_accounting
 from vmrun.plan.planner import Plan
 from vmrun.plan.requirements import Finding
 
@@ -36,6 +36,27 @@ def trials(plan: Plan) -> list[Finding]:
         else:
             out.append(Finding("fail", Problem(where, error, "run vmrun as root on a kernel with IOMMUFD")))
         break  # one trial answers for every /dev/iommu fd
+    return out
+
+
+def upgradable(plan: Plan) -> list[Finding]:
+    """Whether `vmrun upgrade` could hand this VM to a new QEMU: shared RAM and QEMU's CPR
+    are in the plan's findings; what the kernel can do for its devices only a trial tells."""
+    if not any("aux-ram-share=on" in arg for arg in plan.argv):
+        return []
+    out: list[Finding] = []
+    for backend in sorted({"legacy" if d.backend == "legacy" else "iommufd" for d in plan.passthrough}):
+        error = trial_cpr(plan.host_root, backend)
+        if error is None:
+            what = "IOMMU_IOAS_CHANGE_PROCESS" if backend == "iommufd" else "VFIO_UPDATE_VADDR"
+            out.append(Finding("ok", Problem("vm.shared_ram", f"the kernel can move {backend} DMA mappings ({what})")))
+        else:
+            out.append(
+                Finding(
+                    "warn",
+                    Problem("vm.shared_ram", f"{error}: `vmrun upgrade` cannot hand its {backend} devices over"),
+                )
+            )
     return out
 
 
@@ -71,7 +92,7 @@ def shared_user(plan: Plan) -> list[Finding]:
 
 
 def check(plan: Plan) -> Report:
-    findings = (*plan.findings, *shared_user(plan), *trials(plan))
+    findings = (*plan.findings, *shared_user(plan), *trials(plan), *upgradable(plan))
     return Report(plan.config, tuple(located(plan, f) for f in findings))
 
 
