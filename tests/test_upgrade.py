@@ -175,6 +175,25 @@ def test_upgrade_moves_the_running_guest_to_a_new_qemu(tmp_path: pathlib.Path, b
         assert gone(third)
 
 
+def test_upgrade_to_the_newer_qemu_build(tmp_path: pathlib.Path) -> None:
+    """From bookworm-backports' QEMU to the 10.2 build of the bed's newer stack
+    (scripts/build-qemu; CI has built it for the bed by the time this runs): a real change
+    of QEMU version under the running guest, and back."""
+    from tests.e2e import bed
+
+    newer = str(bed.cpr_qemu_path())
+    with counting_guest(tmp_path) as guest:
+        up = vmrun("upgrade", "upg", "--qemu", newer)
+        assert up.returncode == 0, up.stderr + "\n".join(guest.lines[-10:])
+        assert re.search(r"QEMU 10\.0\.\d+ \(pid \d+\) -> 10\.2\.\d+ \(pid \d+\)", up.stdout), up.stdout
+        guest.count_reaches(guest.counts()[-1][0] + 10)
+        down = vmrun("upgrade", "upg", "--qemu", QEMU)
+        assert down.returncode == 0, down.stderr
+        assert re.search(r"-> 10\.0\.\d+", down.stdout), down.stdout
+        guest.count_reaches(guest.counts()[-1][0] + 10)
+        guest.one_guest_throughout()
+
+
 @pytest.mark.parametrize(
     ("case", "body", "message"),
     [

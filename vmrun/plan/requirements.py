@@ -189,6 +189,16 @@ class Requirements:
                 " device, the next one finds",
                 "give the device to one VM for good; a device with FLR resets between VMs",
             )
+        qemu = self.facts.qemu
+        upgradable = qemu is not None and qemu.has_vfio_cpr and self.config.vm.shared_ram is not False
+        if upgradable and facts.reset_method is not None and "flr" not in facts.reset_method.split():
+            self.note(
+                path,
+                f"{dev.source} has no FLR: at `vmrun upgrade`, QEMU 10.1 and 10.2 hot-reset such a device while the"
+                " new QEMU takes the VM over, which turns off its BARs under the running guest",
+                "upgrade only with a QEMU that carries vmrun's scripts/qemu-patches/"
+                "vfio-cpr-no-system-reset-of-devices.patch",
+            )
         if facts.boot_vga:
             self.note(
                 path,
