@@ -2469,7 +2469,7 @@ def guest_facts(qmp: Qmp, bar0: int) -> dict[str, Any]:
     }
 
 
-def upgrade_scenario(bed: Bed, name: str, backend: str) -> dict[str, Any]:
+def upgrade_scenario(bed: Bed, name: str, backend: str, **vm_keys: object) -> dict[str, Any]:
     """A running guest with a passed edu device moves to a new QEMU process (vmrun upgrade):
     RAM (a mark written into the guest-RAM memfd), the device (its ident read through the
     BAR), the guest (the firmware's timer ticks go on) and vmrun's hold (status, stop) all
@@ -2478,7 +2478,7 @@ def upgrade_scenario(bed: Bed, name: str, backend: str) -> dict[str, Any]:
     edu = bed.edu[0]
     vfio = {"id": "hostdev0", "host": edu.bdf}
     if backend == "iommufd":
-        config = vmrun_config(name, vfio=[{**vfio, "iommufd": "iommufd0"}])
+        config = vmrun_config(name, vfio=[{**vfio, "iommufd": "iommufd0"}], **vm_keys)
     else:
         config = vmrun_config(name, vfio=[vfio], iommufd=[], user=None)  # legacy: QEMU as root
     with vmrun_vm(name, config) as vm:
@@ -2582,9 +2582,15 @@ def vmrun_upgrade_legacy(bed: Bed) -> dict[str, Any]:
     return upgrade_scenario(bed, "e2e-up-legacy", "legacy")
 
 
+@scenario
+def vmrun_upgrade_viommu(bed: Bed) -> dict[str, Any]:
+    """vmrun upgrade of a guest with an intel vIOMMU in front of its iommufd edu device."""
+    return upgrade_scenario(bed, "e2e-up-viommu", "iommufd", viommu="intel")
+
+
 # Scenarios of the newer stack (QEMU 10.2 as L2's QEMU, Linux 7.2 as L1's kernel): the upgrade
 # ones, which need it, and those that must hold on any stack vmrun supports.
-CPR_ONLY = {"vmrun_upgrade_iommufd", "vmrun_upgrade_legacy"}
+CPR_ONLY = {"vmrun_upgrade_iommufd", "vmrun_upgrade_legacy", "vmrun_upgrade_viommu"}
 CPR_STACK = CPR_ONLY | {
     "bed_sanity",
     "vmrun_run_deprivileged",
