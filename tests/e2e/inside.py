@@ -2469,7 +2469,7 @@ def guest_facts(qmp: Qmp, bar0: int) -> dict[str, Any]:
     }
 
 
-def upgrade_scenario(bed: Bed, name: str, backend: str, **vm_keys: object) -> dict[str, Any]:
+def upgrade_scenario(bed: Bed, name: str, backend: str, viommu: str | None = None) -> dict[str, Any]:
     """A running guest with a passed edu device moves to a new QEMU process (vmrun upgrade):
     RAM (a mark written into the guest-RAM memfd), the device (its ident read through the
     BAR), the guest (the firmware's timer ticks go on) and vmrun's hold (status, stop) all
@@ -2478,7 +2478,7 @@ def upgrade_scenario(bed: Bed, name: str, backend: str, **vm_keys: object) -> di
     edu = bed.edu[0]
     vfio = {"id": "hostdev0", "host": edu.bdf}
     if backend == "iommufd":
-        config = vmrun_config(name, vfio=[{**vfio, "iommufd": "iommufd0"}], **vm_keys)
+        config = vmrun_config(name, vfio=[{**vfio, "iommufd": "iommufd0"}], viommu=viommu)
     else:
         config = vmrun_config(name, vfio=[vfio], iommufd=[], user=None)  # legacy: QEMU as root
     with vmrun_vm(name, config) as vm:
