@@ -114,6 +114,17 @@ def all_devices(host: Host) -> list[PciDevice]:
     return out
 
 
+def cdev_owner(host: Host, cdev: str) -> str | None:
+    """The PCI device whose VFIO cdev is `cdev` (/dev/vfio/devices/vfioN), by its sysfs vfio-dev."""
+    name = os.path.basename(cdev)
+    base = host.under(sysfs.PCI_DEVICES)
+    try:
+        addresses = sorted(os.listdir(base))
+    except OSError:
+        return None
+    return next((a for a in addresses if (base / a / "vfio-dev" / name).exists()), None)
+
+
 def bars_text(d: PciDevice) -> str:
     """A device's memory BARs, largest first: "128G+32M+16M"."""
     if not d.bars:

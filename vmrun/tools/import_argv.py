@@ -16,14 +16,15 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from vmrun.base.sizes import SizeError, format_size, parse_size
+from vmrun.base.sizes import SizeError, parse_size
 from vmrun.config import keytable, parsers, rules
 from vmrun.config.model import DRIVERS
 from vmrun.host import facts as host
-from vmrun.host import reader, sysfs
+from vmrun.host import pci, reader
 from vmrun.plan.planner import derived_mac, hotplug_port
 from vmrun.qemu import devices
 from vmrun.qemu.cmdline import FLAGS, FdInfo, Props, keyvals, option_props, options
+from vmrun.tools import import_ram
 from vmrun.tools.imported import shown
 
 # The QEMU disk device -> the [[disk]] interface vmrun would write it for.
@@ -40,7 +41,6 @@ KEPT = {
     "-global": "a device default (libvirt's <pm>, <clock> timers or <features>): kept as is",
 }
 QEMU_DEFAULT_MEMORY = "128M"  # what QEMU gives an x86 guest without -m
-RAM_KINDS = ("memory-backend-file", "memory-backend-ram", "memory-backend-memfd")
 # -smp's topology keys: one socket of N cores is what the guest gets from `cpus = N` too.
 TOPOLOGY = ("sockets", "dies", "clusters", "cores", "threads", "maxcpus", "books", "drawers", "modules")
 
@@ -353,22 +353,15 @@ class Importer:
             self.keep(i, "accelerator properties vmrun does not model")
 
     def memory(self, i: int, value: str) -> None:
-        props = keyvals(value)
-        size = next((v if k == "size" else k for k, v in props if k == "size" or v is None), None)
-        hotplug = [f"{k}={v}" for k, v in props if k in ("slots", "maxmem")]
-        if size is None or len(props) != 1 + len(hotplug):
+        memory = import_ram.memory_of(keyvals(value))
+        if memory is None:
             self.keep(i, "memory options beyond the size vmrun does not model")
             return
+        self.vm["memory"], hotplug = memory
         if hotplug:
             self.dropped.append(
                 (f"memory hot-plug ({', '.join(hotplug)}): vmrun has none; the guest gets its memory at start", [])
             )
-        text = size.upper() if size[-1:] in "kmgt" else size  # libvirt writes size=8388608k
-        text = text + "M" if text.isdigit() else text  # QEMU's unit is MiB
-        try:
-            self.vm["memory"] = format_size(parse_size(text))
-        except SizeError:
-            self.vm["memory"] = text  # the config check says what is wrong with it
         self.use(i)
 
     def smp(self, i: int, value: str) -> None:
@@ -488,50 +481,24 @@ class Importer:
     # -- objects and devices --------------------------------------------------------------
 
     def libvirt_ram(self, i: int, kind: str, rest: dict[str, str | None]) -> bool:
-        """libvirt's guest RAM object (-machine memory-backend=pc.ram): huge pages from hugetlbfs
-        or a memfd, prealloc and a NUMA binding become the keys; the object goes, as vmrun
-        makes its own."""
+        """libvirt's guest RAM object (-machine memory-backend=pc.ram) becomes the keys; the
+        object goes, as vmrun makes its own."""
         if rest.get("id") != self.ram_object or self.ram_object is None:
             return False
-        known = {"id", "size", "prealloc", "host-nodes", "policy", "share", "discard-data", "dump"}
-        known |= {"x-use-canonical-path-for-ramblock-id", "mem-path", "hugetlb", "hugetlbsize", "merge"}
-        if set(rest) - known or kind not in (*RAM_KINDS, devices.RAM_HUGE, devices.RAM_PLAIN):
+        keys = import_ram.libvirt_ram_keys(kind, rest)
+        if keys is None:
             return False
-        node = rest.get("host-nodes")
-        if node is not None and (not node.isdigit() or rest.get("policy") != "bind"):
-            return False  # several nodes, or a policy other than bind: kept as it is
-        if kind == "memory-backend-file":
-            path = rest.get("mem-path") or ""
-            self.vm["hugepages"] = "1G" if re.search(r"1G|1048576", path) else "2M"
-        elif rest.get("hugetlb") == "on":
-            self.vm["hugepages"] = rest.get("hugetlbsize") or "2M"
-        if rest.get("prealloc") == "on" and "hugepages" not in self.vm:
-            self.vm["prealloc"] = True
-        if node is not None:
-            self.vm["numa"] = int(node)
+        self.vm.update(keys)
         self.ram_object_mapped = True
         self.drop(i, "libvirt's guest RAM object: vmrun makes its own (from hugepages, prealloc, numa)")
         return True
 
     def ram_backend(self, i: int, driver: str, rest: dict[str, str | None]) -> bool:
         """vmrun's own guest RAM backend (rules.GUEST_RAM) back to hugepages, prealloc, numa."""
-        # share=on: vm.shared_ram, which is on by default where QEMU can take it over (CPR).
-        known = {"id", "size", "hugetlb", "hugetlbsize", "prealloc", "prealloc-threads", "host-nodes", "policy"}
-        known.add("share")
-        if rest.get("id") != rules.GUEST_RAM or set(rest) - known:
+        keys = import_ram.vmrun_ram_keys(driver, rest)
+        if keys is None:
             return False
-        huge = rest.get("hugetlbsize") if driver == devices.RAM_HUGE and rest.get("hugetlb") == "on" else None
-        if huge is not None and huge not in ("2M", "1G"):
-            return False
-        node = rest.get("host-nodes")
-        if node is not None and (not node.isdigit() or rest.get("policy") != "bind"):
-            return False
-        if huge is not None:
-            self.vm["hugepages"] = huge
-        elif rest.get("prealloc") == "on":
-            self.vm["prealloc"] = True
-        if node is not None:
-            self.vm["numa"] = int(node)
+        self.vm.update(keys)
         self.ram_imported = True
         self.use(i)
         return True
@@ -612,7 +579,7 @@ class Importer:
                 entry[k] = v
             elif k == "fd":
                 path = self.fd_path(v)
-                address = self.cdev_address(path) if path else None
+                address = pci.cdev_owner(self.host, path) if path else None
                 if address is not None:
                     entry["host"] = address
                 elif v.isdigit():
@@ -637,16 +604,6 @@ class Importer:
             return parse_size(text)
         except SizeError:
             return None
-
-    def cdev_address(self, cdev: str) -> str | None:
-        """The PCI device whose VFIO cdev is `cdev` (/dev/vfio/devices/vfioN)."""
-        name = os.path.basename(cdev)
-        base = self.host.under(sysfs.PCI_DEVICES)
-        try:
-            addresses = sorted(os.listdir(base))
-        except OSError:
-            return None
-        return next((a for a in addresses if (base / a / "vfio-dev" / name).exists()), None)
 
     def disk_device(self, i: int, interface: str, props: dict[str, str | None]) -> None:
         node = props["drive"] or ""
