@@ -47,3 +47,11 @@ def test_refusals_name_each_reason() -> None:
     devices = FakePlan(RUNNING, passthrough=(object(),))
     why = upgrade.refusals(devices, cpr, newer, "q")  # type: ignore[arg-type]
     assert why == ["the running QEMU (10.0.2) cannot hand VFIO devices over: 10.1 or later is needed"]
+
+
+def test_no_hand_over_back_across_the_10_1_handshake() -> None:
+    cpr = attrs.evolve(FAKE_CAPS, has_cpr_transfer=True)
+    newer = attrs.evolve(cpr, version=(10, 2, 2))
+    why = upgrade.refusals(FakePlan(RUNNING), newer, cpr, "q")  # type: ignore[arg-type]
+    assert why == ["QEMU 10.2.2 cannot hand over to 10.0.2: the CPR channel's handshake changed in 10.1"]
+    assert upgrade.refusals(FakePlan(RUNNING), cpr, newer, "q") == []  # type: ignore[arg-type]

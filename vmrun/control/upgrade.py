@@ -42,6 +42,7 @@ from vmrun.plan.planner import Plan, plan
 
 Say = Callable[[str], None]
 CHANNELS = ("main", "cpr")
+CPR_HANDSHAKE_SINCE = (10, 1, 0)
 POLL = 0.01
 
 
@@ -128,6 +129,13 @@ def refusals(running: Plan, caps_old: QemuCaps | None, caps_new: QemuCaps | None
             why.append(f"the {name} QEMU ({caps.version_text}) has no CPR transfer: 10.0 or later is needed")
         elif running.passthrough and not caps.has_vfio_cpr:
             why.append(f"the {name} QEMU ({caps.version_text}) cannot hand VFIO devices over: 10.1 or later is needed")
+    if caps_old and caps_new and caps_old.version >= CPR_HANDSHAKE_SINCE > caps_new.version:
+        # From 10.1 the old QEMU connects the main channel once the new one has closed the CPR
+        # channel; a 10.0 never signals that: the old one connects too early and fails.
+        why.append(
+            f"QEMU {caps_old.version_text} cannot hand over to {caps_new.version_text}: the CPR channel's handshake"
+            " changed in 10.1"
+        )
     if any("hostfwd=" in a for a in argv):
         why.append("a user network forwards host ports, which the old QEMU holds until it quits")
     return why
