@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import time
 from collections.abc import Callable
 from typing import Any
@@ -169,8 +170,10 @@ class Upgrade:
                 "upgrade carries the VM over as it runs: put the config back, or stop and start the VM",
             )
         self.new_binary = new_binary or recorded[0]
-        self.caps_old = probe(recorded[0])
-        self.caps_new = probe(self.new_binary)
+        # The probe runs the binary: never as root (as host.gather probes for a launch).
+        prober = self.plan.run_as or (host.lookup_user("nobody") if os.geteuid() == 0 else None)
+        self.caps_old = probe(recorded[0], as_user=prober)
+        self.caps_new = probe(self.new_binary, as_user=prober)
         why = refusals(self.plan, self.caps_old, self.caps_new, self.new_binary)
         if why:
             raise UpgradeRefused(f"VM {name} cannot be upgraded: " + "; ".join(why), "nothing was changed")
@@ -244,7 +247,7 @@ class Upgrade:
             new_pidfd = os.pidfd_open(new_pid)
             stop = old.listen("STOP")
             migration = old.listen("MIGRATION")
-            self.wait_listening(directory, new_pidfd)
+            self.wait_listening(dir_fd, directory, new_pidfd)
             old.execute("migrate", {"channels": [channel(directory, c) for c in CHANNELS]})
             try:
                 completed = self.wait_completed(old, migration, new_pidfd)
@@ -305,11 +308,12 @@ class Upgrade:
                 finally:
                     os.close(base_fd)
 
-    def wait_listening(self, directory: str, new_pidfd: int) -> None:
-        """Until the new QEMU listens on its CPR channel (it binds it first thing)."""
+    def wait_listening(self, dir_fd: int, directory: str, new_pidfd: int) -> None:
+        """Until the new QEMU listens on its CPR channel (it binds it first thing). Looked at
+        through the directory's fd, never following a link: the directory is the VM user's."""
         deadline = time.monotonic() + self.timeout
         path = os.path.join(directory, "cpr.sock")
-        while not os.path.exists(path):
+        while not is_socket(dir_fd, "cpr.sock"):
             if state.has_exited(new_pidfd):
                 raise VmError("the new QEMU exited before it listened for the VM (its errors are in the VM's log)")
             if time.monotonic() > deadline:
@@ -387,6 +391,13 @@ class Upgrade:
 def statedir_write_pid(vm: state.Vm, pid: int) -> None:
     with state.vm_directory(vm) as directory:
         statedir.write_file(directory, layout.PID, f"{pid}\n".encode())
+
+
+def is_socket(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def event_time(event: Any) -> float:
