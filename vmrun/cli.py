@@ -599,7 +599,7 @@ def cmd_detach(args: argparse.Namespace) -> int:
 def cmd_upgrade(args: argparse.Namespace) -> int:
     from vmrun.control import upgrade
 
-    done = upgrade.upgrade(args.name, args.qemu, args.timeout, args.host_root, say)
+    done = upgrade.upgrade(args.name, args.qemu, args.timeout, args.host_root)
     pause = f"the guest paused {done.pause * 1000:.0f} ms" if done.pause is not None else "pause not measured"
     say(
         f"upgraded VM {args.name}: QEMU {done.old_version} (pid {done.old_pid}) -> {done.new_version}"

@@ -393,13 +393,17 @@ def read_vm_record(vm: Vm) -> dict[str, Any]:
         return read_record(directory, vm.state_dir)[0]
 
 
-def write_vm_record(vm: Vm, record: dict[str, Any]) -> None:
-    """Replace the VM's record (attach and detach keep what they added in it)."""
+def write_vm_record(vm: Vm, record: dict[str, Any], pid: int | None = None) -> None:
+    """Replace the VM's record (attach and detach keep what they added in it); with `pid`,
+    the pid file too, after the record, as the launch writes them (load reads the other way)."""
     with vm_directory(vm) as directory:
-        try:
-            statedir.write_file(directory, layout.RECORD, (json.dumps(record, indent=1) + "\n").encode())
-        except OSError as e:
-            raise VmError(f"cannot update {vm.state_dir}/{layout.RECORD}: {e.strerror}") from None
+        files = [(layout.RECORD, json.dumps(record, indent=1) + "\n")]
+        files += [(layout.PID, f"{pid}\n")] if pid is not None else []
+        for name, text in files:
+            try:
+                statedir.write_file(directory, name, text.encode())
+            except OSError as e:
+                raise VmError(f"cannot update {vm.state_dir}/{name}: {e.strerror}") from None
 
 
 def load(name: str, state_base: str | None = None, cpu_interval: float | None = None) -> Vm | None:

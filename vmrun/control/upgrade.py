@@ -23,12 +23,10 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Callable
 from typing import Any
 
 import attrs
 
-from vmrun.base import layout
 from vmrun.base.errors import LaunchError, VmError
 from vmrun.base.text import printable
 from vmrun.control import hotplug, state
@@ -39,9 +37,9 @@ from vmrun.kernel import pidfd as pidfds
 from vmrun.kernel import statedir
 from vmrun.kernel.opener import Opener
 from vmrun.launch import successor
+from vmrun.plan.placement import shares_ram
 from vmrun.plan.planner import Plan, plan
 
-Say = Callable[[str], None]
 CHANNELS = ("main", "cpr")
 CPR_HANDSHAKE_SINCE = (10, 1, 0)
 POLL = 0.01
@@ -117,8 +115,7 @@ def refusals(running: Plan, caps_old: QemuCaps | None, caps_new: QemuCaps | None
     """Why this VM cannot be upgraded, before anything is touched ([] when it can)."""
     why = []
     argv = running.argv
-    machine = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-machine", "-M")), "")
-    if "aux-ram-share=on" not in machine.split(","):
+    if not shares_ram(argv):
         why.append(
             "its guest RAM is not shared memory (it started without vm.shared_ram): the new QEMU could not"
             " take it over; restart it once with shared_ram = true"
@@ -143,8 +140,7 @@ def refusals(running: Plan, caps_old: QemuCaps | None, caps_new: QemuCaps | None
 
 
 class Upgrade:
-    def __init__(self, name: str, new_binary: str | None, timeout: float, host_root: str, say: Say) -> None:
-        self.say = say
+    def __init__(self, name: str, new_binary: str | None, timeout: float, host_root: str) -> None:
         self.timeout = timeout
         self.running = hotplug.running_vm(name)
         self.vm = self.running.vm
@@ -374,8 +370,7 @@ class Upgrade:
             upgraded=time.time(),
         )
         record.pop("launcher", None)
-        state.write_vm_record(self.vm, record)
-        statedir_write_pid(self.vm, new_pid)
+        state.write_vm_record(self.vm, record, pid=new_pid)
 
     def quit_old(self, old: Monitor, old_pidfd: int) -> None:
         with contextlib.suppress(QmpError, CommandFailed):
@@ -386,11 +381,6 @@ class Upgrade:
                 signal.pidfd_send_signal(old_pidfd, signal.SIGKILL)
                 break
             time.sleep(POLL)
-
-
-def statedir_write_pid(vm: state.Vm, pid: int) -> None:
-    with state.vm_directory(vm) as directory:
-        statedir.write_file(directory, layout.PID, f"{pid}\n".encode())
 
 
 def is_socket(dir_fd: int, name: str) -> bool:
@@ -412,9 +402,9 @@ def first_difference(a: list[str], b: list[str]) -> str:
     return f"runs {len(a)} arguments, plans {len(b)}"
 
 
-def upgrade(name: str, new_binary: str | None, timeout: float, host_root: str, say: Say) -> Upgraded:
+def upgrade(name: str, new_binary: str | None, timeout: float, host_root: str) -> Upgraded:
     try:
-        job = Upgrade(name, new_binary, timeout, host_root, say)
+        job = Upgrade(name, new_binary, timeout, host_root)
     except LaunchError as e:
         raise VmError(str(e)) from None
     return job.run()

@@ -9,6 +9,8 @@ on the node they sit on. Pure: reads host facts, records findings, returns optio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import attrs
 
 from vmrun.base.cpulist import format_cpulist
@@ -21,6 +23,14 @@ from vmrun.plan.requirements import Requirements
 from vmrun.qemu import args as qemu_args
 from vmrun.qemu import devices
 
+AUX_RAM_SHARE = "aux-ram-share=on"
+
+
+def shares_ram(argv: Sequence[str]) -> bool:
+    """Whether a planned command line puts guest RAM where a new QEMU can take it over
+    (vm.shared_ram): -machine ...,aux-ram-share=on beside the shared memfd."""
+    return any(AUX_RAM_SHARE in argv[i + 1].split(",") for i, arg in enumerate(argv[:-1]) if arg in ("-machine", "-M"))
+
 
 @attrs.frozen
 class MemoryPlan:
@@ -28,7 +38,6 @@ class MemoryPlan:
     machine: tuple[str, ...] = ()  # -machine properties (memory-backend=)
     node: int | None = None  # host node guest RAM is bound to
     cpu_affinity: tuple[int, ...] | None = None  # host CPUs QEMU runs on (the node's)
-    shared: bool = False  # on a shared memfd: `vmrun upgrade` can hand it to a new QEMU
 
 
 class Placement:
@@ -64,13 +73,12 @@ class Placement:
             props += [("host-nodes", node), ("policy", "bind")]
         # aux-ram-share: the RAM QEMU allocates beside the guest's (ROMs, video memory) is
         # shared too, or CPR transfer refuses the VM.
-        machine = (f"memory-backend={GUEST_RAM}", *(("aux-ram-share=on",) if shared else ()))
+        machine = (f"memory-backend={GUEST_RAM}", *((AUX_RAM_SHARE,) if shared else ()))
         return MemoryPlan(
             options=(("-object", qemu_args.option(backend, props)),),
             machine=machine,
             node=node,
             cpu_affinity=affinity,
-            shared=shared,
         )
 
     def shared(self) -> bool:

@@ -9,6 +9,7 @@ import attrs
 from vmrun.base.errors import VmError
 from vmrun.base.problems import Problem
 from vmrun.kernel.ioctls import trial_cpr, trial_per_process_accounting
+from vmrun.plan.placement import shares_ram
 from vmrun.plan.planner import Plan
 from vmrun.plan.requirements import Finding
 
@@ -42,7 +43,7 @@ def trials(plan: Plan) -> list[Finding]:
 def upgradable(plan: Plan) -> list[Finding]:
     """Whether `vmrun upgrade` could hand this VM to a new QEMU: shared RAM and QEMU's CPR
     are in the plan's findings; what the kernel can do for its devices only a trial tells."""
-    if not any("aux-ram-share=on" in arg for arg in plan.argv):
+    if not shares_ram(plan.argv):
         return []
     out: list[Finding] = []
     for backend in sorted({"legacy" if d.backend == "legacy" else "iommufd" for d in plan.passthrough}):
